@@ -1,0 +1,53 @@
+# Everything bootstraps its own virtualenv: a fresh clone needs only python3.11+ and make.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-unit test-integration test-faults lint migrate run bench bench-quick doctor clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/release-worker demo
+
+# The whole suite: unit, integration and fault tests against real servers.
+# pytest exit code 5 ("no tests ran") is turned into a failure by tests/conftest.py.
+test: $(STAMP)
+	$(BIN)/pytest tests
+
+test-unit: $(STAMP)
+	$(BIN)/pytest tests/unit
+
+test-integration: $(STAMP)
+	$(BIN)/pytest tests/integration
+
+test-faults: $(STAMP)
+	$(BIN)/pytest tests/faults
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+migrate: $(STAMP)
+	$(BIN)/release-worker migrate
+
+run: $(STAMP)
+	$(BIN)/release-worker run
+
+doctor: $(STAMP)
+	$(BIN)/release-worker doctor
+
+bench: $(STAMP)
+	$(BIN)/release-worker bench
+
+bench-quick: $(STAMP)
+	$(BIN)/release-worker bench --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,126 @@
+"""Helpers for integration and fault tests: per-test topics, producing, reading results."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from worker.admin import ensure_topics
+from worker.app import run_worker
+from worker.config import Settings
+from worker.scenario import Event
+
+
+def isolated_settings(database_url: str, bootstrap: str, **overrides: Any) -> Settings:
+    """Settings with topics and a group of their own, so tests never see each other's data."""
+    tag = uuid.uuid4().hex[:8]
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "kafka_bootstrap": bootstrap,
+        "input_topic": f"in-{tag}",
+        "results_topic": f"results-{tag}",
+        "dlq_topic": f"dlq-{tag}",
+        "group_id": f"group-{tag}",
+        "metrics_port": 0,
+        "expiry_enabled": False,
+        "commit_interval_ms": 50,
+        "log_format": "console",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@dataclass(frozen=True)
+class Published:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+
+    @property
+    def body(self) -> dict[str, Any]:
+        assert self.value is not None
+        parsed: dict[str, Any] = orjson.loads(self.value)
+        return parsed
+
+
+async def produce(settings: Settings, events: Iterable[Event]) -> list[tuple[int, int]]:
+    """Produce events in order; return their (partition, offset)."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(settings.input_topic, e.value, key=e.key, headers=list(e.headers))
+            for e in events
+        ]
+        metadata = await asyncio.gather(*futures)
+        return [(m.partition, m.offset) for m in metadata]
+    finally:
+        await producer.stop()
+
+
+async def read_topic(
+    bootstrap: str,
+    topic: str,
+    until: Callable[[list[Published]], bool],
+    timeout_s: float = 60.0,
+) -> list[Published]:
+    """Read a topic from the beginning (no group) until `until(records)` or the timeout."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = await _partitions(consumer, topic)
+        consumer.assign([TopicPartition(topic, p) for p in partitions])
+        await consumer.seek_to_beginning()
+        seen: list[Published] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not until(seen) and loop.time() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for messages in batch.values():
+                seen.extend(
+                    Published(
+                        m.topic,
+                        m.partition,
+                        m.offset,
+                        m.key,
+                        m.value,
+                        {k: v for k, v in (m.headers or ())},
+                    )
+                    for m in messages
+                )
+        return seen
+    finally:
+        await consumer.stop()
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
+    for _ in range(50):
+        found = consumer.partitions_for_topic(topic)
+        if found:
+            return sorted(found)
+        await consumer.topics()
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"topic {topic} has no partitions")
+
+
+@asynccontextmanager
+async def running_worker(settings: Settings, partitions: int = 3) -> AsyncIterator[None]:
+    """The real worker, in this process, for the duration of the block."""
+    await ensure_topics(settings, partitions)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_worker(settings, stop=stop, handle_signals=False))
+    try:
+        yield
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 60) == 0

@@ -1,0 +1,172 @@
+"""`release-worker` (also `python -m worker`): the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from worker import logs
+from worker.config import Settings
+from worker.errors import SchemaNotReady, StartupError
+
+app = typer.Typer(
+    help="Consumes cart-abandon events from Kafka, releases the matching stock reservations "
+    "in PostgreSQL inside transactions, and publishes one result per item.\n\n"
+    "Servers come from WORKER_DATABASE_URL and WORKER_KAFKA_BOOTSTRAP; `demo` and `bench` "
+    "start embedded ones when these are unset. Every setting: `release-worker config`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+partner_app = typer.Typer(help="Manage partners (API keys are stored only as sha256).")
+app.add_typer(partner_app, name="partner")
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        lines = []
+        for e in error.errors():
+            name = "WORKER_" + "_".join(str(p) for p in e["loc"]).upper()
+            lines.append(f"  {name}: {e['msg']} (got {e.get('input')!r})")
+        typer.echo("Invalid configuration:\n" + "\n".join(lines), err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the SQL migrations in migrations/ to WORKER_DATABASE_URL (dbmate up)."""
+    from worker.app import require_servers
+    from worker.migrate import migrate as run_migrate
+
+    database_url, _ = require_servers(load_settings(kafka_bootstrap="unused"))
+    result = run_migrate(database_url)
+    typer.echo(result.stdout.strip() or "Nothing to migrate.")
+    if result.returncode != 0:
+        typer.echo(f"Migration failed:\n{result.stderr.strip()}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def run() -> None:
+    """Run the worker until SIGTERM/SIGINT (the servers must exist and be migrated)."""
+    from worker.app import run_worker
+
+    settings = load_settings()
+    logs.configure(settings.log_format, settings.log_level)
+    try:
+        code = asyncio.run(run_worker(settings))
+    except SchemaNotReady as error:
+        typer.echo(f"Refusing to start: {error}", err=True)
+        raise typer.Exit(3) from None
+    raise typer.Exit(code)
+
+
+@partner_app.command("add")
+def partner_add(
+    partner_id: Annotated[str, typer.Argument(help="Identifier of the partner, e.g. acme.")],
+    name: Annotated[str, typer.Option(help="Display name.")] = "",
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="Allowed rokt-tag-id (repeat); none = any.")
+    ] = None,
+) -> None:
+    """Create a partner and print its new API key once; only its sha256 is stored."""
+    from worker.app import create_pool
+    from worker.partners import add_partner
+
+    settings = load_settings(kafka_bootstrap="unused")
+
+    async def go() -> str:
+        pool = await create_pool(settings, size=2)
+        try:
+            return await add_partner(pool, partner_id, name or partner_id, tag or [])
+        finally:
+            await pool.close()
+
+    key = asyncio.run(go())
+    typer.echo(f"Partner {partner_id} created. Its API key (shown only now, store it safely):")
+    typer.echo(key)
+
+
+@app.command()
+def emit(
+    cart: Annotated[list[str], typer.Option("--cart", help="Cart id (repeat for several).")],
+    api_key: Annotated[str, typer.Option(envvar="ROKT_API_KEY", help="The partner's key.")],
+    count: Annotated[int, typer.Option(help="Events to produce (carts used round robin).")] = 1,
+    item: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--item",
+            help="CART_ITEM_ID=RESERVATION_ID to release (repeat); none = the whole cart.",
+        ),
+    ] = None,
+    tag_id: Annotated[str, typer.Option(help="rokt-tag-id header.")] = "tag-1",
+) -> None:
+    """Produce abandon events to the input topic (for tests and demos)."""
+    from aiokafka import AIOKafkaProducer
+
+    from worker.app import require_servers
+    from worker.scenario import abandon_event
+
+    items = None
+    if item:
+        bad = [i for i in item if "=" not in i]
+        if bad:
+            typer.echo(f"--item must be CART_ITEM_ID=RESERVATION_ID, got {bad[0]!r}", err=True)
+            raise typer.Exit(2)
+        items = [tuple(i.split("=", 1)) for i in item]
+    settings = load_settings()
+    _, bootstrap = require_servers(settings)
+
+    async def go() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await producer.start()
+        try:
+            for n in range(count):
+                event = abandon_event(cart[n % len(cart)], items, api_key, tag_id=tag_id)  # type: ignore[arg-type]
+                await producer.send_and_wait(
+                    settings.input_topic, event.value, key=event.key, headers=list(event.headers)
+                )
+        finally:
+            await producer.stop()
+
+    asyncio.run(go())
+    typer.echo(f"Produced {count} event(s) to {settings.input_topic}.")
+
+
+@app.command()
+def demo(
+    reservations: Annotated[int, typer.Option(help="Reservations to seed.")] = 10_000,
+) -> None:
+    """Start embedded PostgreSQL and broker (unless given), seed, emit every case, run the
+    worker with live progress, and print a summary with the invariants checked in SQL."""
+    from worker.demo import run_demo
+
+    settings = load_settings()
+    logs.configure("console", "warning")
+    raise typer.Exit(asyncio.run(run_demo(settings, reservations)))
+
+
+@app.command("config")
+def show_config() -> None:
+    """Print every setting: environment variable, default and description."""
+    from worker.settings_doc import settings_table
+
+    typer.echo(settings_table())
+
+
+def main() -> None:
+    try:
+        app()
+    except StartupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(4)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Wire the worker together and run it until SIGTERM/SIGINT (G5).
+
+Shutdown: stop fetching, let each lane finish its batch, publish what the
+outbox holds, commit offsets, leave the group, close connections, exit 0 within
+`shutdown_timeout_s`. A second signal exits at once; the open transaction then
+simply rolls back and its records are applied by the next owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from worker import ops, store
+from worker.auth import Authenticator
+from worker.config import Settings
+from worker.consumer import ReleaseConsumer, ReportHook
+from worker.expiry import run_sweeper
+from worker.processor import BatchProcessor, transient_retrying
+from worker.publisher import Publisher
+
+log = structlog.get_logger("worker.app")
+
+
+def require_servers(settings: Settings) -> tuple[str, str]:
+    if not settings.database_url or not settings.kafka_bootstrap:
+        missing = [
+            name
+            for name, value in (
+                ("WORKER_DATABASE_URL", settings.database_url),
+                ("WORKER_KAFKA_BOOTSTRAP", settings.kafka_bootstrap),
+            )
+            if not value
+        ]
+        raise SystemExit(
+            f"{' and '.join(missing)} must be set for this command "
+            "(`release-worker demo` and `bench` start embedded servers instead)."
+        )
+    return settings.database_url, settings.kafka_bootstrap
+
+
+async def create_pool(settings: Settings, size: int | None = None) -> asyncpg.Pool:
+    """A connection pool, waiting (with backoff) for as long as the database is away."""
+    database_url, _ = require_servers(settings)
+    async for attempt in transient_retrying(settings):
+        with attempt:
+            pool = await asyncpg.create_pool(
+                database_url,
+                min_size=1,
+                max_size=size or max(settings.db_pool_size, settings.lanes + 3),
+                server_settings={
+                    "statement_timeout": str(settings.statement_timeout_ms),
+                    "application_name": "cart-release-worker",
+                },
+            )
+    return pool
+
+
+def make_producer(settings: Settings) -> AIOKafkaProducer:
+    _, bootstrap = require_servers(settings)
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all" if settings.producer_acks == "all" else 1,
+        enable_idempotence=settings.producer_idempotence,
+        linger_ms=settings.producer_linger_ms,
+        max_batch_size=256 * 1024,
+        max_request_size=settings.max_record_bytes + 64 * 1024,
+        compression_type=None if settings.compression == "none" else settings.compression,
+        client_id="cart-release-worker",
+    )
+
+
+def make_consumer(settings: Settings) -> AIOKafkaConsumer:
+    _, bootstrap = require_servers(settings)
+    drain_ms = int(settings.rebalance_drain_timeout_s * 1000)
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=settings.group_id,
+        client_id="cart-release-worker",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=min(3000, settings.session_timeout_ms // 3),
+        # Above the revoke drain deadline, so a draining member is not expelled.
+        rebalance_timeout_ms=drain_ms + 10_000,
+        max_poll_interval_ms=max(300_000, drain_ms + 10_000),
+        max_partition_fetch_bytes=max(1_048_576, settings.max_record_bytes + 64 * 1024),
+        fetch_max_bytes=16 * 1024 * 1024,
+    )
+
+
+async def _retry_start(settings: Settings, start: Callable[[], Awaitable[Any]], what: str) -> None:
+    while True:
+        try:
+            await start()
+            return
+        except (KafkaError, OSError) as error:
+            log.warning("start_waiting_for", what=what, error=repr(error)[:200])
+            await asyncio.sleep(settings.retry_max_s)
+
+
+async def _watch_health(
+    health: ops.Health, pool: asyncpg.Pool, consumer: AIOKafkaConsumer, publisher: Publisher
+) -> None:
+    while True:
+        health.heartbeat = time.monotonic()
+        try:
+            async with asyncio.timeout(3):
+                await pool.fetchval("SELECT 1")
+            health.database_ok = True
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+            health.database_ok = False
+        try:
+            async with asyncio.timeout(3):
+                await consumer.topics()
+            health.broker_ok = publisher.healthy
+        except (KafkaError, OSError, TimeoutError):
+            health.broker_ok = False
+        await asyncio.sleep(1)
+
+
+async def run_worker(
+    settings: Settings,
+    *,
+    on_report: ReportHook | None = None,
+    stop: asyncio.Event | None = None,
+    handle_signals: bool = True,
+) -> int:
+    """Run until a signal (or `stop` is set); return the process exit code."""
+    stop = stop or asyncio.Event()
+    health = ops.Health(stall_timeout_s=settings.stall_timeout_s)
+    server = (
+        ops.serve(health, settings.metrics_host, settings.metrics_port)
+        if (settings.metrics_port)
+        else None
+    )
+    pool = await create_pool(settings)
+    await store.check_schema(pool)
+    health.database_ok = True
+
+    producer = make_producer(settings)
+    await _retry_start(settings, producer.start, "producer")
+    publisher = Publisher(
+        producer, pool, settings.outbox_relay_interval_s, settings.outbox_relay_grace_s
+    )
+    # Leftovers of a previous crash go out before anything new.
+    await publisher.relay_once(grace_s=0)
+
+    def on_db_retry(_: str) -> None:
+        health.database_ok = False
+
+    def on_db_success() -> None:
+        health.database_ok = True
+
+    processor = BatchProcessor(
+        pool,
+        settings,
+        Authenticator(lambda d: store.find_partners(pool, d), settings.auth_cache_ttl_s),
+        on_retry=on_db_retry,
+        on_success=on_db_success,
+    )
+    consumer = make_consumer(settings)
+    release_consumer = ReleaseConsumer(consumer, processor, publisher, settings, pool, on_report)
+    consumer.subscribe([settings.input_topic], listener=release_consumer.listener())
+    await _retry_start(settings, consumer.start, "consumer")
+    health.broker_ok = True
+    health.lag = release_consumer.lag
+    health.last_progress = lambda: release_consumer.last_progress
+
+    background = [
+        asyncio.create_task(publisher.run_deleter()),
+        asyncio.create_task(publisher.run_relay()),
+        asyncio.create_task(_watch_health(health, pool, consumer, publisher)),
+        asyncio.create_task(_mirror_joined(health, release_consumer)),
+    ]
+    if settings.expiry_enabled:
+        background.append(asyncio.create_task(run_sweeper(pool, settings, publisher)))
+
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second_signal_exiting_now", signal=signum)
+            os._exit(128 + signum)
+        log.info("shutdown_requested", signal=signum)
+        stop.set()
+
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    log.info(
+        "worker_started",
+        input_topic=settings.input_topic,
+        group_id=settings.group_id,
+        lanes=settings.lanes,
+    )
+    running = asyncio.create_task(release_consumer.run())
+    stopper = asyncio.create_task(stop.wait())
+    exit_code = 0
+    try:
+        await asyncio.wait([running, stopper], return_when=asyncio.FIRST_COMPLETED)
+        release_consumer.stop()
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(settings.shutdown_timeout_s):
+                await running
+                await publisher.flush(settings.shutdown_timeout_s)
+                await release_consumer.commit()
+        except TimeoutError:
+            log.error("shutdown_timeout", seconds=settings.shutdown_timeout_s)
+            exit_code = 1
+        log.info("worker_stopping", drain_seconds=round(time.monotonic() - started, 3))
+    finally:
+        stopper.cancel()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, stopper, return_exceptions=True)
+        with contextlib.suppress(KafkaError):
+            await consumer.stop()  # leaves the group
+        with contextlib.suppress(KafkaError):
+            await producer.stop()
+        await pool.close()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    log.info("worker_stopped", exit_code=exit_code)
+    return exit_code
+
+
+async def _mirror_joined(health: ops.Health, consumer: ReleaseConsumer) -> None:
+    while True:
+        health.joined = consumer.joined
+        await asyncio.sleep(0.5)

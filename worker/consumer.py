@@ -1,0 +1,307 @@
+"""Fetch, keep per-partition order, batch, commit after the database commit, rebalance.
+
+Records are fetched in batches (`getmany`) and routed to a fixed lane per partition
+(`partition % lanes`). Each lane applies its batches one at a time, so one
+partition's records (and so one cart's) are applied in offset order, while lanes
+run concurrently on their own connections. A lane with too much buffered work
+pauses its partitions (backpressure by pausing, not sleeping).
+
+Offsets: the next offset of every partition is stored in PostgreSQL in the same
+transaction as the work (see `release.apply_batch`); Kafka commits follow the
+database commits, every `commit_interval_ms`, on revoke and at shutdown. On
+assignment the consumer seeks to the stored offset, so nothing committed to the
+database is ever applied twice, whatever Kafka's committed offset says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+
+from worker import metrics, store
+from worker.config import Settings
+from worker.processor import BatchProcessor, transient_retrying
+from worker.publisher import Publisher
+from worker.records import RawRecord
+from worker.release import BatchReport
+
+log = structlog.get_logger("worker.consumer")
+
+ReportHook = Callable[[BatchReport], None]
+
+
+class Lane:
+    """Buffered records of the partitions routed to one lane, applied strictly in order."""
+
+    def __init__(self, index: int, capacity: int) -> None:
+        self.index = index
+        self.capacity = capacity
+        self.buffer: deque[RawRecord] = deque()
+        self.ready = asyncio.Event()
+        self.busy_with: set[TopicPartition] = set()
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def add(self, records: Iterable[RawRecord]) -> None:
+        self.buffer.extend(records)
+        if self.buffer:
+            self.ready.set()
+
+    def take(self, limit: int) -> list[RawRecord]:
+        batch = [self.buffer.popleft() for _ in range(min(limit, len(self.buffer)))]
+        if not self.buffer:
+            self.ready.clear()
+        return batch
+
+    def drop(self, partitions: set[TopicPartition]) -> int:
+        """Forget buffered, not yet started records of these partitions."""
+        before = len(self.buffer)
+        self.buffer = deque(
+            r for r in self.buffer if TopicPartition(r.topic, r.partition) not in partitions
+        )
+        if not self.buffer:
+            self.ready.clear()
+        return before - len(self.buffer)
+
+    @property
+    def full(self) -> bool:
+        return len(self.buffer) >= self.capacity
+
+
+class ReleaseConsumer:
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        processor: BatchProcessor,
+        publisher: Publisher,
+        settings: Settings,
+        pool: store.Db,
+        on_report: ReportHook | None = None,
+    ) -> None:
+        self._consumer = consumer
+        self._processor = processor
+        self._publisher = publisher
+        self._settings = settings
+        self._pool = pool
+        self._on_report = on_report
+        capacity = settings.batch_max_records * settings.lane_queue_batches
+        self._lanes = [Lane(i, capacity) for i in range(settings.lanes)]
+        self._done: dict[TopicPartition, int] = {}  # next offset, committed to the database
+        self._committed: dict[TopicPartition, int] = {}  # next offset, committed to Kafka
+        self._paused: set[TopicPartition] = set()
+        self._revoking: set[TopicPartition] = set()
+        self._stopping = asyncio.Event()
+        self.joined = False
+        self.last_progress = time.monotonic()
+
+    # ------------------------------------------------------------------ wiring
+
+    def listener(self) -> ConsumerRebalanceListener:
+        return _Listener(self)
+
+    def _lane(self, tp: TopicPartition) -> Lane:
+        lane: Lane = self._lanes[tp.partition % len(self._lanes)]
+        return lane
+
+    async def run(self) -> None:
+        """Fetch and apply until `stop()`; then finish in-flight work and commit."""
+        lanes = [asyncio.create_task(self._run_lane(lane)) for lane in self._lanes]
+        committer = asyncio.create_task(self._run_committer())
+        fetcher = asyncio.create_task(self._fetch_loop())
+        try:
+            # The fetcher ends on stop(); a lane or the committer ending means it failed.
+            done, _ = await asyncio.wait(
+                [fetcher, *lanes, committer], return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                task.result()
+            if fetcher not in done:
+                raise RuntimeError("a worker task ended unexpectedly")
+        finally:
+            fetcher.cancel()
+            for lane in self._lanes:
+                lane.drop(set(self._consumer.assignment()))
+            # Lanes finish the batch they are in; nothing new is started.
+            await asyncio.gather(*(lane.idle.wait() for lane in self._lanes))
+            for task in [*lanes, committer]:
+                task.cancel()
+            await asyncio.gather(*lanes, committer, return_exceptions=True)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    # ------------------------------------------------------------------ fetching
+
+    async def _fetch_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                fetched = await self._consumer.getmany(
+                    timeout_ms=200, max_records=self._settings.fetch_max_records
+                )
+            except KafkaError as error:
+                log.warning("fetch_failed_retrying", error=repr(error)[:200])
+                await asyncio.sleep(1)
+                continue
+            for tp, messages in fetched.items():
+                if tp in self._revoking or not messages:
+                    continue
+                self._lane(tp).add(
+                    RawRecord(
+                        m.topic,
+                        m.partition,
+                        m.offset,
+                        m.key,
+                        m.value,
+                        tuple(m.headers or ()),
+                        m.timestamp,
+                    )
+                    for m in messages
+                )
+            self._apply_backpressure()
+
+    def _apply_backpressure(self) -> None:
+        assigned = self._consumer.assignment()
+        to_pause = {tp for tp in assigned if self._lane(tp).full} - self._paused
+        to_resume = {tp for tp in self._paused if not self._lane(tp).full and tp in assigned}
+        if to_pause:
+            self._consumer.pause(*to_pause)
+            self._paused |= to_pause
+        if to_resume:
+            self._consumer.resume(*to_resume)
+            self._paused -= to_resume
+        self._paused &= assigned
+
+    # ------------------------------------------------------------------ applying
+
+    async def _run_lane(self, lane: Lane) -> None:
+        while True:
+            await lane.ready.wait()
+            records = lane.take(self._settings.batch_max_records)
+            if not records:
+                continue
+            lane.idle.clear()
+            lane.busy_with = {TopicPartition(r.topic, r.partition) for r in records}
+            try:
+                report = await self._processor.process(records)
+                await self._publisher.publish(report.messages)
+                for (topic, partition), offset in report.next_offsets.items():
+                    tp = TopicPartition(topic, partition)
+                    self._done[tp] = max(self._done.get(tp, 0), offset)
+                self.last_progress = time.monotonic()
+                if self._on_report is not None:
+                    self._on_report(report)
+            finally:
+                lane.busy_with = set()
+                lane.idle.set()
+
+    # ------------------------------------------------------------------ committing
+
+    async def _run_committer(self) -> None:
+        interval = max(self._settings.commit_interval_ms, 10) / 1000
+        while True:
+            await asyncio.sleep(interval)
+            await self.commit()
+            self._report_lag()
+
+    async def commit(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+        """Commit to Kafka what the database has committed, for assigned partitions."""
+        assigned = self._consumer.assignment()
+        wanted = assigned if partitions is None else set(partitions) & assigned
+        offsets = {
+            tp: offset
+            for tp, offset in self._done.items()
+            if tp in wanted and offset > self._committed.get(tp, -1)
+        }
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as error:
+            # A rebalance is under way: the database holds the truth, the next owner
+            # seeks to it, so skipping this commit loses and repeats nothing.
+            log.info("commit_skipped_rebalance", error=repr(error)[:200])
+            return
+        except KafkaError as error:
+            log.warning("commit_failed", error=repr(error)[:200])
+            return
+        self._committed.update(offsets)
+        for tp, offset in offsets.items():
+            metrics.COMMITTED.labels(partition=str(tp.partition)).set(offset)
+
+    def _report_lag(self) -> None:
+        for tp in self._consumer.assignment():
+            high = self._consumer.highwater(tp)
+            if high is not None:
+                lag = max(0, high - self._committed.get(tp, self._done.get(tp, 0)))
+                metrics.LAG.labels(partition=str(tp.partition)).set(lag)
+
+    def lag(self) -> int:
+        total = 0
+        for tp in self._consumer.assignment():
+            high = self._consumer.highwater(tp)
+            if high is not None:
+                total += max(0, high - self._done.get(tp, 0))
+        return total
+
+    # ------------------------------------------------------------------ rebalancing
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        if not revoked:
+            return
+        self._revoking |= revoked
+        dropped = sum(lane.drop(revoked) for lane in self._lanes)
+        deadline = self._settings.rebalance_drain_timeout_s
+        busy = [lane for lane in self._lanes if lane.busy_with & revoked]
+        try:
+            async with asyncio.timeout(deadline):
+                await asyncio.gather(*(lane.idle.wait() for lane in busy))
+        except TimeoutError:
+            # Safe even so: the database offset row serialises us with the next owner.
+            log.warning("revoke_drain_timeout", partitions=_names(revoked), seconds=deadline)
+        await self._publisher.flush(deadline)
+        await self.commit(revoked)
+        for tp in revoked:
+            self._done.pop(tp, None)
+            self._committed.pop(tp, None)
+            self._paused.discard(tp)
+        self._revoking -= revoked
+        log.info("partitions_revoked", partitions=_names(revoked), dropped_buffered=dropped)
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.joined = True
+        for topic in {tp.topic for tp in assigned}:
+            async for attempt in transient_retrying(self._settings):
+                with attempt:
+                    stored = await store.stored_offsets(self._pool, self._settings.group_id, topic)
+            for tp in assigned:
+                if tp.topic == topic and tp.partition in stored:
+                    self._consumer.seek(tp, stored[tp.partition])
+                    self._done[tp] = stored[tp.partition]
+        log.info("partitions_assigned", partitions=_names(assigned))
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: ReleaseConsumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._owner.on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._owner.on_assigned(set(assigned))
+
+
+def _names(partitions: Iterable[TopicPartition]) -> list[str]:
+    return sorted(f"{tp.topic}/{tp.partition}" for tp in partitions)
+
+
+async def close_quietly(consumer: AIOKafkaConsumer) -> None:
+    with contextlib.suppress(KafkaError):
+        await consumer.stop()

@@ -1,0 +1,110 @@
+"""The Kafka contract (DESIGN.md §2) as pydantic models: input, results, rejections.
+
+Field names on the wire are camelCase; Python code uses snake_case.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic.alias_generators import to_camel
+
+
+def format_timestamp(moment: datetime) -> str:
+    """RFC 3339 UTC with milliseconds, e.g. `2026-11-27T15:00:00.123Z`."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+Timestamp = Annotated[datetime, PlainSerializer(format_timestamp, return_type=str)]
+
+
+class _WireModel(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        frozen=True,
+    )
+
+
+class _InputModel(_WireModel):
+    # Unknown fields are ignored; types are not coerced (a number is not a string).
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class ReleaseItem(_InputModel):
+    cart_item_id: str = Field(min_length=1, max_length=128)
+    item_reservation_id: str = Field(min_length=1, max_length=256)
+
+
+class ReleaseRequest(_InputModel):
+    """The value of a `cart.abandoned` record (the API's request body)."""
+
+    event_id: str | None = Field(None, min_length=1, max_length=128)
+    cart_id: str = Field(min_length=1, max_length=128)
+    items: list[ReleaseItem] | None = None
+    attributes: dict[str, str] | None = None
+    occurred_at: AwareDatetime | None = None
+
+
+class Outcome(StrEnum):
+    RELEASED = "released"
+    ALREADY_RELEASED = "already_released"
+    EXPIRED = "expired"
+    CONFIRMED = "confirmed"
+    NOT_FOUND = "not_found"
+
+    @property
+    def success(self) -> bool:
+        return self in _SUCCESSFUL
+
+
+_SUCCESSFUL = frozenset({Outcome.RELEASED, Outcome.ALREADY_RELEASED, Outcome.EXPIRED})
+
+
+class Trigger(StrEnum):
+    RELEASE_REQUEST = "release_request"
+    EXPIRY = "expiry"
+
+
+class ItemResult(_WireModel):
+    type: Literal["item_result"] = "item_result"
+    event_id: str
+    trigger: Trigger
+    cart_id: str
+    cart_item_id: str
+    item_reservation_id: str
+    success: bool
+    outcome: Outcome
+    quantity: int
+    processed_at: Timestamp
+
+
+class ErrorDetail(_WireModel):
+    code: str
+    message: str
+    value: Any = None
+
+
+class EventRejected(_WireModel):
+    type: Literal["event_rejected"] = "event_rejected"
+    event_id: str
+    cart_id: str | None
+    status: int
+    description: str
+    errors: list[ErrorDetail]
+    processed_at: Timestamp
+
+
+# Header names (DESIGN.md §2). Kafka header names are matched case-insensitively,
+# like the HTTP headers they mirror.
+API_KEY_HEADER = "rokt-api-key"
+SESSION_HEADER = "rokt-session-id"
+TAG_HEADER = "rokt-tag-id"
+CONTENT_TYPE_HEADER = "content-type"
+EVENT_ID_HEADER = "event-id"
+COPIED_HEADERS = (SESSION_HEADER, TAG_HEADER)

@@ -1,0 +1,75 @@
+"""The timeout sweeper (DESIGN.md §5): release reservations whose `expires_at` passed.
+
+Each pass locks up to `expiry_batch_size` overdue reservations with SKIP LOCKED
+(several workers share the work; rows a release holds are left to it), marks
+them expired, returns their quantity and writes `item_result`s with trigger
+`expiry` and eventId `expiry:<reservationId>` to the outbox, in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import asyncpg
+import structlog
+
+from worker import metrics, store
+from worker.config import Settings
+from worker.contract import Outcome, Trigger
+from worker.messages import item_result_payload, result_headers
+from worker.processor import transient_retrying
+from worker.publisher import Publisher
+from worker.records import OutboxMessage
+from worker.release import stock_deltas
+
+log = structlog.get_logger("worker.expiry")
+
+
+async def sweep_once(pool: asyncpg.Pool, settings: Settings) -> list[OutboxMessage]:
+    """One transaction: expire a batch, return stock, enqueue the results."""
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await store.expire_due(conn, settings.expiry_batch_size)
+        if not rows:
+            return []
+        await store.PgReleaseStore(conn, settings.group_id).return_stock(stock_deltas(rows))
+        now = datetime.now(UTC)
+        messages = []
+        for r in rows:
+            event_id = f"expiry:{r.reservation_id}"
+            payload = item_result_payload(
+                event_id=event_id,
+                trigger=Trigger.EXPIRY,
+                cart_id=r.cart_id,
+                cart_item_id=r.cart_item_id,
+                reservation_id=r.reservation_id,
+                outcome=Outcome.EXPIRED,
+                quantity=r.quantity,
+                processed_at=now,
+            )
+            messages.append(
+                OutboxMessage(
+                    settings.results_topic,
+                    r.cart_id.encode(),
+                    payload,
+                    result_headers(event_id, None),
+                )
+            )
+        enqueued = await store.enqueue(conn, messages)
+    metrics.EXPIRED.inc(len(rows))
+    metrics.ITEMS.labels(outcome=Outcome.EXPIRED.value).inc(len(rows))
+    metrics.RELEASED_QUANTITY.inc(sum(r.quantity for r in rows))
+    return enqueued
+
+
+async def run_sweeper(pool: asyncpg.Pool, settings: Settings, publisher: Publisher) -> None:
+    """Sweep every `expiry_interval_s`; a full batch sweeps again at once."""
+    while True:
+        async for attempt in transient_retrying(settings):
+            with attempt:
+                messages = await sweep_once(pool, settings)
+        if messages:
+            log.info("reservations_expired", count=len(messages))
+            await publisher.publish(messages)
+        if len(messages) < settings.expiry_batch_size:
+            await asyncio.sleep(settings.expiry_interval_s)

@@ -1,0 +1,116 @@
+"""Render results, rejections and dead letters as the messages DESIGN.md §2 specifies.
+
+Payloads are rendered once, stored in the outbox (and the inbox), and published
+from there: a re-sent result is byte-for-byte the first one (G2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from worker.contract import (
+    API_KEY_HEADER,
+    COPIED_HEADERS,
+    EVENT_ID_HEADER,
+    ErrorDetail,
+    EventRejected,
+    ItemResult,
+    Outcome,
+    Trigger,
+)
+from worker.records import Headers, OutboxMessage, RawRecord
+from worker.validate import Rejection
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    results: str
+    dlq: str
+
+
+def result_headers(event_id: str, record: RawRecord | None) -> Headers:
+    copied = [] if record is None else [(n, v) for n in COPIED_HEADERS if (v := record.header(n))]
+    return ((EVENT_ID_HEADER, event_id.encode()), *copied)
+
+
+def item_result_payload(
+    *,
+    event_id: str,
+    trigger: Trigger,
+    cart_id: str,
+    cart_item_id: str,
+    reservation_id: str,
+    outcome: Outcome,
+    quantity: int,
+    processed_at: datetime,
+) -> bytes:
+    return (
+        ItemResult(
+            event_id=event_id,
+            trigger=trigger,
+            cart_id=cart_id,
+            cart_item_id=cart_item_id,
+            item_reservation_id=reservation_id,
+            success=outcome.success,
+            outcome=outcome,
+            quantity=quantity,
+            processed_at=processed_at,
+        )
+        .model_dump_json()
+        .encode()
+    )
+
+
+def rejection_payload(rejection: Rejection, processed_at: datetime) -> bytes:
+    return (
+        EventRejected(
+            event_id=rejection.event_id,
+            cart_id=rejection.cart_id,
+            status=rejection.status,
+            description=rejection.description,
+            errors=[
+                ErrorDetail(code=rejection.code, message=rejection.message, value=rejection.value)
+            ],
+            processed_at=processed_at,
+        )
+        .model_dump_json()
+        .encode()
+    )
+
+
+def rejection_messages(
+    record: RawRecord, rejection: Rejection, topics: Topics, processed_at: datetime
+) -> list[OutboxMessage]:
+    """The `event_rejected` result, and the dead letter where the rejection calls for one."""
+    key = rejection.cart_id.encode() if rejection.cart_id else record.key
+    messages = [
+        OutboxMessage(
+            topics.results,
+            key,
+            rejection_payload(rejection, processed_at),
+            result_headers(rejection.event_id, record),
+        )
+    ]
+    if rejection.dead_letter:
+        messages.append(dead_letter(record, rejection, topics.dlq))
+    return messages
+
+
+def dead_letter(record: RawRecord, rejection: Rejection, topic: str) -> OutboxMessage:
+    kept = tuple((n, v) for n, v in record.headers if n.lower() != API_KEY_HEADER)
+    added = (
+        ("dlq-status", str(rejection.status)),
+        ("dlq-code", rejection.code),
+        ("dlq-error", rejection.message),
+        ("dlq-source-topic", record.topic),
+        ("dlq-source-partition", str(record.partition)),
+        ("dlq-source-offset", str(record.offset)),
+        ("dlq-attempts", str(rejection.attempts)),
+    )
+    return OutboxMessage(
+        topic,
+        record.key,
+        record.value,
+        kept + tuple((n, v.encode()) for n, v in added),
+    )

@@ -1,0 +1,48 @@
+"""Prometheus series of the worker (all prefixed `release_worker_`, no per-cart labels)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECORDS = Counter(
+    "release_worker_records_total",
+    "Input records handled, by result (processed, replayed, rejected, skipped).",
+    ["result"],
+)
+REJECTIONS = Counter(
+    "release_worker_rejections_total", "event_rejected results, by HTTP-like status.", ["status"]
+)
+DEAD_LETTERS = Counter("release_worker_dead_letters_total", "Records sent to the DLQ topic.")
+ITEMS = Counter("release_worker_items_total", "item_result records, by outcome.", ["outcome"])
+RELEASED_QUANTITY = Counter(
+    "release_worker_released_quantity_total", "Units returned to stock by releases and expiry."
+)
+CROSS_PARTNER = Counter(
+    "release_worker_cross_partner_attempts_total",
+    "Items naming another partner's reservation (reported as not_found).",
+)
+EXPIRED = Counter("release_worker_expiry_releases_total", "Reservations released by the sweeper.")
+RETRIES = Counter("release_worker_retries_total", "Retried attempts, by cause.", ["cause"])
+BATCH_SIZE = Histogram(
+    "release_worker_batch_records",
+    "Records per database transaction.",
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2000),
+)
+BATCH_SECONDS = Histogram(
+    "release_worker_batch_duration_seconds",
+    "Duration of one batch transaction, retries included.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+LATENCY = Histogram(
+    "release_worker_record_latency_seconds",
+    "From the input record's timestamp to its results being acknowledged by the broker.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+LAG = Gauge("release_worker_consumer_lag", "High-water mark minus committed offset.", ["partition"])
+COMMITTED = Gauge(
+    "release_worker_committed_offset", "Offset committed to Kafka, per partition.", ["partition"]
+)
+OUTBOX_BACKLOG = Gauge(
+    "release_worker_outbox_backlog", "Outbox rows not yet acknowledged by the broker."
+)
+READY = Gauge("release_worker_ready", "1 when the database and broker are connected and joined.")

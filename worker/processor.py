@@ -1,0 +1,246 @@
+"""Turn a batch of consumed records into one committed database transaction.
+
+- transient failures (outages, serialisation failures, deadlocks) retry the whole
+  transaction with capped exponential backoff and jitter, for as long as they last;
+- any other failure splits the batch, so one bad record cannot hold the others back;
+  a single record that keeps failing becomes a 500 (or 504 after statement timeouts)
+  rejection and a dead letter after `poison_max_attempts`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import asyncpg
+import structlog
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_never
+from tenacity.wait import wait_exponential_jitter
+
+from worker import metrics
+from worker.auth import Authenticator
+from worker.config import Settings
+from worker.errors import TransientError
+from worker.messages import Topics
+from worker.records import RawRecord
+from worker.release import BatchReport, Work, apply_batch
+from worker.store import PgReleaseStore
+from worker.validate import Limits, Rejection, parse_record
+
+log = structlog.get_logger("worker.processor")
+
+_TRANSIENT_POSTGRES = (
+    asyncpg.exceptions.PostgresConnectionError,  # 08xxx
+    asyncpg.exceptions.SerializationError,  # 40001
+    asyncpg.exceptions.DeadlockDetectedError,  # 40P01
+    asyncpg.exceptions.AdminShutdownError,  # 57P01, pg_terminate_backend
+    asyncpg.exceptions.CrashShutdownError,  # 57P02
+    asyncpg.exceptions.CannotConnectNowError,  # 57P03
+    asyncpg.exceptions.TooManyConnectionsError,  # 53300
+)
+
+
+def transient_cause(error: BaseException) -> str | None:
+    """A short cause name if the error is an outage-like condition, else None."""
+    if isinstance(error, TransientError):
+        return "race"
+    if isinstance(error, _TRANSIENT_POSTGRES):
+        return type(error).__name__
+    if isinstance(error, asyncpg.exceptions.InterfaceError) and "closed" in str(error):
+        return "connection_closed"
+    if isinstance(error, OSError | TimeoutError | ConnectionError):
+        return type(error).__name__
+    return None
+
+
+def transient_retrying(
+    settings: Settings, on_retry: Callable[[str], None] | None = None
+) -> AsyncRetrying:
+    """Retry transient errors forever with capped exponential backoff and jitter (G6)."""
+
+    def before_sleep(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        cause = transient_cause(error) if error else "unknown"
+        metrics.RETRIES.labels(cause=cause or "unknown").inc()
+        log.warning(
+            "transient_failure_retrying",
+            cause=cause,
+            attempt=state.attempt_number,
+            error=str(error)[:200],
+        )
+        if on_retry is not None:
+            on_retry(cause or "unknown")
+
+    return AsyncRetrying(
+        retry=retry_if_exception(lambda e: transient_cause(e) is not None),
+        wait=wait_exponential_jitter(
+            multiplier=settings.retry_initial_s,
+            max=settings.retry_max_s,
+            jitter=settings.retry_initial_s,
+        ),
+        stop=stop_never,
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+
+
+class BatchProcessor:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        settings: Settings,
+        authenticator: Authenticator,
+        on_retry: Callable[[str], None] | None = None,
+        on_success: Callable[[], None] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._auth = authenticator
+        self._limits = Limits(
+            settings.max_record_bytes, settings.max_items, settings.max_attributes
+        )
+        self._topics = Topics(settings.results_topic, settings.dlq_topic)
+        self._on_retry = on_retry
+        self._on_success = on_success
+
+    async def process(self, records: Sequence[RawRecord]) -> BatchReport:
+        """Apply the records (offset order per partition) and return what was committed."""
+        started = time.perf_counter()
+        works = await self._prepare(records)
+        report = await self._apply_isolating(works)
+        metrics.BATCH_SIZE.observe(len(records))
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        _count(report)
+        return report
+
+    async def _prepare(self, records: Sequence[RawRecord]) -> list[Work]:
+        parsed = [parse_record(r, self._limits) for r in records]
+        commands = [p for p in parsed if not isinstance(p, Rejection)]
+        decisions: dict[int, Any] = {}
+        if commands:
+            async for attempt in transient_retrying(self._settings, self._on_retry):
+                with attempt:
+                    authorized = await self._auth.authorize(commands)
+            decisions = {id(c): verdict for c, verdict in authorized}
+        works = []
+        for record, item in zip(records, parsed, strict=True):
+            if isinstance(item, Rejection):
+                works.append(Work(record, rejection=item))
+                continue
+            verdict = decisions[id(item)]
+            if isinstance(verdict, Rejection):
+                works.append(Work(record, rejection=verdict))
+            else:
+                works.append(Work(record, command=item, partner_id=verdict.partner_id))
+        return works
+
+    async def _apply_isolating(self, works: list[Work], attempt: int = 1) -> BatchReport:
+        try:
+            return await self._apply(works)
+        except Exception as error:
+            if len(works) > 1:
+                middle = len(works) // 2
+                log.warning("batch_failed_splitting", records=len(works), error=repr(error)[:200])
+                first = await self._apply_isolating(works[:middle])
+                return _merge(first, await self._apply_isolating(works[middle:]))
+            return await self._retry_single(works[0], attempt, error)
+
+    async def _retry_single(self, work: Work, attempt: int, error: Exception) -> BatchReport:
+        record = work.record
+        timeout = isinstance(error, asyncpg.exceptions.QueryCanceledError)
+        metrics.RETRIES.labels(cause="statement_timeout" if timeout else "poison").inc()
+        if attempt < self._settings.poison_max_attempts:
+            log.warning(
+                "record_failed_retrying",
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                attempt=attempt,
+                error=repr(error)[:300],
+            )
+            await asyncio.sleep(min(self._settings.retry_max_s, 0.1 * 2**attempt))
+            return await self._apply_isolating([work], attempt + 1)
+        event_id = work.command.event_id if work.command else record.position
+        cart_id = work.command.cart_id if work.command else None
+        if timeout:
+            rejection = Rejection(
+                504,
+                "database_timeout",
+                f"The database timed out {attempt} times on this record; retry it later.",
+                None,
+                event_id,
+                cart_id,
+                dead_letter=True,
+                attempts=attempt,
+            )
+        else:
+            rejection = Rejection(
+                500,
+                "internal_error",
+                f"The record failed {attempt} times ({type(error).__name__}); it was "
+                "dead-lettered for investigation.",
+                None,
+                event_id,
+                cart_id,
+                dead_letter=True,
+                attempts=attempt,
+            )
+        log.error(
+            "record_dead_lettered",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            event_id=event_id,
+            status=rejection.status,
+            error=repr(error)[:300],
+        )
+        return await self._apply(
+            [replace(work, command=None, partner_id=None, rejection=rejection)]
+        )
+
+    async def _apply(self, works: list[Work]) -> BatchReport:
+        async for attempt in transient_retrying(self._settings, self._on_retry):
+            with attempt:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    store = PgReleaseStore(conn, self._settings.group_id)
+                    report = await apply_batch(store, works, self._topics)
+        if self._on_success is not None:
+            self._on_success()
+        return report
+
+
+def _merge(first: BatchReport, second: BatchReport) -> BatchReport:
+    first.messages.extend(second.messages)
+    first.outcomes.update(second.outcomes)
+    first.rejections.update(second.rejections)
+    first.records += second.records
+    first.skipped += second.skipped
+    first.replays += second.replays
+    first.foreign += second.foreign
+    first.dead_letters += second.dead_letters
+    first.released_quantity += second.released_quantity
+    for tp, offset in second.next_offsets.items():
+        first.next_offsets[tp] = max(first.next_offsets.get(tp, 0), offset)
+    return first
+
+
+def _count(report: BatchReport) -> None:
+    rejected = sum(report.rejections.values())
+    metrics.RECORDS.labels(result="skipped").inc(report.skipped)
+    metrics.RECORDS.labels(result="replayed").inc(report.replays)
+    metrics.RECORDS.labels(result="rejected").inc(rejected)
+    metrics.RECORDS.labels(result="processed").inc(
+        report.records - report.skipped - report.replays - rejected
+    )
+    for status, n in report.rejections.items():
+        metrics.REJECTIONS.labels(status=str(status)).inc(n)
+    for outcome, n in report.outcomes.items():
+        metrics.ITEMS.labels(outcome=outcome).inc(n)
+    metrics.DEAD_LETTERS.inc(report.dead_letters)
+    metrics.CROSS_PARTNER.inc(report.foreign)
+    metrics.RELEASED_QUANTITY.inc(report.released_quantity)
+    if report.foreign:
+        log.warning("security_cross_partner_attempt", items=report.foreign)

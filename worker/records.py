@@ -1,0 +1,45 @@
+"""Plain data that travels between the modules: consumed records and messages to publish."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+Headers = tuple[tuple[str, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """A consumed record, decoupled from aiokafka's types."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers = ()
+    timestamp_ms: int = 0
+
+    @property
+    def position(self) -> str:
+        """The identity of a record without an eventId: `<topic>/<partition>/<offset>`."""
+        return f"{self.topic}/{self.partition}/{self.offset}"
+
+    def header(self, name: str) -> bytes | None:
+        """First header of that name, matched case-insensitively."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """A record to publish: a result, a rejection or a dead letter."""
+
+    topic: str
+    key: bytes | None
+    payload: bytes | None
+    headers: Headers = ()
+    outbox_id: int | None = field(default=None, compare=False)
+    # CreateTime of the input record, for the record->result latency histogram.
+    source_ts_ms: int = field(default=0, compare=False)

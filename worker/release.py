@@ -1,0 +1,325 @@
+"""The domain: decide and apply the releases of a batch of records in one transaction.
+
+No Kafka here. `apply_batch` runs inside a database transaction through the
+`ReleaseStore` protocol; it takes locks in one fixed order (offset rows, then
+reservations by id, then stock by (sku, location)) so concurrent batches,
+the expiry sweeper and confirmations serialise instead of deadlocking.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from worker.contract import Outcome, Trigger
+from worker.errors import TransientError
+from worker.messages import (
+    Topics,
+    item_result_payload,
+    rejection_messages,
+    result_headers,
+)
+from worker.records import OutboxMessage, RawRecord
+from worker.validate import Rejection, ReleaseCommand
+
+TopicPartition = tuple[str, int]
+EventKey = tuple[str, str]  # (partner_id, event_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    reservation_id: str
+    partner_id: str
+    cart_id: str
+    cart_item_id: str
+    sku: str
+    location_id: str
+    quantity: int
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class InboxEntry:
+    partner_id: str
+    event_id: str
+    cart_id: str
+    record: RawRecord
+    results: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """One record of a batch: an authorised command, or the rejection it earned."""
+
+    record: RawRecord
+    command: ReleaseCommand | None = None
+    partner_id: str | None = None
+    rejection: Rejection | None = None
+
+
+class ReleaseStore(Protocol):
+    """The SQL `apply_batch` needs; `store.PgReleaseStore` implements it on one transaction."""
+
+    async def lock_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """Lock the partitions' offset rows; return the next offset to apply (absent: any)."""
+        ...
+
+    async def stored_results(self, keys: Sequence[EventKey]) -> dict[EventKey, list[bytes]]: ...
+
+    async def lock_reservations(
+        self, explicit: Sequence[tuple[str, str]], carts: Sequence[tuple[str, str]]
+    ) -> list[Reservation]:
+        """Lock, in reservation_id order, the partner's reservations named by
+        (reservation_id, partner_id) and all of each (partner_id, cart_id)."""
+        ...
+
+    async def foreign_reservations(self, explicit: Sequence[tuple[str, str]]) -> set[str]:
+        """Which of (reservation_id, partner_id) exist under another partner."""
+        ...
+
+    async def release(self, releases: Sequence[tuple[str, str]]) -> list[Reservation]:
+        """Move (reservation_id, event_id) from reserved to released; return the moved rows."""
+        ...
+
+    async def return_stock(self, deltas: Sequence[tuple[str, str, int]]) -> None:
+        """reserved -= quantity per (sku, location_id, quantity), in that sorted order."""
+        ...
+
+    async def record_inbox(self, entries: Sequence[InboxEntry]) -> set[EventKey]:
+        """Insert the entries; return the keys actually inserted."""
+        ...
+
+    async def enqueue(self, messages: Sequence[OutboxMessage]) -> list[OutboxMessage]:
+        """Write the messages to the outbox; return them with their outbox ids."""
+        ...
+
+    async def advance_offsets(self, next_offsets: dict[TopicPartition, int]) -> None: ...
+
+
+@dataclass
+class BatchReport:
+    """What one batch did, for metrics, logs and the demo summary."""
+
+    messages: list[OutboxMessage] = field(default_factory=list)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    rejections: Counter[int] = field(default_factory=Counter)
+    records: int = 0
+    skipped: int = 0  # below the stored offset: already applied before a crash or rebalance
+    replays: int = 0
+    foreign: int = 0
+    dead_letters: int = 0
+    released_quantity: int = 0
+    next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemDecision:
+    cart_item_id: str
+    reservation_id: str
+    outcome: Outcome
+    quantity: int
+    foreign: bool = False
+
+
+def decide(
+    command: ReleaseCommand,
+    partner_id: str,
+    found: dict[str, Reservation],
+    cart_rows: Sequence[Reservation],
+    foreign: set[str],
+    status: dict[str, str],
+) -> list[ItemDecision] | Rejection:
+    """Outcomes of one command; `status` is the batch's running view and is updated."""
+    if command.items is None:
+        if not cart_rows:
+            return Rejection(
+                422,
+                "cart_not_found",
+                "No reservation of this partner belongs to this cart.",
+                command.cart_id,
+                command.event_id,
+                command.cart_id,
+            )
+        return [_decide_item(row, status) for row in cart_rows]
+    decisions: list[ItemDecision] = []
+    for item in command.items:
+        rid = item.item_reservation_id
+        row = found.get(rid)
+        if (
+            row is not None
+            and row.partner_id == partner_id
+            and row.cart_id == command.cart_id
+            and row.cart_item_id == item.cart_item_id
+        ):
+            decisions.append(_decide_item(row, status))
+            continue
+        # Another partner's reservation is reported exactly like a missing one.
+        is_foreign = rid in foreign or (row is not None and row.partner_id != partner_id)
+        decisions.append(ItemDecision(item.cart_item_id, rid, Outcome.NOT_FOUND, 0, is_foreign))
+    return decisions
+
+
+def _decide_item(row: Reservation, status: dict[str, str]) -> ItemDecision:
+    current = status.get(row.reservation_id, row.status)
+    rid = row.reservation_id
+    if current == "reserved":
+        status[rid] = "released"
+        return ItemDecision(row.cart_item_id, rid, Outcome.RELEASED, row.quantity)
+    outcome = {
+        "released": Outcome.ALREADY_RELEASED,
+        "expired": Outcome.EXPIRED,
+        "confirmed": Outcome.CONFIRMED,
+    }.get(current)
+    if outcome is None:
+        raise ValueError(f"reservation {rid} has an unknown status {current!r}")
+    return ItemDecision(row.cart_item_id, rid, outcome, 0)
+
+
+async def apply_batch(
+    store: ReleaseStore, works: Sequence[Work], topics: Topics, now: datetime | None = None
+) -> BatchReport:
+    """Apply a batch (records in offset order per partition) inside the caller's transaction."""
+    report = BatchReport(records=len(works))
+    processed_at = now or datetime.now(UTC)
+    partitions = sorted({(w.record.topic, w.record.partition) for w in works})
+    applied_up_to = await store.lock_offsets(partitions)
+    fresh = [
+        w
+        for w in works
+        if w.record.offset >= applied_up_to.get((w.record.topic, w.record.partition), -1)
+    ]
+    report.skipped = len(works) - len(fresh)
+    for w in works:
+        tp = (w.record.topic, w.record.partition)
+        report.next_offsets[tp] = max(report.next_offsets.get(tp, 0), w.record.offset + 1)
+
+    commands = [w for w in fresh if w.command is not None and w.partner_id is not None]
+    keys = [(w.partner_id or "", w.command.event_id) for w in commands if w.command]
+    stored = await store.stored_results(sorted(set(keys))) if keys else {}
+
+    # Records whose (partner, eventId) was seen before, here or earlier in this batch, are
+    # replays: they get the stored results again and change nothing.
+    first_seen: set[EventKey] = set(stored)
+    to_apply: list[Work] = []
+    for w, key in zip(commands, keys, strict=True):
+        if key not in first_seen:
+            first_seen.add(key)
+            to_apply.append(w)
+
+    explicit = sorted(
+        {
+            (item.item_reservation_id, w.partner_id or "")
+            for w in to_apply
+            if w.command and w.command.items
+            for item in w.command.items
+        }
+    )
+    carts = sorted(
+        {
+            (w.partner_id or "", w.command.cart_id)
+            for w in to_apply
+            if w.command and not w.command.items
+        }
+    )
+    rows = await store.lock_reservations(explicit, carts) if (explicit or carts) else []
+    found = {r.reservation_id: r for r in rows}
+    missing = [(rid, partner) for rid, partner in explicit if rid not in found]
+    foreign = await store.foreign_reservations(missing) if missing else set()
+    by_cart: dict[tuple[str, str], list[Reservation]] = {}
+    for r in rows:
+        by_cart.setdefault((r.partner_id, r.cart_id), []).append(r)
+
+    status: dict[str, str] = {}
+    releases: list[tuple[str, str]] = []
+    inbox: list[InboxEntry] = []
+    produced: dict[EventKey, list[bytes]] = dict(stored)
+    messages: list[OutboxMessage] = []
+    applying = {id(w) for w in to_apply}
+
+    for w in fresh:
+        if w.rejection is not None or w.command is None or w.partner_id is None:
+            rejection = w.rejection
+            assert rejection is not None
+            messages.extend(_reject(report, w.record, rejection, topics, processed_at))
+            continue
+        command, partner_id = w.command, w.partner_id
+        key = (partner_id, command.event_id)
+        if id(w) not in applying:
+            report.replays += 1
+            payloads = produced[key]
+            headers = result_headers(command.event_id, w.record)
+            key_bytes = command.cart_id.encode()
+            messages.extend(
+                OutboxMessage(topics.results, key_bytes, p, headers, None, w.record.timestamp_ms)
+                for p in payloads
+            )
+            continue
+        cart_rows = by_cart.get((partner_id, command.cart_id), []) if command.whole_cart else []
+        decided = decide(command, partner_id, found, cart_rows, foreign, status)
+        if isinstance(decided, Rejection):
+            messages.extend(_reject(report, w.record, decided, topics, processed_at))
+            continue
+        payloads = []
+        for d in decided:
+            report.outcomes[d.outcome.value] += 1
+            report.foreign += d.foreign
+            if d.outcome is Outcome.RELEASED:
+                releases.append((d.reservation_id, command.event_id))
+            payloads.append(
+                item_result_payload(
+                    event_id=command.event_id,
+                    trigger=Trigger.RELEASE_REQUEST,
+                    cart_id=command.cart_id,
+                    cart_item_id=d.cart_item_id,
+                    reservation_id=d.reservation_id,
+                    outcome=d.outcome,
+                    quantity=d.quantity,
+                    processed_at=processed_at,
+                )
+            )
+        produced[key] = payloads
+        inbox.append(InboxEntry(partner_id, command.event_id, command.cart_id, w.record, payloads))
+        headers = result_headers(command.event_id, w.record)
+        messages.extend(
+            OutboxMessage(
+                topics.results, command.cart_id.encode(), p, headers, None, w.record.timestamp_ms
+            )
+            for p in payloads
+        )
+
+    if inbox:
+        inserted = await store.record_inbox(inbox)
+        if len(inserted) != len(inbox):
+            raise TransientError("a concurrent transaction recorded the same event; retrying")
+    if releases:
+        moved = await store.release(releases)
+        if len(moved) != len(releases):
+            raise TransientError("a reservation changed status under its lock; retrying")
+        report.released_quantity = sum(r.quantity for r in moved)
+        await store.return_stock(stock_deltas(moved))
+    report.messages = await store.enqueue(messages) if messages else []
+    await store.advance_offsets(report.next_offsets)
+    return report
+
+
+def stock_deltas(rows: Sequence[Reservation]) -> list[tuple[str, str, int]]:
+    """Quantities to return per (sku, location_id), sorted: the stock lock order."""
+    totals: Counter[tuple[str, str]] = Counter()
+    for r in rows:
+        totals[(r.sku, r.location_id)] += r.quantity
+    return [(sku, loc, qty) for (sku, loc), qty in sorted(totals.items())]
+
+
+def _reject(
+    report: BatchReport,
+    record: RawRecord,
+    rejection: Rejection,
+    topics: Topics,
+    processed_at: datetime,
+) -> list[OutboxMessage]:
+    report.rejections[rejection.status] += 1
+    report.dead_letters += rejection.dead_letter
+    return rejection_messages(record, rejection, topics, processed_at)

@@ -1,0 +1,314 @@
+"""All SQL of the worker (asyncpg), nothing else.
+
+Statements are set-based: one statement per step for a whole batch, arrays in,
+rows out. Locks are taken in one order everywhere: consumer_offsets by
+partition, reservations by reservation_id, stock by (sku, location_id).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime
+from typing import TypeAlias
+
+import asyncpg
+import orjson
+from asyncpg.pool import PoolConnectionProxy
+
+from worker.auth import Partner
+from worker.errors import SchemaNotReady
+from worker.records import Headers, OutboxMessage
+from worker.release import EventKey, InboxEntry, Reservation, TopicPartition
+
+# The newest migration this code needs; `run` refuses an older schema.
+SCHEMA_VERSION = "20261127000002"
+
+# A connection, from a pool or not; `Db` also admits the pool itself (one-statement calls).
+Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+Db: TypeAlias = "Conn | asyncpg.Pool[asyncpg.Record]"
+
+_RESERVATION_COLUMNS = (
+    "reservation_id, partner_id, cart_id, cart_item_id, sku, location_id, quantity, status"
+)
+
+
+def _reservation(row: asyncpg.Record) -> Reservation:
+    return Reservation(*row.values())
+
+
+class PgReleaseStore:
+    """`release.ReleaseStore` on one connection, inside the caller's transaction."""
+
+    def __init__(self, conn: Conn, group_id: str) -> None:
+        self._conn = conn
+        self._group_id = group_id
+
+    async def lock_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        topics = [t for t, _ in partitions]
+        numbers = [p for _, p in partitions]
+        # Create missing rows first, so that every worker then queues on the same row lock.
+        await self._conn.execute(
+            """
+            INSERT INTO consumer_offsets (group_id, topic, partition)
+            SELECT $1, t, p FROM unnest($2::text[], $3::int[]) AS u(t, p)
+            ON CONFLICT DO NOTHING
+            """,
+            self._group_id,
+            topics,
+            numbers,
+        )
+        rows = await self._conn.fetch(
+            """
+            SELECT c.topic, c.partition, c.next_offset FROM consumer_offsets c
+            JOIN unnest($2::text[], $3::int[]) AS u(t, p) ON c.topic = u.t AND c.partition = u.p
+            WHERE c.group_id = $1
+            ORDER BY c.topic, c.partition
+            FOR UPDATE OF c
+            """,
+            self._group_id,
+            topics,
+            numbers,
+        )
+        return {(r[0], r[1]): r[2] for r in rows if r[2] is not None}
+
+    async def stored_results(self, keys: Sequence[EventKey]) -> dict[EventKey, list[bytes]]:
+        rows = await self._conn.fetch(
+            """
+            SELECT i.partner_id, i.event_id, i.results FROM inbox i
+            JOIN unnest($1::text[], $2::text[]) AS u(p, e)
+              ON i.partner_id = u.p AND i.event_id = u.e
+            """,
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+        )
+        return {(r[0], r[1]): list(r[2]) for r in rows}
+
+    async def lock_reservations(
+        self, explicit: Sequence[tuple[str, str]], carts: Sequence[tuple[str, str]]
+    ) -> list[Reservation]:
+        rows = await self._conn.fetch(
+            f"""
+            SELECT {_RESERVATION_COLUMNS} FROM reservations
+            WHERE (reservation_id, partner_id) IN (
+                    SELECT * FROM unnest($1::text[], $2::text[]))
+               OR (partner_id, cart_id) IN (SELECT * FROM unnest($3::text[], $4::text[]))
+            ORDER BY reservation_id
+            FOR UPDATE
+            """,
+            [e[0] for e in explicit],
+            [e[1] for e in explicit],
+            [c[0] for c in carts],
+            [c[1] for c in carts],
+        )
+        return [_reservation(r) for r in rows]
+
+    async def foreign_reservations(self, explicit: Sequence[tuple[str, str]]) -> set[str]:
+        rows = await self._conn.fetch(
+            """
+            SELECT r.reservation_id FROM reservations r
+            JOIN unnest($1::text[], $2::text[]) AS u(id, partner)
+              ON r.reservation_id = u.id AND r.partner_id <> u.partner
+            """,
+            [e[0] for e in explicit],
+            [e[1] for e in explicit],
+        )
+        return {r[0] for r in rows}
+
+    async def release(self, releases: Sequence[tuple[str, str]]) -> list[Reservation]:
+        rows = await self._conn.fetch(
+            f"""
+            UPDATE reservations r
+               SET status = 'released', released_at = now(), release_event_id = u.event_id
+              FROM unnest($1::text[], $2::text[]) AS u(id, event_id)
+             WHERE r.reservation_id = u.id AND r.status = 'reserved'
+            RETURNING {", ".join("r." + c for c in _RESERVATION_COLUMNS.split(", "))}
+            """,
+            [r[0] for r in releases],
+            [r[1] for r in releases],
+        )
+        return [_reservation(r) for r in rows]
+
+    async def return_stock(self, deltas: Sequence[tuple[str, str, int]]) -> None:
+        skus = [d[0] for d in deltas]
+        locations = [d[1] for d in deltas]
+        # Lock in (sku, location_id) order first: the UPDATE's join order is not guaranteed.
+        await self._conn.execute(
+            """
+            SELECT 1 FROM stock s
+            JOIN unnest($1::text[], $2::text[]) AS u(sku, loc)
+              ON s.sku = u.sku AND s.location_id = u.loc
+            ORDER BY s.sku, s.location_id
+            FOR UPDATE OF s
+            """,
+            skus,
+            locations,
+        )
+        await self._conn.execute(
+            """
+            UPDATE stock s SET reserved = s.reserved - u.qty
+              FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(sku, loc, qty)
+             WHERE s.sku = u.sku AND s.location_id = u.loc
+            """,
+            skus,
+            locations,
+            [d[2] for d in deltas],
+        )
+
+    async def record_inbox(self, entries: Sequence[InboxEntry]) -> set[EventKey]:
+        # bytea[] per row does not fit unnest (it would flatten), so results travel as
+        # one JSON array of base64 strings per row and are decoded in SQL.
+        rows = await self._conn.fetch(
+            """
+            INSERT INTO inbox (partner_id, event_id, cart_id, source_topic, source_partition,
+                               source_offset, results)
+            SELECT u.p, u.e, u.c, u.t, u.part, u.o,
+                   ARRAY(SELECT decode(x, 'base64') FROM jsonb_array_elements_text(u.r) AS x)
+              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[],
+                          $6::bigint[], $7::jsonb[]) AS u(p, e, c, t, part, o, r)
+            ON CONFLICT DO NOTHING
+            RETURNING partner_id, event_id
+            """,
+            [e.partner_id for e in entries],
+            [e.event_id for e in entries],
+            [e.cart_id for e in entries],
+            [e.record.topic for e in entries],
+            [e.record.partition for e in entries],
+            [e.record.offset for e in entries],
+            [_b64_list(e.results) for e in entries],
+        )
+        return {(r[0], r[1]) for r in rows}
+
+    async def enqueue(self, messages: Sequence[OutboxMessage]) -> list[OutboxMessage]:
+        return await enqueue(self._conn, messages)
+
+    async def advance_offsets(self, next_offsets: dict[TopicPartition, int]) -> None:
+        items = sorted(next_offsets.items())
+        await self._conn.execute(
+            """
+            UPDATE consumer_offsets c
+               SET next_offset = GREATEST(COALESCE(c.next_offset, 0), u.n), updated_at = now()
+              FROM unnest($2::text[], $3::int[], $4::bigint[]) AS u(t, p, n)
+             WHERE c.group_id = $1 AND c.topic = u.t AND c.partition = u.p
+            """,
+            self._group_id,
+            [tp[0] for tp, _ in items],
+            [tp[1] for tp, _ in items],
+            [n for _, n in items],
+        )
+
+
+def _b64_list(payloads: Sequence[bytes]) -> str:
+    return orjson.dumps([base64.b64encode(p).decode() for p in payloads]).decode()
+
+
+def encode_headers(headers: Headers) -> bytes:
+    return orjson.dumps([[n, base64.b64encode(v).decode()] for n, v in headers])
+
+
+def decode_headers(raw: bytes) -> Headers:
+    return tuple((n, base64.b64decode(v)) for n, v in orjson.loads(raw))
+
+
+async def enqueue(conn: Conn, messages: Sequence[OutboxMessage]) -> list[OutboxMessage]:
+    """Write messages to the outbox in order; return them carrying their ids."""
+    ids = await conn.fetch(
+        """
+        INSERT INTO outbox (topic, key, headers, payload)
+        SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::bytea[])
+        RETURNING id
+        """,
+        [m.topic for m in messages],
+        [m.key for m in messages],
+        [encode_headers(m.headers) for m in messages],
+        [m.payload for m in messages],
+    )
+    # INSERT ... SELECT FROM unnest keeps the input order, and RETURNING reports in that order.
+    return [replace(m, outbox_id=row[0]) for m, row in zip(messages, ids, strict=True)]
+
+
+async def claim_outbox(conn: Conn, older_than_s: float, limit: int) -> list[OutboxMessage]:
+    """Lock leftover outbox rows (skipping rows another worker holds), oldest first."""
+    rows = await conn.fetch(
+        """
+        SELECT id, topic, key, headers, payload FROM outbox
+        WHERE created_at <= now() - make_interval(secs => $1)
+        ORDER BY id LIMIT $2
+        FOR UPDATE SKIP LOCKED
+        """,
+        older_than_s,
+        limit,
+    )
+    return [OutboxMessage(r[1], r[2], r[4], decode_headers(r[3]), r[0]) for r in rows]
+
+
+async def delete_outbox(conn: Db, ids: Sequence[int]) -> None:
+    await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", list(ids))
+
+
+async def outbox_backlog(conn: Db) -> int:
+    value = await conn.fetchval("SELECT count(*) FROM outbox")
+    return int(value)
+
+
+async def find_partners(pool: Db, digests: list[bytes]) -> list[Partner]:
+    rows = await pool.fetch(
+        """
+        SELECT partner_id, api_key_sha256, tag_ids, status FROM partners
+        WHERE api_key_sha256 = ANY($1::bytea[])
+        """,
+        digests,
+    )
+    return [Partner(r[0], bytes(r[1]), tuple(r[2]), r[3]) for r in rows]
+
+
+async def stored_offsets(conn: Db, group_id: str, topic: str) -> dict[int, int]:
+    rows = await conn.fetch(
+        """
+        SELECT partition, next_offset FROM consumer_offsets
+        WHERE group_id = $1 AND topic = $2 AND next_offset IS NOT NULL
+        """,
+        group_id,
+        topic,
+    )
+    return {r[0]: r[1] for r in rows}
+
+
+async def expire_due(conn: Conn, limit: int, now: datetime | None = None) -> list[Reservation]:
+    """Move up to `limit` overdue reservations to expired; return them (stock not yet returned).
+
+    SKIP LOCKED lets several workers sweep at once, and leaves rows a release holds alone.
+    """
+    rows = await conn.fetch(
+        f"""
+        WITH due AS (
+            SELECT reservation_id FROM reservations
+            WHERE status = 'reserved' AND expires_at <= COALESCE($2, now())
+            ORDER BY reservation_id
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE reservations r SET status = 'expired', released_at = now()
+          FROM due WHERE r.reservation_id = due.reservation_id AND r.status = 'reserved'
+        RETURNING {", ".join("r." + c for c in _RESERVATION_COLUMNS.split(", "))}
+        """,
+        limit,
+        now,
+    )
+    return [_reservation(r) for r in rows]
+
+
+async def check_schema(conn: Db) -> None:
+    """Raise SchemaNotReady unless the migrations this code needs are applied."""
+    exists = await conn.fetchval("SELECT to_regclass('public.schema_migrations') IS NOT NULL")
+    version = await conn.fetchval("SELECT max(version) FROM schema_migrations") if exists else None
+    if version is None:
+        raise SchemaNotReady(
+            "The database is not migrated. Run `release-worker migrate` (or `make migrate`)."
+        )
+    if str(version) < SCHEMA_VERSION:
+        raise SchemaNotReady(
+            f"The database schema is at {version}; this worker needs {SCHEMA_VERSION}. "
+            "Run `release-worker migrate`."
+        )
