@@ -31,6 +31,8 @@ def isolated_settings(database_url: str, bootstrap: str, **overrides: Any) -> Se
         "metrics_port": 0,
         "expiry_enabled": False,
         "commit_interval_ms": 50,
+        # The embedded broker holds a new group's first join for half the session timeout.
+        "session_timeout_ms": 6000,
         "log_format": "console",
     }
     values.update(overrides)

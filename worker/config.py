@@ -63,7 +63,12 @@ class Settings(BaseSettings):
     rebalance_drain_timeout_s: float = Field(
         20.0, gt=0, description="On revoke: time to finish the revoked partitions' work."
     )
-    session_timeout_ms: int = Field(30_000, ge=1000, description="Consumer session timeout.")
+    session_timeout_ms: int = Field(
+        10_000,
+        ge=1000,
+        description="Consumer session timeout: a crashed worker's partitions move after this "
+        "long (the embedded broker also delays a group's first join by half of it).",
+    )
 
     db_pool_size: int = Field(4, ge=2, description="Database connections per worker.")
     statement_timeout_ms: int = Field(
