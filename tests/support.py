@@ -105,6 +105,14 @@ async def read_topic(
         await consumer.stop()
 
 
+async def read_results(settings: Settings, count: int, timeout_s: float = 60.0) -> list[Published]:
+    """Read the results topic until at least `count` records arrived."""
+    assert settings.kafka_bootstrap
+    return await read_topic(
+        settings.kafka_bootstrap, settings.results_topic, lambda seen: len(seen) >= count, timeout_s
+    )
+
+
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
     for _ in range(50):
         found = consumer.partitions_for_topic(topic)

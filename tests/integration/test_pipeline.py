@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.integration.conftest import World, reserve
-from tests.support import Published, produce, read_topic, running_worker
+from tests.support import Published, produce, read_results, running_worker
+from worker.config import Settings
 from worker.invariants import i1_violations
 from worker.scenario import abandon_event
 
@@ -37,11 +41,7 @@ async def test_every_outcome_is_reported_and_only_reserved_stock_returns(
     event = abandon_event(f"{p}-c1", items, world.api_key, event_id=f"{p}-e1")
     async with running_worker(world.settings):
         await produce(world.settings, [event])
-        records = await read_topic(
-            world.settings.kafka_bootstrap or "",
-            world.settings.results_topic,
-            lambda seen: len(seen) >= len(items),
-        )
+        records = await read_results(world.settings, len(items))
     by_reservation = {r["itemReservationId"]: r for r in results_for(records, f"{p}-e1")}
     assert {k: (v["outcome"], v["success"], v["quantity"]) for k, v in by_reservation.items()} == {
         f"{p}-r1": ("released", True, 2),
@@ -57,3 +57,109 @@ async def test_every_outcome_is_reported_and_only_reserved_stock_returns(
     )
     assert other == "reserved"
     assert await i1_violations(db) == 0
+
+
+async def test_whole_cart_release_reports_each_of_the_partners_reservations(
+    db: asyncpg.Pool, world: World
+) -> None:
+    p = world.prefix
+    await reserve(db, world, f"{p}-w1", f"{p}-cart", "a", 1)
+    await reserve(db, world, f"{p}-w2", f"{p}-cart", "b", 2)
+    await reserve(db, world, f"{p}-w3", f"{p}-cart", "c", 5, status="confirmed")
+    await reserve(db, world, f"{p}-w4", f"{p}-cart", "d", 1, partner_id=world.other_partner_id)
+    event = abandon_event(f"{p}-cart", None, world.api_key, event_id=f"{p}-whole")
+    async with running_worker(world.settings):
+        await produce(world.settings, [event])
+        records = await read_results(world.settings, 3)
+    got = {r["itemReservationId"]: r["outcome"] for r in results_for(records, f"{p}-whole")}
+    assert got == {f"{p}-w1": "released", f"{p}-w2": "released", f"{p}-w3": "confirmed"}
+    assert await db.fetchval("SELECT reserved FROM stock WHERE sku = $1", world.sku) == 1
+    assert await i1_violations(db) == 0
+
+
+async def test_a_replayed_event_changes_stock_once_and_repeats_identical_results(
+    db: asyncpg.Pool, world: World
+) -> None:
+    p = world.prefix
+    await reserve(db, world, f"{p}-r1", f"{p}-c", "a", 3)
+    items = [("a", f"{p}-r1")]
+    same = abandon_event(f"{p}-c", items, world.api_key, event_id=f"{p}-e1")
+    fresh = abandon_event(f"{p}-c", items, world.api_key, event_id=f"{p}-e2")
+    async with running_worker(world.settings):
+        await produce(world.settings, [same, same, fresh, same])
+        records = await read_results(world.settings, 4)
+    first = [r.value for r in records if r.body["eventId"] == f"{p}-e1"]
+    assert len(first) == 3
+    assert len(set(first)) == 1, "a replay must repeat the first result byte for byte"
+    assert results_for(records, f"{p}-e1")[0]["outcome"] == "released"
+    assert results_for(records, f"{p}-e2")[0]["outcome"] == "already_released"
+    assert await db.fetchval("SELECT reserved FROM stock WHERE sku = $1", world.sku) == 0
+    assert (
+        await db.fetchval("SELECT count(*) FROM inbox WHERE partner_id = $1", world.partner_id) == 2
+    )
+
+
+async def test_offset_is_not_committed_while_the_database_transaction_fails(
+    db: asyncpg.Pool, world: World
+) -> None:
+    """G1 and G6: a failing transaction retries; neither Kafka nor the DB offset moves."""
+    p = world.prefix
+    await reserve(db, world, f"{p}-g1", f"{p}-c", "a", 2)
+    function = f"fail_{p}"
+    await db.execute(
+        f"""
+        CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          IF NEW.reservation_id = '{p}-g1' THEN
+            RAISE EXCEPTION 'injected' USING ERRCODE = 'serialization_failure';
+          END IF;
+          RETURN NEW;
+        END $$;
+        CREATE TRIGGER {function} BEFORE UPDATE ON reservations
+          FOR EACH ROW EXECUTE FUNCTION {function}();
+        """
+    )
+    settings = world.settings
+    event = abandon_event(f"{p}-c", [("a", f"{p}-g1")], world.api_key, event_id=f"{p}-e")
+    try:
+        async with running_worker(settings):
+            [(partition, offset)] = await produce(settings, [event])
+            await asyncio.sleep(8)  # the group joins and the transaction fails, again and again
+            committed = await committed_offset(settings, partition)
+            assert committed is None or committed <= offset
+            stored = await db.fetchval(
+                "SELECT next_offset FROM consumer_offsets WHERE group_id = $1 AND partition = $2",
+                settings.group_id,
+                partition,
+            )
+            assert stored is None or stored <= offset
+            status = await db.fetchval(
+                "SELECT status FROM reservations WHERE reservation_id = $1", f"{p}-g1"
+            )
+            assert status == "reserved"
+            await db.execute(f"DROP TRIGGER {function} ON reservations")
+            records = await read_results(settings, 1)
+            assert records[0].body["outcome"] == "released"
+            for _ in range(100):
+                if (await committed_offset(settings, partition) or 0) > offset:
+                    break
+                await asyncio.sleep(0.1)
+            assert (await committed_offset(settings, partition) or 0) == offset + 1
+    finally:
+        await db.execute(f"DROP TRIGGER IF EXISTS {function} ON reservations")
+        await db.execute(f"DROP FUNCTION IF EXISTS {function}()")
+
+
+async def committed_offset(settings: Settings, partition: int) -> int | None:
+    """The group's committed offset, read without joining the group."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=settings.group_id
+    )
+    await consumer.start()
+    try:
+        value: int | None = await consumer.committed(
+            TopicPartition(settings.input_topic, partition)
+        )
+        return value
+    finally:
+        await consumer.stop()

@@ -1,0 +1,151 @@
+"""The release decision and the batch application, on an in-memory store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.unit.fake_store import FakeStore
+from worker.messages import Topics
+from worker.records import RawRecord
+from worker.release import Reservation, Work, apply_batch
+from worker.scenario import abandon_event
+from worker.validate import Limits, Rejection, ReleaseCommand, parse_record
+
+TOPICS = Topics("results", "dlq")
+
+
+def reservation(
+    rid: str,
+    status: str = "reserved",
+    cart: str = "c1",
+    partner: str = "p1",
+    item: str | None = None,
+    sku: str = "s1",
+    quantity: int = 2,
+) -> Reservation:
+    return Reservation(rid, partner, cart, item or f"i-{rid}", sku, "default", quantity, status)
+
+
+def work(
+    offset: int,
+    cart: str,
+    items: list[tuple[str, str]] | None,
+    event_id: str | None = None,
+    partner: str = "p1",
+    partition: int = 0,
+) -> Work:
+    event = abandon_event(cart, items, "key", event_id=event_id)
+    record = RawRecord("in", partition, offset, event.key, event.value, event.headers)
+    command = parse_record(record, Limits())
+    assert isinstance(command, ReleaseCommand)
+    return Work(record, command=command, partner_id=partner)
+
+
+def bodies(store: FakeStore) -> list[dict[str, Any]]:
+    return [orjson.loads(m.payload or b"") for m in store.outbox]
+
+
+def outcomes(store: FakeStore) -> list[tuple[str, str, int]]:
+    return [(b["itemReservationId"], b["outcome"], b["quantity"]) for b in bodies(store)]
+
+
+async def test_each_status_maps_to_its_outcome_and_only_reserved_returns_stock() -> None:
+    rows = [
+        reservation("r1"),
+        reservation("r2", "released"),
+        reservation("r3", "expired"),
+        reservation("r4", "confirmed"),
+    ]
+    store = FakeStore(rows)
+    items = [(f"i-r{n}", f"r{n}") for n in range(1, 5)] + [("i-x", "missing")]
+    report = await apply_batch(store, [work(0, "c1", items, "e1")], TOPICS)
+    assert outcomes(store) == [
+        ("r1", "released", 2),
+        ("r2", "already_released", 0),
+        ("r3", "expired", 0),
+        ("r4", "confirmed", 0),
+        ("missing", "not_found", 0),
+    ]
+    assert [b["success"] for b in bodies(store)] == [True, True, True, False, False]
+    assert store.reserved[("s1", "default")] == 0
+    assert report.released_quantity == 2
+    assert store.offsets == {("in", 0): 1}
+
+
+async def test_wrong_cart_item_or_partner_is_not_found_and_counted_as_foreign() -> None:
+    store = FakeStore([reservation("r1", partner="p2"), reservation("r2", cart="other")])
+    report = await apply_batch(
+        store, [work(0, "c1", [("i-r1", "r1"), ("i-r2", "r2")], "e1")], TOPICS
+    )
+    assert outcomes(store) == [("r1", "not_found", 0), ("r2", "not_found", 0)]
+    assert report.foreign == 1
+    assert store.reservations["r1"].status == "reserved"
+
+
+async def test_a_later_record_in_the_same_batch_sees_the_earlier_release() -> None:
+    store = FakeStore([reservation("r1")])
+    batch = [work(0, "c1", [("i-r1", "r1")], "e1"), work(1, "c1", [("i-r1", "r1")], "e2")]
+    await apply_batch(store, batch, TOPICS)
+    assert outcomes(store) == [("r1", "released", 2), ("r1", "already_released", 0)]
+    assert store.reserved[("s1", "default")] == 0
+
+
+async def test_a_replayed_event_gets_the_stored_bytes_and_changes_nothing() -> None:
+    store = FakeStore([reservation("r1")])
+    first = work(0, "c1", [("i-r1", "r1")], "e1")
+    await apply_batch(store, [first], TOPICS)
+    report = await apply_batch(store, [work(1, "c1", [("i-r1", "r1")], "e1")], TOPICS)
+    assert report.replays == 1
+    assert store.outbox[0].payload == store.outbox[1].payload
+    assert store.reserved[("s1", "default")] == 0
+
+
+async def test_records_below_the_stored_offset_are_skipped() -> None:
+    store = FakeStore([reservation("r1")])
+    store.offsets[("in", 0)] = 5
+    report = await apply_batch(store, [work(4, "c1", [("i-r1", "r1")], "e1")], TOPICS)
+    assert report.skipped == 1
+    assert store.outbox == []
+    assert store.reservations["r1"].status == "reserved"
+
+
+async def test_whole_cart_reports_every_reservation_of_the_partner_in_that_cart() -> None:
+    store = FakeStore(
+        [
+            reservation("r1"),
+            reservation("r2", "confirmed"),
+            reservation("r3", partner="p2"),
+            reservation("r4", cart="c2"),
+        ]
+    )
+    await apply_batch(store, [work(0, "c1", None, "e1")], TOPICS)
+    assert outcomes(store) == [("r1", "released", 2), ("r2", "confirmed", 0)]
+
+
+async def test_whole_cart_without_reservations_is_rejected_422() -> None:
+    store = FakeStore()
+    report = await apply_batch(store, [work(0, "c9", None, "e1")], TOPICS)
+    assert report.rejections == {422: 1}
+    assert bodies(store)[0]["errors"][0]["code"] == "cart_not_found"
+
+
+async def test_stock_is_returned_per_sku_in_sorted_order() -> None:
+    store = FakeStore(
+        [reservation("r1", sku="b"), reservation("r2", sku="a"), reservation("r3", sku="b")]
+    )
+    items = [("i-r1", "r1"), ("i-r2", "r2"), ("i-r3", "r3")]
+    await apply_batch(store, [work(0, "c1", items, "e1")], TOPICS)
+    assert store.reserved == {("a", "default"): 0, ("b", "default"): 0}
+
+
+@pytest.mark.parametrize("dead_letter", [True, False])
+async def test_a_rejection_is_published_and_its_offset_advances(dead_letter: bool) -> None:
+    store = FakeStore()
+    record = RawRecord("in", 3, 7, b"k", b"{bad", ())
+    rejection = Rejection(400, "invalid_json", "bad", None, record.position, None, dead_letter)
+    await apply_batch(store, [Work(record, rejection=rejection)], TOPICS)
+    assert [m.topic for m in store.outbox] == ["results", "dlq"][: 1 + dead_letter]
+    assert store.offsets == {("in", 3): 8}
