@@ -41,10 +41,10 @@ def load_settings(**overrides: object) -> Settings:
 @app.command()
 def migrate() -> None:
     """Apply the SQL migrations in migrations/ to WORKER_DATABASE_URL (dbmate up)."""
-    from worker.app import require_servers
+    from worker.app import require_database
     from worker.migrate import migrate as run_migrate
 
-    database_url, _ = require_servers(load_settings(kafka_bootstrap="unused"))
+    database_url = require_database(load_settings())
     result = run_migrate(database_url)
     typer.echo(result.stdout.strip() or "Nothing to migrate.")
     if result.returncode != 0:
@@ -79,7 +79,7 @@ def partner_add(
     from worker.app import create_pool
     from worker.partners import add_partner
 
-    settings = load_settings(kafka_bootstrap="unused")
+    settings = load_settings()
 
     async def go() -> str:
         pool = await create_pool(settings, size=2)
@@ -110,7 +110,7 @@ def emit(
     """Produce abandon events to the input topic (for tests and demos)."""
     from aiokafka import AIOKafkaProducer
 
-    from worker.app import require_servers
+    from worker.app import require_broker
     from worker.scenario import abandon_event
 
     items = None
@@ -121,7 +121,7 @@ def emit(
             raise typer.Exit(2)
         items = [tuple(i.split("=", 1)) for i in item]
     settings = load_settings()
-    _, bootstrap = require_servers(settings)
+    bootstrap = require_broker(settings)
 
     async def go() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")

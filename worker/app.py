@@ -32,26 +32,26 @@ from worker.publisher import Publisher
 log = structlog.get_logger("worker.app")
 
 
-def require_servers(settings: Settings) -> tuple[str, str]:
-    if not settings.database_url or not settings.kafka_bootstrap:
-        missing = [
-            name
-            for name, value in (
-                ("WORKER_DATABASE_URL", settings.database_url),
-                ("WORKER_KAFKA_BOOTSTRAP", settings.kafka_bootstrap),
-            )
-            if not value
-        ]
+def _required(value: str | None, variable: str) -> str:
+    if not value:
         raise SystemExit(
-            f"{' and '.join(missing)} must be set for this command "
+            f"{variable} must be set for this command "
             "(`release-worker demo` and `bench` start embedded servers instead)."
         )
-    return settings.database_url, settings.kafka_bootstrap
+    return value
+
+
+def require_database(settings: Settings) -> str:
+    return _required(settings.database_url, "WORKER_DATABASE_URL")
+
+
+def require_broker(settings: Settings) -> str:
+    return _required(settings.kafka_bootstrap, "WORKER_KAFKA_BOOTSTRAP")
 
 
 async def create_pool(settings: Settings, size: int | None = None) -> asyncpg.Pool:
     """A connection pool, waiting (with backoff) for as long as the database is away."""
-    database_url, _ = require_servers(settings)
+    database_url = require_database(settings)
     async for attempt in transient_retrying(settings):
         with attempt:
             pool = await asyncpg.create_pool(
@@ -67,7 +67,7 @@ async def create_pool(settings: Settings, size: int | None = None) -> asyncpg.Po
 
 
 def make_producer(settings: Settings) -> AIOKafkaProducer:
-    _, bootstrap = require_servers(settings)
+    bootstrap = require_broker(settings)
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap,
         acks="all" if settings.producer_acks == "all" else 1,
@@ -81,7 +81,7 @@ def make_producer(settings: Settings) -> AIOKafkaProducer:
 
 
 def make_consumer(settings: Settings) -> AIOKafkaConsumer:
-    _, bootstrap = require_servers(settings)
+    bootstrap = require_broker(settings)
     drain_ms = int(settings.rebalance_drain_timeout_s * 1000)
     return AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
