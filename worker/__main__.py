@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from typing import Annotated
 
@@ -33,7 +34,9 @@ def load_settings(**overrides: object) -> Settings:
         lines = []
         for e in error.errors():
             name = "WORKER_" + "_".join(str(p) for p in e["loc"]).upper()
-            lines.append(f"  {name}: {e['msg']} (got {e.get('input')!r})")
+            # A database URL may carry a password: never echo it.
+            got = "" if "DATABASE_URL" in name else f" (got {e.get('input')!r})"
+            lines.append(f"  {name}: {e['msg']}{got}")
         typer.echo("Invalid configuration:\n" + "\n".join(lines), err=True)
         raise typer.Exit(2) from None
 
@@ -158,6 +161,21 @@ def show_config() -> None:
     from worker.settings_doc import settings_table
 
     typer.echo(settings_table())
+
+
+@app.command()
+def doctor() -> None:
+    """Check both servers, the schema, the three topics and the consumer group; print what
+    is wrong and how to fix it. Exit code 1 if anything is wrong. Changes nothing."""
+    from worker.doctor import render, run_checks
+
+    settings = load_settings()
+    # The checks report connection failures themselves; aiokafka's own lines are noise here.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    checks = asyncio.run(run_checks(settings))
+    typer.echo(render(checks))
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
 
 
 def main() -> None:

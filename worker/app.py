@@ -113,7 +113,6 @@ async def _watch_health(
     health: ops.Health, pool: asyncpg.Pool, consumer: AIOKafkaConsumer, publisher: Publisher
 ) -> None:
     while True:
-        health.heartbeat = time.monotonic()
         try:
             async with asyncio.timeout(3):
                 await pool.fetchval("SELECT 1")
@@ -137,13 +136,22 @@ async def run_worker(
     handle_signals: bool = True,
 ) -> int:
     """Run until a signal (or `stop` is set); return the process exit code."""
-    stop = stop or asyncio.Event()
-    health = ops.Health(stall_timeout_s=settings.stall_timeout_s)
-    server = (
-        ops.serve(health, settings.metrics_host, settings.metrics_port)
-        if (settings.metrics_port)
-        else None
+    health = ops.Health(
+        stall_timeout_s=settings.stall_timeout_s,
+        loop_block_limit_s=settings.health_loop_block_s,
     )
+    # The probes answer from the first moment, also while the servers are awaited.
+    async with ops.serving(health, settings.metrics_host, settings.metrics_port):
+        return await _run(settings, health, on_report, stop or asyncio.Event(), handle_signals)
+
+
+async def _run(
+    settings: Settings,
+    health: ops.Health,
+    on_report: ReportHook | None,
+    stop: asyncio.Event,
+    handle_signals: bool,
+) -> int:
     pool = await create_pool(settings)
     await store.check_schema(pool)
     health.database_ok = True
@@ -174,14 +182,12 @@ async def run_worker(
     consumer.subscribe([settings.input_topic], listener=release_consumer.listener())
     await _retry_start(settings, consumer.start, "consumer")
     health.broker_ok = True
-    health.lag = release_consumer.lag
-    health.last_progress = lambda: release_consumer.last_progress
+    health.progress, health.fetch = release_consumer, consumer
 
     background = [
         asyncio.create_task(publisher.run_deleter()),
         asyncio.create_task(publisher.run_relay()),
         asyncio.create_task(_watch_health(health, pool, consumer, publisher)),
-        asyncio.create_task(_mirror_joined(health, release_consumer)),
     ]
     if settings.expiry_enabled:
         background.append(asyncio.create_task(run_sweeper(pool, settings, publisher)))
@@ -233,14 +239,5 @@ async def run_worker(
         await pool.close()
         for sig in signals:
             loop.remove_signal_handler(sig)
-        if server is not None:
-            server.shutdown()
-            server.server_close()
     log.info("worker_stopped", exit_code=exit_code)
     return exit_code
-
-
-async def _mirror_joined(health: ops.Health, consumer: ReleaseConsumer) -> None:
-    while True:
-        health.joined = consumer.joined
-        await asyncio.sleep(0.5)

@@ -7,8 +7,9 @@ This class is the single source of the README's configuration table
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,14 +26,23 @@ class Settings(BaseSettings):
         description="PostgreSQL URL (postgresql://user@host:port/db). Unset for `demo`/`bench`: "
         "an embedded PostgreSQL is started.",
     )
-    input_topic: str = Field("cart.abandoned", description="Topic of cart-abandon events.")
-    results_topic: str = Field("cart.release-results", description="Topic of per-item results.")
-    dlq_topic: str = Field("cart.abandoned.dlq", description="Dead-letter topic.")
-    group_id: str = Field("cart-release-worker", description="Kafka consumer group.")
+    input_topic: str = Field(
+        "cart.abandoned", min_length=1, description="Topic of cart-abandon events."
+    )
+    results_topic: str = Field(
+        "cart.release-results", min_length=1, description="Topic of per-item results."
+    )
+    dlq_topic: str = Field("cart.abandoned.dlq", min_length=1, description="Dead-letter topic.")
+    group_id: str = Field("cart-release-worker", min_length=1, description="Kafka consumer group.")
     metrics_port: int = Field(
         9400, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz (0 = off)."
     )
-    metrics_host: str = Field("127.0.0.1", description="Address the metrics server binds to.")
+    metrics_host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Address the metrics server binds to (0.0.0.0 in a container, so the "
+        "probes and Prometheus can reach it).",
+    )
 
     max_record_bytes: int = Field(
         1_048_576, ge=1024, description="Largest accepted record value; larger is a 400."
@@ -53,7 +63,9 @@ class Settings(BaseSettings):
     lane_queue_batches: int = Field(
         4, ge=1, description="Batches queued per lane before its partitions are paused."
     )
-    fetch_max_records: int = Field(2000, ge=1, description="Most records per fetch.")
+    fetch_max_records: int = Field(
+        2000, ge=1, description="Most records taken from the consumer per fetch."
+    )
     commit_interval_ms: int = Field(
         200, ge=0, description="How often processed offsets are committed to Kafka."
     )
@@ -88,7 +100,9 @@ class Settings(BaseSettings):
     )
 
     expiry_enabled: bool = Field(True, description="Run the timeout sweeper.")
-    expiry_interval_s: float = Field(5.0, gt=0, description="Sweeper period.")
+    expiry_interval_s: float = Field(
+        5.0, gt=0, description="Seconds between two sweeps for overdue reservations."
+    )
     expiry_batch_size: int = Field(1000, ge=1, description="Reservations expired per sweep pass.")
 
     outbox_relay_interval_s: float = Field(
@@ -97,22 +111,83 @@ class Settings(BaseSettings):
     outbox_relay_grace_s: float = Field(
         5.0, ge=0, description="Age an outbox row must reach before the periodic pass takes it."
     )
-    producer_linger_ms: int = Field(5, ge=0, description="Producer linger.")
-    producer_acks: Literal["all", "1"] = Field("all", description="Producer acks.")
+    producer_linger_ms: int = Field(
+        5, ge=0, description="How long the producer waits to fill a batch (ms)."
+    )
+    producer_acks: Literal["all", "1"] = Field(
+        "all",
+        description="Acknowledgements a produce waits for: `all` (every in-sync replica; "
+        "use it with min.insync.replicas >= 2) or `1` (the leader only: faster, can lose results).",
+    )
     producer_idempotence: bool = Field(
         False,
         description="Idempotent producer (Apache Kafka only; the embedded broker lacks it).",
     )
     compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = Field(
-        "none", description="Compression of produced records."
+        "none", description="Compression of produced results and dead letters."
     )
 
     stall_timeout_s: float = Field(
         120.0,
         gt=0,
-        description="/healthz fails when lag exists but no offset advanced for this long.",
+        description="/healthz fails when, for this long and with both servers reachable, "
+        "records waited but no batch committed, or the consumer was out of its group, or a "
+        "partition got no fetch response. Keep it above WORKER_REBALANCE_DRAIN_TIMEOUT_S.",
     )
-    log_format: Literal["json", "console"] = Field("json", description="Log rendering.")
+    health_loop_block_s: float = Field(
+        10.0,
+        gt=0,
+        description="/healthz fails when the event loop has not run for this long.",
+    )
+    log_format: Literal["json", "console"] = Field(
+        "json", description="`json`: one JSON object per line (production); `console`: readable."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", description="Log level."
+        "info", description="Lowest level logged; `debug` adds one summary per batch."
     )
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_is_host_port_list(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port...], got {server.strip()!r}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_is_postgres(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("postgres", "postgresql"):
+            # The URL may hold a password: the message must not echo it.
+            raise ValueError("expected a postgresql://user@host:port/database URL")
+        return value
+
+    @field_validator("results_topic", "dlq_topic")
+    @classmethod
+    def _output_topics_differ(cls, value: str, info: ValidationInfo) -> str:
+        # Publishing into the input topic would feed the worker its own output forever.
+        taken = {k: v for k, v in info.data.items() if k in ("input_topic", "results_topic")}
+        for other, topic in taken.items():
+            if topic == value:
+                raise ValueError(f"must differ from WORKER_{other.upper()} ({topic!r})")
+        return value
+
+    @field_validator("retry_max_s")
+    @classmethod
+    def _retry_max_not_below_initial(cls, value: float, info: ValidationInfo) -> float:
+        initial = info.data.get("retry_initial_s")
+        if initial is not None and value < initial:
+            raise ValueError(f"must be at least WORKER_RETRY_INITIAL_S ({initial})")
+        return value
+
+    @field_validator("stall_timeout_s")
+    @classmethod
+    def _stall_above_drain(cls, value: float, info: ValidationInfo) -> float:
+        # A revoke may legitimately hold the worker for the drain timeout.
+        drain = info.data.get("rebalance_drain_timeout_s")
+        if drain is not None and value <= drain:
+            raise ValueError(f"must exceed WORKER_REBALANCE_DRAIN_TIMEOUT_S ({drain})")
+        return value

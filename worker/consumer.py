@@ -195,6 +195,18 @@ class ReleaseConsumer:
                     tp = TopicPartition(topic, partition)
                     self._done[tp] = max(self._done.get(tp, 0), offset)
                 self.last_progress = time.monotonic()
+                log.debug(
+                    "batch_applied",
+                    lane=lane.index,
+                    offsets=_offset_ranges(records),
+                    records=report.records,
+                    skipped=report.skipped,
+                    replays=report.replays,
+                    outcomes=dict(report.outcomes),
+                    rejections={str(s): n for s, n in report.rejections.items()},
+                    dead_letters=report.dead_letters,
+                    released_quantity=report.released_quantity,
+                )
                 if self._on_report is not None:
                     self._on_report(report)
             finally:
@@ -253,6 +265,9 @@ class ReleaseConsumer:
     # ------------------------------------------------------------------ rebalancing
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        # A rebalance began: out of the group until the next assignment (readiness and
+        # the health stall clock watch this; aiokafka #1154 is a rejoin that never ends).
+        self.joined = False
         if not revoked:
             return
         self._revoking |= revoked
@@ -296,6 +311,15 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         await self._owner.on_assigned(set(assigned))
+
+
+def _offset_ranges(records: Iterable[RawRecord]) -> dict[str, list[int]]:
+    """`topic/partition` -> [first, last] offset of a batch, to find a record's batch in logs."""
+    ranges: dict[str, list[int]] = {}
+    for r in records:
+        span = ranges.setdefault(f"{r.topic}/{r.partition}", [r.offset, r.offset])
+        span[0], span[1] = min(span[0], r.offset), max(span[1], r.offset)
+    return ranges
 
 
 def _names(partitions: Iterable[TopicPartition]) -> list[str]:

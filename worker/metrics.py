@@ -1,8 +1,18 @@
-"""Prometheus series of the worker (all prefixed `release_worker_`, no per-cart labels)."""
+"""Prometheus series of the worker (all prefixed `release_worker_`, no per-cart labels).
+
+Labels are bounded sets only: a result, an HTTP-like status, an item outcome, a
+retry cause (a short name of the error class) or a partition number. Labelled
+series whose values are known in advance are created at import, so dashboards
+and alerts see a 0 instead of a missing series before the first occurrence.
+`docs/operations.md` lists every series; a test checks they are all exported.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
+
+from worker.contract import Outcome
+from worker.validate import DESCRIPTIONS
 
 RECORDS = Counter(
     "release_worker_records_total",
@@ -38,11 +48,39 @@ LATENCY = Histogram(
     "From the input record's timestamp to its results being acknowledged by the broker.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-LAG = Gauge("release_worker_consumer_lag", "High-water mark minus committed offset.", ["partition"])
+LAG = Gauge(
+    "release_worker_consumer_lag",
+    "Records behind, per assigned partition: the fetch high-water mark minus the committed offset.",
+    ["partition"],
+)
 COMMITTED = Gauge(
     "release_worker_committed_offset", "Offset committed to Kafka, per partition.", ["partition"]
 )
 OUTBOX_BACKLOG = Gauge(
-    "release_worker_outbox_backlog", "Outbox rows not yet acknowledged by the broker."
+    "release_worker_outbox_backlog",
+    "Outbox rows not yet acknowledged by the broker (the table is shared by all workers).",
 )
 READY = Gauge("release_worker_ready", "1 when the database and broker are connected and joined.")
+ASSIGNED = Gauge("release_worker_assigned_partitions", "Partitions assigned to this worker.")
+STALLED = Gauge(
+    "release_worker_stalled_seconds",
+    "How long the worker has been stuck: lag without progress, not in its group, or not "
+    "fetching. /healthz fails above WORKER_STALL_TIMEOUT_S.",
+)
+LOOP_DELAY = Gauge(
+    "release_worker_event_loop_delay_seconds",
+    "How late the event loop ran the last health tick (a blocked loop shows here first).",
+)
+
+RECORD_RESULTS = ("processed", "replayed", "rejected", "skipped")
+# Causes that need no error to exist first; outage causes are named after the error class.
+RETRY_CAUSES = ("race", "poison", "statement_timeout", "connection_closed")
+
+for _result in RECORD_RESULTS:
+    RECORDS.labels(result=_result)
+for _status in DESCRIPTIONS:
+    REJECTIONS.labels(status=str(_status))
+for _outcome in Outcome:
+    ITEMS.labels(outcome=_outcome.value)
+for _cause in RETRY_CAUSES:
+    RETRIES.labels(cause=_cause)

@@ -194,6 +194,7 @@ class BatchProcessor:
             partition=record.partition,
             offset=record.offset,
             event_id=event_id,
+            cart_id=cart_id,
             status=rejection.status,
             error=repr(error)[:300],
         )
@@ -221,6 +222,7 @@ def _merge(first: BatchReport, second: BatchReport) -> BatchReport:
     first.replays += second.replays
     first.foreign += second.foreign
     first.dead_letters += second.dead_letters
+    first.rejected.extend(second.rejected)
     first.released_quantity += second.released_quantity
     for tp, offset in second.next_offsets.items():
         first.next_offsets[tp] = max(first.next_offsets.get(tp, 0), offset)
@@ -244,3 +246,15 @@ def _count(report: BatchReport) -> None:
     metrics.RELEASED_QUANTITY.inc(report.released_quantity)
     if report.foreign:
         log.warning("security_cross_partner_attempt", items=report.foreign)
+    for record, rejection in report.rejected:
+        log.info(
+            "record_rejected",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            event_id=rejection.event_id,
+            cart_id=rejection.cart_id,
+            status=rejection.status,
+            code=rejection.code,
+            dead_lettered=rejection.dead_letter,
+        )

@@ -113,6 +113,7 @@ class BatchReport:
     dead_letters: int = 0
     released_quantity: int = 0
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    rejected: list[tuple[RawRecord, Rejection]] = field(default_factory=list)  # for the logs
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,4 +323,5 @@ def _reject(
 ) -> list[OutboxMessage]:
     report.rejections[rejection.status] += 1
     report.dead_letters += rejection.dead_letter
+    report.rejected.append((record, rejection))
     return rejection_messages(record, rejection, topics, processed_at)
