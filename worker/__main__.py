@@ -155,6 +155,42 @@ def demo(
     raise typer.Exit(asyncio.run(run_demo(settings, reservations)))
 
 
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option(help="CI-sized run, under a minute.")] = False,
+    out: Annotated[str | None, typer.Option(help="Directory for JSON and plots.")] = None,
+    rate: Annotated[
+        list[float] | None,
+        typer.Option(help="Open-loop rate as a fraction of the measured maximum (repeat)."),
+    ] = None,
+    scaling: Annotated[bool, typer.Option(help="Also run 2 and 4 worker processes.")] = True,
+    profile: Annotated[
+        bool, typer.Option(help="Sample the worker processes with py-spy (`bench` extra).")
+    ] = False,
+) -> None:
+    """Measure the worker end to end against the db_limit, kafka_pipe and naive baselines
+    on embedded servers (or WORKER_* ones); print a table, write JSON and plots."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from bench.run import FULL, QUICK, RESULTS_DIR, run_bench, summary_ok
+
+    settings = load_settings()
+    logs.configure("console", "warning")
+    plan = QUICK if quick else FULL
+    plan = replace(
+        plan, rate_fractions=tuple(rate) if rate else plan.rate_fractions, profile=profile
+    )
+    if not scaling:
+        plan = replace(plan, scaling=())
+    measurements, _ = asyncio.run(
+        run_bench(
+            settings, plan, Path(out) if out else RESULTS_DIR, label="quick" if quick else "full"
+        )
+    )
+    raise typer.Exit(0 if summary_ok(measurements) else 1)
+
+
 @app.command("config")
 def show_config() -> None:
     """Print every setting: environment variable, default and description."""

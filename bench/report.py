@@ -1,0 +1,240 @@
+"""Figures of a bench run: the measurement record, the table, the JSON and the plots."""
+
+from __future__ import annotations
+
+import math
+import platform
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of unsorted values; NaN when empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass
+class Measurement:
+    """One system on one scenario, in one mode (backlog = everything waiting at start)."""
+
+    system: str
+    scenario: str
+    mode: str
+    records: int
+    items: int
+    seconds: float
+    processes: int = 1
+    offered_rate: float | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)  # to the result's timestamp
+    read_latency_ms: dict[str, float] = field(default_factory=dict)  # to our read of it
+    peak_rss_mb: float | None = None
+    drain_s: float | None = None
+    checks: dict[str, Any] = field(default_factory=dict)
+    throughput_series: list[tuple[float, float]] = field(default_factory=list)  # (s, items/s)
+    latency_series: list[tuple[float, float, float]] = field(default_factory=list)  # p50, p99
+    memory_series: list[tuple[float, float]] = field(default_factory=list)  # (s, MiB)
+
+    @property
+    def records_per_s(self) -> float:
+        return self.records / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def items_per_s(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def correct(self) -> bool:
+        return all(v is True for k, v in self.checks.items() if k.startswith("ok_"))
+
+    @property
+    def label(self) -> str:
+        return self.system if self.processes == 1 else f"{self.system} ×{self.processes}"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            records_per_s=round(self.records_per_s, 1),
+            items_per_s=round(self.items_per_s, 1),
+            correct=self.correct,
+        )
+        return data
+
+
+def latency_figures(samples_ms: Sequence[float]) -> dict[str, float]:
+    return {f"p{q}": round(percentile(samples_ms, q), 1) for q in (50, 95, 99)} | {
+        "max": round(max(samples_ms), 1) if samples_ms else math.nan
+    }
+
+
+def baseline(measurements: Sequence[Measurement], system: str) -> Measurement | None:
+    return next((m for m in measurements if m.system == system and m.scenario == "steady"), None)
+
+
+BASELINES = ("naive", "db_limit/pgbench", "db_limit/asyncpg", "kafka_pipe")
+
+
+def ratios(m: Measurement, measurements: Sequence[Measurement]) -> dict[str, float]:
+    """items/s of a worker run over each steady baseline's."""
+    if not m.system.startswith("worker"):
+        return {}
+    found = {}
+    for name in BASELINES:
+        base = baseline(measurements, name)
+        if base is not None and base.items_per_s > 0:
+            found[name] = round(m.items_per_s / base.items_per_s, 3)
+    return found
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None or math.isnan(value) else f"{value:,.0f}"
+
+
+def table(measurements: Sequence[Measurement]) -> Table:
+    t = Table(title="cart-release-worker bench", header_style="bold")
+    for name, justify in (
+        ("scenario", "left"),
+        ("system", "left"),
+        ("mode", "left"),
+        ("records", "right"),
+        ("records/s", "right"),
+        ("items/s", "right"),
+        ("p50 ms", "right"),
+        ("p95 ms", "right"),
+        ("p99 ms", "right"),
+        ("peak RSS MiB", "right"),
+        ("× naive", "right"),
+        ("% pgbench", "right"),
+        ("% asyncpg", "right"),
+        ("% pipe", "right"),
+        ("correct", "center"),
+    ):
+        t.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for m in measurements:
+        r = ratios(m, measurements)
+        t.add_row(
+            m.scenario,
+            m.label,
+            m.mode,
+            f"{m.records:,}",
+            f"{m.records_per_s:,.0f}",
+            f"{m.items_per_s:,.0f}",
+            _ms(m.latency_ms.get("p50")),
+            _ms(m.latency_ms.get("p95")),
+            _ms(m.latency_ms.get("p99")),
+            "—" if m.peak_rss_mb is None else f"{m.peak_rss_mb:,.0f}",
+            f"{r['naive']:.1f}×" if "naive" in r else "",
+            f"{100 * r['db_limit/pgbench']:.0f}%" if "db_limit/pgbench" in r else "",
+            f"{100 * r['db_limit/asyncpg']:.0f}%" if "db_limit/asyncpg" in r else "",
+            f"{100 * r['kafka_pipe']:.0f}%" if "kafka_pipe" in r else "",
+            "[green]yes[/]" if m.correct else "[red]NO[/]",
+        )
+    return t
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kb = next(
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal:")
+        )
+    except (OSError, StopIteration):
+        mem_kb = 0
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "ram_gib": round(mem_kb / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def write(
+    measurements: Sequence[Measurement],
+    out_dir: Path,
+    stamp: str,
+    meta: dict[str, Any],
+    console: Console,
+) -> Path:
+    """Write `<stamp>.json`, `latest.json` and the PNG plots; return the JSON path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    document = {
+        **meta,
+        "machine": machine(),
+        "measurements": [m.to_json() | {"ratios": ratios(m, measurements)} for m in measurements],
+    }
+    raw = orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
+    path = out_dir / f"{stamp}.json"
+    path.write_bytes(raw)
+    (out_dir / "latest.json").write_bytes(raw)
+    plot(measurements, out_dir, console)
+    return path
+
+
+def plot(measurements: Sequence[Measurement], out_dir: Path, console: Console) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        console.print("[yellow]matplotlib is not installed (pip install '.[bench]'): no plots[/]")
+        return
+
+    def figure(name: str, title: str, ylabel: str, lines: list[tuple[str, list[Any]]]) -> None:
+        fig, ax = plt.subplots(figsize=(10, 5))
+        for label, series in lines:
+            if series:
+                xs = [p[0] for p in series]
+                ax.plot(xs, [p[1] for p in series], label=label)
+        ax.set_title(title)
+        ax.set_xlabel("seconds since the first result")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=90)
+        plt.close(fig)
+
+    backlog = [m for m in measurements if m.throughput_series and m.mode == "backlog"]
+    figure(
+        "throughput.png",
+        "Throughput over time (backlog runs)",
+        "items/s",
+        [(f"{m.scenario}: {m.label}", m.throughput_series) for m in backlog],
+    )
+    timed = [m for m in measurements if m.latency_series]
+    latency_lines: list[tuple[str, list[Any]]] = []
+    for m in timed:
+        latency_lines.append((f"{m.scenario} {m.mode}: p50", m.latency_series))
+        latency_lines.append(
+            (f"{m.scenario} {m.mode}: p99", [(t, p99) for t, _, p99 in m.latency_series])
+        )
+    figure("latency.png", "Record→result latency over time", "ms", latency_lines)
+    figure(
+        "memory.png",
+        "Worker resident memory over time",
+        "MiB (all worker processes)",
+        [
+            (f"{m.scenario}: {m.label}", m.memory_series)
+            for m in measurements
+            if m.memory_series and m.system.startswith("worker")
+        ],
+    )

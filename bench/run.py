@@ -1,0 +1,431 @@
+"""`release-worker bench`: every measurement of one run, on one machine, then the report.
+
+Order: the baselines (db_limit by pgbench and by asyncpg, kafka_pipe, naive) on the
+steady scenario; the worker on steady, hot stock, whole-cart and a burst; the worker
+at a fixed offered rate (open loop) derived from its measured maximum; the worker with
+1, 2 and 4 processes in one group. Each run has its own topics, group, partner and
+freshly seeded reservations, and is checked for complete, correct results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from bench import dblimit
+from bench.observe import Processes, ResultReader
+from bench.report import Measurement, latency_figures, percentile, table, write
+from bench.workload import (
+    PARTITIONS,
+    Scenario,
+    Workload,
+    create_topics,
+    make_producer,
+    prepare,
+    produce,
+    topic_settings,
+)
+from worker.config import Settings
+from worker.embedded import EmbeddedPostgres, embedded_stack
+from worker.invariants import i1_violations
+from worker.migrate import migrate
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+STEADY = Scenario("steady", 0, description="3-item carts over 10,000 SKUs")
+HOT = Scenario("hot_stock", 0, skus=10, description="every release hits the same 10 SKUs")
+WHOLE = Scenario("whole_cart", 0, whole_cart=True, description="items absent: whole cart")
+BURST = Scenario("burst", 0, description="all records waiting before the worker starts")
+
+WORKER = ["worker", "run"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many records each measurement gets; 0 skips it."""
+
+    steady: int
+    hot: int
+    whole_cart: int
+    burst: int
+    naive: int
+    kafka_pipe: int
+    db_asyncpg: int
+    pgbench_clients: int
+    pgbench_transactions: int
+    open_loop_s: float
+    rate_fractions: tuple[float, ...]
+    scaling: tuple[int, ...]
+    batch: int = 500
+    db_connections: int = 8
+    stall_s: float = 60.0
+    profile: bool = False  # py-spy the worker processes (collapsed stacks in out_dir/profiles)
+    scenarios: dict[str, Scenario] = field(
+        default_factory=lambda: {s.name: s for s in (STEADY, HOT, WHOLE, BURST)}
+    )
+
+
+FULL = Plan(
+    steady=40_000,
+    hot=20_000,
+    whole_cart=20_000,
+    burst=100_000,
+    naive=1_500,
+    kafka_pipe=40_000,
+    db_asyncpg=20_000,
+    pgbench_clients=8,
+    pgbench_transactions=10,
+    open_loop_s=20.0,
+    rate_fractions=(0.5,),
+    scaling=(1, 2, 4),
+)
+QUICK = Plan(
+    steady=4_000,
+    hot=2_000,
+    whole_cart=2_000,
+    burst=10_000,
+    naive=200,
+    kafka_pipe=4_000,
+    db_asyncpg=3_000,
+    pgbench_clients=4,
+    pgbench_transactions=3,
+    open_loop_s=5.0,
+    rate_fractions=(0.5,),
+    scaling=(),
+    batch=250,
+)
+
+
+class Bench:
+    def __init__(
+        self,
+        base: Settings,
+        pool: asyncpg.Pool,
+        plan: Plan,
+        out_dir: Path,
+        progress: Progress,
+    ) -> None:
+        self.base = base
+        self.pool = pool
+        self.plan = plan
+        self.out_dir = out_dir
+        self.progress = progress
+        self.measurements: list[Measurement] = []
+
+    # ------------------------------------------------------------------ the whole run
+
+    async def run_all(self) -> list[Measurement]:
+        p = self.plan
+        steady = STEADY.sized(p.steady)
+        if p.pgbench_clients and p.pgbench_transactions:
+            await self.db_limit_pgbench(steady)
+        if p.db_asyncpg:
+            await self.db_limit_asyncpg(steady.sized(p.db_asyncpg))
+        if p.kafka_pipe:
+            await self.system("kafka_pipe", ["bench.systems", "kafka_pipe"], steady, p.kafka_pipe)
+        if p.naive:
+            await self.system("naive", ["bench.systems", "naive"], steady, p.naive)
+        worker_steady = await self.system("worker", WORKER, steady, p.steady) if p.steady else None
+        for scenario, records in ((HOT, p.hot), (WHOLE, p.whole_cart), (BURST, p.burst)):
+            if records:
+                await self.system("worker", WORKER, scenario, records)
+        if worker_steady is not None:
+            for fraction in p.rate_fractions:
+                rate = fraction * worker_steady.records_per_s
+                await self.system("worker", WORKER, steady, int(rate * p.open_loop_s), rate=rate)
+            for processes in p.scaling:
+                if processes > 1:
+                    await self.system("worker", WORKER, steady, p.steady, processes=processes)
+        return self.measurements
+
+    # ------------------------------------------------------------------ baselines
+
+    async def db_limit_pgbench(self, scenario: Scenario) -> None:
+        p = self.plan
+        task = self.progress.add_task("steady · db_limit/pgbench", total=None)
+        pgbench = EmbeddedPostgres(Path(tempfile.gettempdir())).bin_dir / "pgbench"
+        assert self.base.database_url
+        result = await dblimit.run_pgbench(
+            self.pool,
+            self.base.database_url,
+            pgbench,
+            scenario,
+            p.pgbench_clients,
+            p.pgbench_transactions,
+            p.batch,
+            payload_bytes=230,
+        )
+        self._db_result("db_limit/pgbench", scenario, result)
+        self.progress.update(task, total=1, completed=1)
+
+    async def db_limit_asyncpg(self, scenario: Scenario) -> None:
+        p = self.plan
+        task = self.progress.add_task("steady · db_limit/asyncpg", total=None)
+        result = await dblimit.run_asyncpg(
+            self.pool, scenario, scenario.records, p.db_connections, p.batch
+        )
+        self._db_result("db_limit/asyncpg", scenario, result)
+        self.progress.update(task, total=1, completed=1)
+
+    def _db_result(self, system: str, scenario: Scenario, r: dblimit.DbLimitResult) -> None:
+        self.measurements.append(
+            Measurement(
+                system,
+                scenario.name,
+                f"{r.connections} connections",
+                r.records,
+                r.items,
+                r.seconds,
+                checks={"released": r.released, "ok_all_released": r.released == r.items},
+            )
+        )
+
+    # ------------------------------------------------------------------ a system under test
+
+    async def system(
+        self,
+        system: str,
+        module: list[str],
+        scenario: Scenario,
+        records: int,
+        *,
+        rate: float | None = None,
+        processes: int = 1,
+    ) -> Measurement:
+        """Run `module` as `processes` child processes on a fresh topic set and workload."""
+        label = system if processes == 1 else f"{system} ×{processes}"
+        mode = "backlog" if rate is None else f"open loop {rate:,.0f} rec/s"
+        task = self.progress.add_task(f"{scenario.name} · {label} · {mode}: seeding", total=None)
+        settings = topic_settings(self.base, f"{scenario.name}-{system}")
+        await create_topics(settings)
+        workload = await prepare(self.pool, scenario, records)
+        self.progress.update(
+            task, total=workload.expected_items, description=f"{scenario.name} · {label} · {mode}"
+        )
+        sent_at: dict[str, int] = {}
+        reader = ResultReader(
+            settings.kafka_bootstrap or "",
+            settings.results_topic,
+            workload.expected_items,
+            sent_at,
+            scenario.items_per_cart,
+            PARTITIONS,
+        )
+        log = self.out_dir / "logs" / f"{settings.group_id}.log"
+        profile = None
+        if self.plan.profile and module == WORKER:
+            profile = self.out_dir / "profiles" / f"{settings.group_id}.txt"
+            profile.parent.mkdir(parents=True, exist_ok=True)
+        procs = Processes(module, _env(settings), log, processes, profile)
+        producer = make_producer(settings.kafka_bootstrap or "")
+        await producer.start()
+        try:
+            everything = range(len(workload.events))
+            started_at = time.time()
+            if rate is None:
+                await produce(producer, settings.input_topic, workload, everything, sent_at)
+                started_at = time.time()
+                procs.start()
+                await self._read(reader, procs, task)
+            else:
+                procs.start()
+                reading = asyncio.create_task(self._read(reader, procs, task))
+                # Warm up (join the group, fill caches) on records that are not measured.
+                warm = min(len(workload.events) // 10, max(50, int(rate)))
+                await produce(producer, settings.input_topic, workload, range(warm), {})
+                await reader.reached(warm * scenario.items_per_cart)
+                rest = range(warm, len(workload.events))
+                await produce(producer, settings.input_topic, workload, rest, sent_at, rate)
+                await reading
+        finally:
+            await producer.stop()
+            codes = await procs.stop()
+        m = self._measure(system, scenario, mode, reader, procs, started_at)
+        m.processes, m.offered_rate = processes, rate
+        await self._check(m, workload, reader, codes, settings, system)
+        self.measurements.append(m)
+        return m
+
+    async def _read(self, reader: ResultReader, procs: Processes, task: Any) -> None:
+        """Read results until complete; give up early if a system process died."""
+
+        def progress(n: int) -> None:
+            self.progress.update(task, completed=n)
+
+        reading = asyncio.create_task(reader.run(self.plan.stall_s, progress))
+        while not reading.done():
+            failed = procs.failed()
+            if failed:
+                reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reading
+                raise RuntimeError(failed)
+            await asyncio.wait([reading], timeout=0.5)
+        reading.result()
+
+    def _measure(
+        self,
+        system: str,
+        scenario: Scenario,
+        mode: str,
+        reader: ResultReader,
+        procs: Processes,
+        started_at: float,
+    ) -> Measurement:
+        done = sorted(reader.collected.completions)
+        first = done[0][0] if done else 0
+        last = done[-1][0] if done else 0
+        seconds = max(0.001, (last - first) / 1000)
+        m = Measurement(
+            system,
+            scenario.name,
+            mode,
+            len(done),
+            len(done) * scenario.items_per_cart,
+            seconds,
+            latency_ms=latency_figures([ts - sent for ts, _, sent in done]),
+            read_latency_ms=latency_figures([read - sent for _, read, sent in done]),
+            peak_rss_mb=round(max(procs.peaks), 1) if procs.peaks else None,
+            drain_s=round(last / 1000 - started_at, 2) if done else None,
+        )
+        items_per_bucket: dict[int, int] = defaultdict(int)
+        latencies: dict[int, list[float]] = defaultdict(list)
+        for ts, _, sent in done:
+            items_per_bucket[int((ts - first) / 500)] += scenario.items_per_cart
+            latencies[int((ts - first) / 1000)].append(ts - sent)
+        m.throughput_series = [(b / 2, n * 2) for b, n in sorted(items_per_bucket.items())]
+        if mode != "backlog":
+            m.latency_series = [
+                (float(s), percentile(v, 50), percentile(v, 99))
+                for s, v in sorted(latencies.items())
+            ]
+        m.memory_series = [(round(t - first / 1000, 2), round(mb, 1)) for t, mb in procs.memory]
+        return m
+
+    async def _check(
+        self,
+        m: Measurement,
+        workload: Workload,
+        reader: ResultReader,
+        codes: list[int | None],
+        settings: Settings,
+        system: str,
+    ) -> None:
+        c = reader.collected
+        expected = workload.expected_items
+        m.checks.update(
+            results=c.results,
+            distinct=len(c.distinct),
+            duplicates=c.results - len(c.distinct) - c.rejections,
+            outcomes=dict(c.outcomes),
+            exit_codes=codes,
+            ok_complete=len(c.distinct) == expected,
+            ok_all_released=c.outcomes.get("released", 0) == expected and c.rejections == 0,
+            ok_exit_0=all(code == 0 for code in codes),
+        )
+        if system == "kafka_pipe":
+            return
+        released = await self.pool.fetchval(
+            "SELECT count(*) FROM reservations WHERE partner_id = $1 AND status = 'released'",
+            workload.partner_id,
+        )
+        violations = await i1_violations(self.pool)
+        m.checks.update(
+            released_in_db=int(released),
+            i1_violations=violations,
+            ok_released_in_db=released == expected,
+            ok_i1=violations == 0,
+        )
+        if system == "worker":
+            left = await self.pool.fetchval(
+                "SELECT count(*) FROM outbox WHERE topic = $1", settings.results_topic
+            )
+            m.checks.update(outbox_left=int(left), ok_outbox_drained=left == 0)
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    return {
+        "WORKER_DATABASE_URL": settings.database_url or "",
+        "WORKER_KAFKA_BOOTSTRAP": settings.kafka_bootstrap or "",
+        "WORKER_INPUT_TOPIC": settings.input_topic,
+        "WORKER_RESULTS_TOPIC": settings.results_topic,
+        "WORKER_DLQ_TOPIC": settings.dlq_topic,
+        "WORKER_GROUP_ID": settings.group_id,
+        "WORKER_METRICS_PORT": "0",
+        "WORKER_LOG_LEVEL": os.environ.get("WORKER_LOG_LEVEL", "warning"),
+    }
+
+
+@contextlib.asynccontextmanager
+async def servers(settings: Settings) -> AsyncIterator[Settings]:
+    """The servers in `settings`, or an embedded stack when they are not given; migrated."""
+    if settings.database_url and settings.kafka_bootstrap:
+        given = settings
+        stack_cm: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    else:
+        stack_cm = embedded_stack()
+    with stack_cm as stack:
+        if stack is not None:
+            given = settings.model_copy(
+                update={"database_url": stack.database_url, "kafka_bootstrap": stack.bootstrap}
+            )
+        assert given.database_url
+        done = await asyncio.to_thread(migrate, given.database_url)
+        if done.returncode != 0:
+            raise RuntimeError(f"migration failed: {done.stderr}")
+        yield given
+
+
+async def run_bench(
+    settings: Settings,
+    plan: Plan,
+    out_dir: Path = RESULTS_DIR,
+    console: Console | None = None,
+    label: str = "full",
+) -> tuple[list[Measurement], Path]:
+    """Run the plan; print the table; write JSON and plots to `out_dir`."""
+    # Wide enough for the table when the output is a file or a CI log.
+    console = console or Console(width=None if Console().is_terminal else 200)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    started = time.monotonic()
+    async with servers(settings) as given:
+        pool = await asyncpg.create_pool(given.database_url, min_size=2, max_size=12)
+        try:
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+            ) as progress:
+                bench = Bench(given, pool, plan, out_dir, progress)
+                measurements = await bench.run_all()
+        finally:
+            await pool.close()
+    console.print(table(measurements))
+    meta = {
+        "stamp": stamp,
+        "plan": label,
+        "duration_s": round(time.monotonic() - started, 1),
+        "servers": "embedded" if not settings.database_url else "given",
+    }
+    path = write(measurements, out_dir, stamp, meta, console)
+    console.print(f"Results: {path} (and latest.json, throughput/latency/memory .png)")
+    return measurements, path
+
+
+def summary_ok(measurements: list[Measurement]) -> bool:
+    return all(m.correct for m in measurements)

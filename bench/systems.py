@@ -1,0 +1,156 @@
+"""Baseline systems run as child processes like the worker: `python -m bench.systems NAME`.
+
+- `kafka_pipe`: consume the input topic and produce one result-sized record per item,
+  no database: what the broker and the Python clients allow on this machine.
+- `naive`: the worker's own parse, auth and release transaction, but one transaction per
+  record and one awaited send per result, the way hand-written workers start.
+
+Both read WORKER_* settings and stop on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from datetime import UTC, datetime
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from worker import store
+from worker.app import create_pool, make_consumer, make_producer
+from worker.auth import Authenticator
+from worker.config import Settings
+from worker.contract import EVENT_ID_HEADER, format_timestamp
+from worker.messages import Topics
+from worker.records import RawRecord
+from worker.release import Work, apply_batch
+from worker.validate import Limits, Rejection, parse_record
+
+
+def _raw(m: object) -> RawRecord:
+    return RawRecord(
+        m.topic,  # type: ignore[attr-defined]
+        m.partition,  # type: ignore[attr-defined]
+        m.offset,  # type: ignore[attr-defined]
+        m.key,  # type: ignore[attr-defined]
+        m.value,  # type: ignore[attr-defined]
+        tuple(m.headers or ()),  # type: ignore[attr-defined]
+        m.timestamp,  # type: ignore[attr-defined]
+    )
+
+
+async def kafka_pipe(settings: Settings, stop: asyncio.Event) -> None:
+    consumer, producer = make_consumer(settings), make_producer(settings)
+    consumer.subscribe([settings.input_topic])
+    await producer.start()
+    await consumer.start()
+    try:
+        while not stop.is_set():
+            fetched = await consumer.getmany(timeout_ms=200, max_records=2000)
+            futures = []
+            for messages in fetched.values():
+                for m in messages:
+                    body = orjson.loads(m.value)
+                    headers = [(EVENT_ID_HEADER, body["eventId"].encode())]
+                    processed_at = format_timestamp(datetime.now(UTC))
+                    for item in body["items"]:
+                        # A result of the contract's shape and size, rendered the fast way.
+                        payload = orjson.dumps(
+                            {
+                                "type": "item_result",
+                                "eventId": body["eventId"],
+                                "trigger": "release_request",
+                                "cartId": body["cartId"],
+                                "cartItemId": item["cartItemId"],
+                                "itemReservationId": item["itemReservationId"],
+                                "success": True,
+                                "outcome": "released",
+                                "quantity": 0,
+                                "processedAt": processed_at,
+                            }
+                        )
+                        futures.append(
+                            await producer.send(
+                                settings.results_topic,
+                                payload,
+                                key=m.key,
+                                headers=headers,
+                            )
+                        )
+            if fetched:
+                await consumer.commit()
+            # Bounded in flight, like the worker: do not run ahead of the acks forever.
+            await asyncio.gather(*futures)
+    finally:
+        await producer.flush()
+        await consumer.stop()
+        await producer.stop()
+
+
+async def naive(settings: Settings, stop: asyncio.Event) -> None:
+    pool = await create_pool(settings)
+    auth = Authenticator(lambda d: store.find_partners(pool, d), settings.auth_cache_ttl_s)
+    limits = Limits(settings.max_record_bytes, settings.max_items, settings.max_attributes)
+    topics = Topics(settings.results_topic, settings.dlq_topic)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=settings.group_id,
+        enable_auto_commit=True,
+        auto_offset_reset="earliest",
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    consumer.subscribe([settings.input_topic])
+    await producer.start()
+    await consumer.start()
+    try:
+        while not stop.is_set():
+            fetched = await consumer.getmany(timeout_ms=200, max_records=100)
+            for messages in fetched.values():
+                for m in messages:
+                    record = _raw(m)
+                    parsed = parse_record(record, limits)
+                    if isinstance(parsed, Rejection):
+                        work = Work(record, rejection=parsed)
+                    else:
+                        ((_, verdict),) = await auth.authorize([parsed])
+                        work = (
+                            Work(record, rejection=verdict)
+                            if isinstance(verdict, Rejection)
+                            else Work(record, command=parsed, partner_id=verdict.partner_id)
+                        )
+                    async with pool.acquire() as conn, conn.transaction():
+                        report = await apply_batch(
+                            store.PgReleaseStore(conn, settings.group_id), [work], topics
+                        )
+                    for message in report.messages:
+                        await producer.send_and_wait(
+                            message.topic,
+                            message.payload,
+                            key=message.key,
+                            headers=list(message.headers),
+                        )
+                    await store.delete_outbox(
+                        pool, [x.outbox_id for x in report.messages if x.outbox_id]
+                    )
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        await pool.close()
+
+
+SYSTEMS = {"kafka_pipe": kafka_pipe, "naive": naive}
+
+
+async def _main(name: str) -> None:
+    settings = Settings()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await SYSTEMS[name](settings, stop)
+
+
+if __name__ == "__main__":
+    asyncio.run(_main(sys.argv[1]))
