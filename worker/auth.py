@@ -1,18 +1,26 @@
 """Partner authentication by the sha256 of `rokt-api-key`, with a short-lived cache.
 
-The key itself is never stored, logged or cached: only its digest. A suspension
-or a change of `tag_ids` takes effect within `auth_cache_ttl_s`.
+The key itself is never stored, logged or cached: `parse_record` keeps only its digest,
+and partners are looked up by digest (`partners.api_key_sha256`, unique). Lookups are
+cached per digest, misses included, for `ttl_s` seconds, so the database is asked at most
+once per distinct key per TTL rather than once per record. The price is a bounded delay:
+a suspension, a change of `tag_ids`, a new partner or a revoked key takes effect within
+`ttl_s` (`WORKER_AUTH_CACHE_TTL_S`, default 5 s) plus the batch then in flight.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from worker.validate import Rejection, ReleaseCommand
+from worker.validate import key_digest as key_digest  # re-exported: partners use it too
+
+# A bound on the cache: beyond it, expired entries are dropped (a flood of random keys
+# costs memory for at most one TTL).
+MAX_CACHED_DIGESTS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,52 +34,60 @@ class Partner:
 PartnerLookup = Callable[[list[bytes]], Awaitable[list[Partner]]]
 
 
-def key_digest(api_key: str) -> bytes:
-    return hashlib.sha256(api_key.encode("utf-8")).digest()
-
-
 class Authenticator:
-    """Resolves commands to partners; unknown digests are cached as misses too."""
+    """Resolves commands to partners (or to their 401/403 rejection)."""
 
-    def __init__(self, lookup: PartnerLookup, ttl_s: float) -> None:
+    def __init__(
+        self,
+        lookup: PartnerLookup,
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._lookup = lookup
         self._ttl_s = ttl_s
+        self._clock = clock
         self._cache: dict[bytes, tuple[float, Partner | None]] = {}
 
     async def authorize(
         self, commands: Iterable[ReleaseCommand]
     ) -> list[tuple[ReleaseCommand, Partner | Rejection]]:
         commands = list(commands)
-        digests = [key_digest(c.api_key) if c.api_key else b"" for c in commands]
-        await self._refresh({d for d in digests if d})
-        return [
-            (command, self._decide(command, digest))
-            for command, digest in zip(commands, digests, strict=True)
-        ]
+        await self._refresh({c.api_key_sha256 for c in commands if c.api_key_sha256})
+        return [(command, self._decide(command)) for command in commands]
 
     async def _refresh(self, digests: set[bytes]) -> None:
-        now = time.monotonic()
-        stale = [d for d in digests if d not in self._cache or self._cache[d][0] <= now]
+        now = self._clock()
+        stale = sorted(d for d in digests if d not in self._cache or self._cache[d][0] <= now)
         if not stale:
             return
         found = {p.api_key_sha256: p for p in await self._lookup(stale)}
         expires = now + self._ttl_s
         for digest in stale:
             self._cache[digest] = (expires, found.get(digest))
-        if len(self._cache) > 100_000:
+        if len(self._cache) > MAX_CACHED_DIGESTS:
             self._cache = {d: v for d, v in self._cache.items() if v[0] > now}
 
-    def _decide(self, command: ReleaseCommand, digest: bytes) -> Partner | Rejection:
+    def _decide(self, command: ReleaseCommand) -> Partner | Rejection:
         def reject(status: int, code: str, message: str, value: object = None) -> Rejection:
             return Rejection(status, code, message, value, command.event_id, command.cart_id)
 
+        digest = command.api_key_sha256
         if not digest:
-            return reject(401, "missing_api_key", "Header rokt-api-key is required.")
+            return reject(
+                401,
+                "missing_api_key",
+                "Header rokt-api-key is required: send the partner's API key.",
+            )
         partner = self._cache[digest][1]
-        # The digest comparison is constant-time, so timing does not reveal how
-        # much of a guessed key matched a stored one.
+        # The stored digest is compared in constant time, so the time taken does not
+        # reveal how much of it matched. (The key never appears in the value echoed back.)
         if partner is None or not hmac.compare_digest(partner.api_key_sha256, digest):
-            return reject(401, "unknown_api_key", "The rokt-api-key is not known.")
+            return reject(
+                401,
+                "unknown_api_key",
+                "The rokt-api-key is not known: check the key, or ask for a new one if it "
+                "was revoked.",
+            )
         if partner.status != "active":
             return reject(
                 403,
@@ -82,7 +98,8 @@ class Authenticator:
             return reject(
                 403,
                 "tag_not_allowed",
-                "rokt-tag-id is not one of the partner's allowed tags.",
+                "rokt-tag-id is not one of the partner's allowed tags; use one registered "
+                "for this key.",
                 command.tag_id,
             )
         return partner

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-Headers = tuple[tuple[str, bytes], ...]
+# Kafka allows a header without a value (None); dead letters keep such headers as they came.
+Headers = tuple[tuple[str, bytes | None], ...]
 
 
 @dataclass(frozen=True, slots=True)

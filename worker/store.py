@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import datetime
 from typing import TypeAlias
 
@@ -23,7 +22,7 @@ from worker.records import Headers, OutboxMessage
 from worker.release import EventKey, InboxEntry, Reservation, TopicPartition
 
 # The newest migration this code needs; `run` refuses an older schema.
-SCHEMA_VERSION = "20261127000002"
+SCHEMA_VERSION = "20261127160000"
 
 # A connection, from a pool or not; `Db` also admits the pool itself (one-statement calls).
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
@@ -157,16 +156,21 @@ class PgReleaseStore:
         )
 
     async def record_inbox(self, entries: Sequence[InboxEntry]) -> set[EventKey]:
-        # bytea[] per row does not fit unnest (it would flatten), so results travel as
-        # one JSON array of base64 strings per row and are decoded in SQL.
+        # bytea[] per row does not fit unnest (it would flatten), so all results travel in
+        # one flat bytea[] and each row takes its slice [lo:hi] (1-based, inclusive).
+        payloads: list[bytes] = []
+        bounds_lo, bounds_hi = [], []
+        for e in entries:
+            bounds_lo.append(len(payloads) + 1)
+            payloads.extend(e.results)
+            bounds_hi.append(len(payloads))
         rows = await self._conn.fetch(
             """
             INSERT INTO inbox (partner_id, event_id, cart_id, source_topic, source_partition,
                                source_offset, results)
-            SELECT u.p, u.e, u.c, u.t, u.part, u.o,
-                   ARRAY(SELECT decode(x, 'base64') FROM jsonb_array_elements_text(u.r) AS x)
+            SELECT u.p, u.e, u.c, u.t, u.part, u.o, ($7::bytea[])[u.lo:u.hi]
               FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[],
-                          $6::bigint[], $7::jsonb[]) AS u(p, e, c, t, part, o, r)
+                          $6::bigint[], $8::int[], $9::int[]) AS u(p, e, c, t, part, o, lo, hi)
             ON CONFLICT DO NOTHING
             RETURNING partner_id, event_id
             """,
@@ -176,7 +180,9 @@ class PgReleaseStore:
             [e.record.topic for e in entries],
             [e.record.partition for e in entries],
             [e.record.offset for e in entries],
-            [_b64_list(e.results) for e in entries],
+            payloads,
+            bounds_lo,
+            bounds_hi,
         )
         return {(r[0], r[1]) for r in rows}
 
@@ -199,20 +205,23 @@ class PgReleaseStore:
         )
 
 
-def _b64_list(payloads: Sequence[bytes]) -> str:
-    return orjson.dumps([base64.b64encode(p).decode() for p in payloads]).decode()
-
-
 def encode_headers(headers: Headers) -> bytes:
-    return orjson.dumps([[n, base64.b64encode(v).decode()] for n, v in headers])
+    return orjson.dumps(
+        [[n, None if v is None else base64.b64encode(v).decode()] for n, v in headers]
+    )
 
 
 def decode_headers(raw: bytes) -> Headers:
-    return tuple((n, base64.b64decode(v)) for n, v in orjson.loads(raw))
+    return tuple((n, None if v is None else base64.b64decode(v)) for n, v in orjson.loads(raw))
 
 
 async def enqueue(conn: Conn, messages: Sequence[OutboxMessage]) -> list[OutboxMessage]:
     """Write messages to the outbox in order; return them carrying their ids."""
+    # The items of one record share one headers tuple: encode it once.
+    encoded: dict[Headers, bytes] = {}
+    for m in messages:
+        if m.headers not in encoded:
+            encoded[m.headers] = encode_headers(m.headers)
     ids = await conn.fetch(
         """
         INSERT INTO outbox (topic, key, headers, payload)
@@ -221,11 +230,14 @@ async def enqueue(conn: Conn, messages: Sequence[OutboxMessage]) -> list[OutboxM
         """,
         [m.topic for m in messages],
         [m.key for m in messages],
-        [encode_headers(m.headers) for m in messages],
+        [encoded[m.headers] for m in messages],
         [m.payload for m in messages],
     )
     # INSERT ... SELECT FROM unnest keeps the input order, and RETURNING reports in that order.
-    return [replace(m, outbox_id=row[0]) for m, row in zip(messages, ids, strict=True)]
+    return [
+        OutboxMessage(m.topic, m.key, m.payload, m.headers, row[0], m.source_ts_ms)
+        for m, row in zip(messages, ids, strict=True)
+    ]
 
 
 async def claim_outbox(conn: Conn, older_than_s: float, limit: int) -> list[OutboxMessage]:

@@ -5,16 +5,21 @@ A record is checked in this order; the first failure is the rejection:
    these are dead-lettered too, since the body could not be read);
 2. body schema and types (400);
 3. required headers `rokt-session-id`, `rokt-tag-id` (400);
-4. item rules: empty list, attributes (400), too many items, duplicates (422).
+4. item rules: attributes, empty list (400), too many items, duplicates (422).
 Credentials (401/403) are checked afterwards by `auth.py`, which needs the database.
+
+`parse_record` never raises: whatever the bytes, a record yields exactly one command
+or one rejection (the fuzz tests hold it to that). Every code is listed in docs/errors.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails, from_json
 
 from worker.contract import (
     API_KEY_HEADER,
@@ -27,6 +32,7 @@ from worker.contract import (
 from worker.records import RawRecord
 
 MAX_ECHO_CHARS = 200
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +72,11 @@ DESCRIPTIONS = {
 
 @dataclass(frozen=True, slots=True)
 class ReleaseCommand:
-    """A valid release request, with the headers the worker needs."""
+    """A valid release request, with the headers the worker needs.
+
+    The API key itself is not kept: only its sha256 (empty when the header is missing or
+    blank), so no repr, log line or trace of a command can carry the secret.
+    """
 
     record: RawRecord
     event_id: str
@@ -74,11 +84,17 @@ class ReleaseCommand:
     items: tuple[ReleaseItem, ...] | None  # None: release the whole cart
     session_id: str
     tag_id: str
-    api_key: str = field(repr=False)
+    api_key_sha256: bytes = field(default=b"", repr=False)
 
     @property
     def whole_cart(self) -> bool:
         return self.items is None
+
+
+def key_digest(api_key: bytes | str) -> bytes:
+    """sha256 of a key; partners are stored and found by this digest, never by the key."""
+    raw = api_key.encode("utf-8") if isinstance(api_key, str) else api_key
+    return hashlib.sha256(raw).digest()
 
 
 def parse_record(record: RawRecord, limits: Limits) -> ReleaseCommand | Rejection:
@@ -107,7 +123,10 @@ def parse_record(record: RawRecord, limits: Limits) -> ReleaseCommand | Rejectio
             )
     item_rule = _check_items(request, limits)
     if item_rule is not None:
-        return _with_identity(item_rule, event_id, request.cart_id)
+        return replace(item_rule, event_id=event_id, cart_id=request.cart_id)
+    # Keys are compared as the exact bytes sent (minus surrounding blanks, as HTTP does):
+    # a key that is not UTF-8 simply matches no partner (401 unknown_api_key).
+    api_key = (record.header(API_KEY_HEADER) or b"").strip()
     return ReleaseCommand(
         record=record,
         event_id=event_id,
@@ -115,51 +134,90 @@ def parse_record(record: RawRecord, limits: Limits) -> ReleaseCommand | Rejectio
         items=None if request.items is None else tuple(request.items),
         session_id=session_id or "",
         tag_id=tag_id or "",
-        api_key=_text_header(record, API_KEY_HEADER) or "",
+        api_key_sha256=key_digest(api_key) if api_key else b"",
     )
 
 
-def _check_framing(record: RawRecord, limits: Limits) -> Rejection | None:
-    def unreadable(code: str, message: str, value: Any = None) -> Rejection:
-        return Rejection(400, code, message, value, record.position, None, dead_letter=True)
+def _unreadable(record: RawRecord, code: str, message: str, value: Any = None) -> Rejection:
+    """A 400 for a body that could not be read: no eventId or cartId, and dead-lettered."""
+    return Rejection(400, code, message, value, record.position, None, dead_letter=True)
 
+
+def _check_framing(record: RawRecord, limits: Limits) -> Rejection | None:
     value = record.value
-    if value is None or not value:
-        return unreadable("missing_body", "The record has no value; send a JSON object.")
+    if not value:
+        return _unreadable(
+            record, "missing_body", "The record has no value; send the request as a JSON object."
+        )
     if len(value) > limits.max_record_bytes:
-        return unreadable(
+        return _unreadable(
+            record,
             "too_large",
-            f"The value is {len(value)} bytes; the limit is {limits.max_record_bytes}.",
+            f"The value is {len(value)} bytes; the limit is {limits.max_record_bytes}. "
+            "Split the release into several events.",
             len(value),
         )
     content_type = record.header(CONTENT_TYPE_HEADER)
     if content_type is not None and not _is_json_media_type(content_type):
-        return unreadable(
+        return _unreadable(
+            record,
             "unsupported_content_type",
-            "content-type must be application/json (or be left out).",
+            "content-type must be application/json (charset utf-8 if any), or be left out.",
             _echo(content_type.decode("utf-8", "replace")),
         )
     if value.lstrip()[:1] != b"{":
-        try:
-            value.decode("utf-8")
-        except UnicodeDecodeError as error:
-            return unreadable("invalid_utf8", f"The value is not UTF-8 (byte {error.start}).")
-        import json  # only on this rare path, to tell a non-object from broken JSON
-
-        try:
-            json.loads(value)
-        except ValueError:
-            return unreadable("invalid_json", "The value is not valid JSON.")
-        return unreadable("not_an_object", "The value must be a JSON object.")
+        return _not_an_object(record, value)
     return None
 
 
+def _not_an_object(record: RawRecord, value: bytes) -> Rejection:
+    """Why a value that does not start like an object was refused, as precisely as possible."""
+    undecodable = _undecodable(record, value)
+    if undecodable is not None:
+        return undecodable
+    try:
+        # pydantic's parser (jiter) caps nesting depth and number size, so no input can make
+        # this recurse or loop for long; NaN/Infinity are not JSON.
+        parsed = from_json(value, allow_inf_nan=False)
+    except ValueError as error:
+        return _invalid_json(record, str(error))
+    return _unreadable(
+        record,
+        "not_an_object",
+        f"The value is a JSON {_json_type(parsed)}; it must be a JSON object {{...}}.",
+        _json_type(parsed),
+    )
+
+
+def _undecodable(record: RawRecord, value: bytes) -> Rejection | None:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return _unreadable(
+            record,
+            "invalid_utf8",
+            f"The value is not UTF-8 (invalid byte at position {error.start}); "
+            "encode the JSON as UTF-8.",
+            error.start,
+        )
+    if value.startswith(_UTF8_BOM):
+        return _invalid_json(record, "the value starts with a byte order mark; send it without")
+    return None
+
+
+def _invalid_json(record: RawRecord, detail: str) -> Rejection:
+    return _unreadable(record, "invalid_json", f"The value is not valid JSON: {_echo(detail)}.")
+
+
 def _is_json_media_type(raw: bytes) -> bool:
-    media_type, _, parameters = raw.decode("latin-1").partition(";")
+    media_type, *parameters = raw.decode("latin-1").split(";")
     if media_type.strip().lower() != "application/json":
         return False
-    charset = parameters.strip().lower()
-    return charset in ("", "charset=utf-8", 'charset="utf-8"')
+    for parameter in parameters:
+        name, _, value = parameter.strip().partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() != "utf-8":
+            return False
+    return True
 
 
 def _text_header(record: RawRecord, name: str) -> str | None:
@@ -172,54 +230,29 @@ def _text_header(record: RawRecord, name: str) -> str | None:
         return None
 
 
-_TYPE_ERRORS = {
-    "string_type",
-    "list_type",
-    "dict_type",
-    "model_type",
-    "bool_type",
-    "int_type",
-    "datetime_type",
-    "timezone_aware",
-    "datetime_from_date_parsing",
-    "datetime_parsing",
-}
+# pydantic error types that mean "this JSON value has the wrong type"; a value of the right
+# type that is still unacceptable (a malformed or zoneless timestamp) is `invalid_value`.
+_TYPE_ERRORS = frozenset(
+    {"string_type", "list_type", "dict_type", "model_type", "model_attributes_type"}
+)
+_LENGTH_ERRORS = frozenset({"string_too_short", "string_too_long"})
 
 
 def _schema_rejection(record: RawRecord, error: ValidationError) -> Rejection:
     first = error.errors(include_url=False, include_input=True)[0]
     kind = first["type"]
-    where = ".".join(str(part) for part in first["loc"]) or "(value)"
+    assert record.value is not None
     if kind == "json_invalid":
-        if "utf-8" in str(first.get("ctx", {})).lower() or _is_not_utf8(record.value):
-            return Rejection(
-                400, "invalid_utf8", "The value is not UTF-8.", None, record.position, None, True
-            )
         detail = str(first.get("ctx", {}).get("error", "syntax error"))
-        return Rejection(
-            400,
-            "invalid_json",
-            f"The value is not valid JSON: {_echo(detail)}.",
-            None,
-            record.position,
-            None,
-            dead_letter=True,
-        )
-    if kind == "model_type" and not first["loc"]:
-        return Rejection(
-            400,
-            "not_an_object",
-            "The value must be a JSON object.",
-            None,
-            record.position,
-            None,
-            dead_letter=True,
-        )
+        return _undecodable(record, record.value) or _invalid_json(record, detail)
+    if not first["loc"]:
+        return _not_an_object(record, record.value)
     event_id, cart_id = _salvage_identity(record)
+    where = ".".join(str(part) for part in first["loc"])
     if kind == "missing":
         code, message = "missing_field", f"{where} is required."
         value: Any = where
-    elif kind in ("string_too_short", "string_too_long"):
+    elif kind in _LENGTH_ERRORS:
         code = "invalid_length"
         message = f"{where} must be {_length_rule(first)} characters long."
         value = _echo(first.get("input"))
@@ -232,7 +265,7 @@ def _schema_rejection(record: RawRecord, error: ValidationError) -> Rejection:
     return Rejection(400, code, message, value, event_id, cart_id)
 
 
-def _length_rule(detail: Any) -> str:
+def _length_rule(detail: ErrorDetails) -> str:
     ctx = detail.get("ctx", {})
     if "max_length" in ctx:
         return f"at most {ctx['max_length']}"
@@ -272,33 +305,19 @@ def _check_items(request: ReleaseRequest, limits: Limits) -> Rejection | None:
             return Rejection(
                 422,
                 "duplicate_item",
-                "Each itemReservationId may appear once per event.",
-                item.item_reservation_id,
+                "Each itemReservationId may appear once per event; remove the repeat.",
+                _echo(item.item_reservation_id),
             )
         seen.add(item.item_reservation_id)
     return None
 
 
-def _with_identity(rejection: Rejection, event_id: str, cart_id: str) -> Rejection:
-    return Rejection(
-        rejection.status,
-        rejection.code,
-        rejection.message,
-        rejection.value,
-        event_id,
-        cart_id,
-        rejection.dead_letter,
-    )
-
-
 def _salvage_identity(record: RawRecord) -> tuple[str, str | None]:
     """eventId and cartId of a body that parsed as JSON but failed the schema."""
-    import json
-
     assert record.value is not None
     try:
-        body = json.loads(record.value)
-    except (ValueError, RecursionError):
+        body = from_json(record.value)
+    except ValueError:
         return record.position, None
     event_id = body.get("eventId") if isinstance(body, dict) else None
     cart_id = body.get("cartId") if isinstance(body, dict) else None
@@ -309,20 +328,35 @@ def _salvage_identity(record: RawRecord) -> tuple[str, str | None]:
     return event_id, cart_id
 
 
-def _is_not_utf8(value: bytes | None) -> bool:
-    try:
-        (value or b"").decode("utf-8")
-    except UnicodeDecodeError:
-        return True
-    return False
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
 
 
 def _echo(value: Any) -> Any:
-    """A value safe to put back in a rejection: short, and only JSON scalars."""
+    """A value safe to put back in a rejection: a short string, a JSON-safe number, or for
+    a container only its JSON type (its content could be large or carry anything)."""
     if isinstance(value, str):
         return value if len(value) <= MAX_ECHO_CHARS else value[:MAX_ECHO_CHARS] + "…"
-    if isinstance(value, bool | int | float) or value is None:
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
-            return str(value)[:MAX_ECHO_CHARS]
+    if value is None or isinstance(value, bool):
         return value
-    return _echo(repr(value))
+    if isinstance(value, int):
+        # Beyond 2**53 a JSON reader may round it: echo the digits instead.
+        return value if abs(value) <= 2**53 else _echo(_int_text(value))
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    return _json_type(value)
+
+
+def _int_text(value: int) -> str:
+    try:
+        return str(value)
+    except ValueError:  # beyond Python's int-to-str digit limit
+        return "a number too large to echo"
