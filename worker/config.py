@@ -183,6 +183,13 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least WORKER_RETRY_INITIAL_S ({initial})")
         return value
 
+    @field_validator("producer_idempotence")
+    @classmethod
+    def _idempotence_needs_acks_all(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("producer_acks") != "all":
+            raise ValueError("needs WORKER_PRODUCER_ACKS=all")
+        return value
+
     @field_validator("stall_timeout_s")
     @classmethod
     def _stall_above_drain(cls, value: float, info: ValidationInfo) -> float:

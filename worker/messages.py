@@ -90,6 +90,7 @@ def rejection_messages(
             key,
             rejection_payload(rejection, processed_at),
             result_headers(rejection.event_id, record),
+            source_ts_ms=record.timestamp_ms,  # a rejection is a result: it has a latency too
         )
     ]
     if rejection.dead_letter:

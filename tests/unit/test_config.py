@@ -55,12 +55,14 @@ def test_documented_settings_table_matches_the_settings_class(document: str) -> 
         ("WORKER_DLQ_TOPIC", "cart.abandoned", "must differ from WORKER_INPUT_TOPIC"),
         ("WORKER_RETRY_MAX_S", "0.01", "at least WORKER_RETRY_INITIAL_S"),
         ("WORKER_STALL_TIMEOUT_S", "5", "exceed WORKER_REBALANCE_DRAIN_TIMEOUT_S"),
+        ("WORKER_PRODUCER_IDEMPOTENCE", "true", "needs WORKER_PRODUCER_ACKS=all"),
     ],
 )
 def test_invalid_setting_stops_start_up_naming_the_variable(
     variable: str, value: str, says: str
 ) -> None:
-    result = CliRunner().invoke(app, ["run"], env={variable: value})
+    env = {variable: value, "WORKER_PRODUCER_ACKS": "1"}  # 1 is valid, except with idempotence
+    result = CliRunner().invoke(app, ["run"], env=env)
     assert result.exit_code == 2
     assert "Invalid configuration" in result.stderr
     line = next(x for x in result.stderr.splitlines() if variable in x)

@@ -1,0 +1,310 @@
+"""Operating the worker: /metrics during a run, /readyz through a PostgreSQL outage, doctor."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import os
+import re
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Servers
+from tests.integration.conftest import World, reserve
+from tests.support import Published, produce, read_topic, running_worker
+from worker.admin import ensure_topics
+from worker.config import Settings
+from worker.embedded import free_port
+from worker.metrics import RETRIES
+from worker.scenario import Event, abandon_event
+
+pytestmark = pytest.mark.integration
+
+T = TypeVar("T")
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+OPERATIONS_DOC = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+BOUNDED_LABELS = {"result", "status", "outcome", "cause", "partition", "le"}
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    def get() -> tuple[int, str]:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            connection.close()
+
+    return await asyncio.to_thread(get)
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T | None]], what: str, timeout_s: float = 30
+) -> T:
+    """Poll until `probe` returns something other than None."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            found = await probe()
+            if found is not None:
+                return found
+            await asyncio.sleep(0.2)
+    raise AssertionError(what)  # unreachable: the timeout raises first
+
+
+async def status_becomes(port: int, path: str, status: int) -> str:
+    async def probe() -> str | None:
+        try:
+            got, text = await http_get(port, path)
+        except ConnectionRefusedError:  # the worker is still starting its endpoints
+            return None
+        return text if got == status else None
+
+    return await eventually(probe, f"{path} never answered {status}")
+
+
+def key(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return name, tuple(sorted(labels.items()))
+
+
+async def scrape(port: int) -> tuple[Samples, dict[str, set[str]]]:
+    """Samples by (name, labels) and, per exported `release_worker_` series, its label names."""
+    status, text = await http_get(port, "/metrics")
+    assert status == 200
+    samples: Samples = {}
+    series: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith("release_worker_"):
+            continue
+        name = family.name + ("_total" if family.type == "counter" else "")
+        series[name] = set()
+        for s in family.samples:
+            samples[key(s.name, **s.labels)] = s.value
+            series[name] |= set(s.labels)
+    return samples, series
+
+
+def in_process(name: str, **labels: str) -> float:
+    """The same registry, read directly: the value before the worker starts."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def with_ops(settings: Settings, **changes: object) -> Settings:
+    return settings.model_copy(update={"metrics_port": free_port(), **changes})
+
+
+async def test_metrics_endpoint_shows_a_run_with_plausible_values(
+    db: asyncpg.Pool, world: World
+) -> None:
+    p = world.prefix
+    await reserve(db, world, f"{p}-r1", f"{p}-c1", "i1", 2)
+    await reserve(db, world, f"{p}-x1", f"{p}-c9", "i1", 1, partner_id=world.other_partner_id)
+    await reserve(db, world, f"{p}-old", f"{p}-c3", "i1", 3)
+    await db.execute(
+        "UPDATE reservations SET expires_at = now() - interval '1 minute' "
+        "WHERE reservation_id = $1",
+        f"{p}-old",
+    )
+    settings = with_ops(
+        world.settings, expiry_enabled=True, expiry_interval_s=0.2, outbox_relay_interval_s=0.2
+    )
+    good = abandon_event(
+        f"{p}-c1", [("i1", f"{p}-r1"), ("i2", f"{p}-x1")], world.api_key, event_id=f"{p}-e1"
+    )
+    unknown_key = abandon_event(f"{p}-c2", None, "not-a-key", event_id=f"{p}-e2")
+    unreadable = Event(b"cart", b"{not json", good.headers)
+    counted = {
+        "records": key("release_worker_records_total", result="processed"),
+        "rejected": key("release_worker_records_total", result="rejected"),
+        "401": key("release_worker_rejections_total", status="401"),
+        "400": key("release_worker_rejections_total", status="400"),
+        "dead": key("release_worker_dead_letters_total"),
+        "released": key("release_worker_items_total", outcome="released"),
+        "not_found": key("release_worker_items_total", outcome="not_found"),
+        "expired": key("release_worker_items_total", outcome="expired"),
+        "cross": key("release_worker_cross_partner_attempts_total"),
+        "expiry": key("release_worker_expiry_releases_total"),
+        "quantity": key("release_worker_released_quantity_total"),
+        "batched": key("release_worker_batch_records_sum"),
+        "batches": key("release_worker_batch_duration_seconds_count"),
+        "latencies": key("release_worker_record_latency_seconds_count"),
+    }
+    before = {k: in_process(name, **dict(labels)) for k, (name, labels) in counted.items()}
+
+    def all_results(seen: list[Published]) -> bool:
+        ids = [r.body.get("eventId") for r in seen]
+        rejections = sum(r.body.get("type") == "event_rejected" for r in seen)
+        return ids.count(f"{p}-e1") == 2 and rejections == 2 and f"expiry:{p}-old" in ids
+
+    async with running_worker(settings):
+        positions = await produce(settings, [good, unknown_key, unreadable])
+        await read_topic(settings.kafka_bootstrap or "", settings.results_topic, all_results)
+        next_offsets: dict[str, int] = {}
+        for partition, offset in positions:
+            next_offsets[str(partition)] = max(next_offsets.get(str(partition), 0), offset + 1)
+
+        async def settled() -> tuple[Samples, dict[str, set[str]]] | None:
+            samples, series = await scrape(settings.metrics_port)
+            lags = [
+                samples.get(key("release_worker_consumer_lag", partition=str(n))) for n in range(3)
+            ]
+            committed = {
+                part: samples.get(key("release_worker_committed_offset", partition=part))
+                for part in next_offsets
+            }
+            ready = samples.get(key("release_worker_ready")) == 1  # sampled every 0.5 s
+            caught_up = lags == [0, 0, 0] and committed == next_offsets and ready
+            return (samples, series) if caught_up else None
+
+        samples, series = await eventually(
+            settled, "never ready with lag 0 and the offsets committed"
+        )
+        assert (await http_get(settings.metrics_port, "/healthz"))[0] == 200
+        assert await http_get(settings.metrics_port, "/readyz") == (200, "ready\n")
+
+    delta = {k: samples.get(counted[k], 0.0) - before[k] for k in counted}
+    assert delta["records"] == 1
+    assert delta["rejected"] == 2
+    assert (delta["401"], delta["400"], delta["dead"]) == (1, 1, 1)
+    assert (delta["released"], delta["not_found"], delta["cross"]) == (1, 1, 1)
+    assert delta["expiry"] >= 1
+    assert delta["expired"] >= 1
+    assert delta["quantity"] >= 2 + 3
+    assert delta["batched"] == 3  # every input record went through exactly one batch
+    assert delta["batches"] >= 1
+    assert delta["latencies"] >= 4  # two item results, two rejections
+    assert 0 < samples[key("release_worker_record_latency_seconds_sum")] < 3600 * delta["latencies"]
+    assert samples[key("release_worker_ready")] == 1
+    assert samples[key("release_worker_assigned_partitions")] == 3
+    assert 0 <= samples[key("release_worker_stalled_seconds")] < settings.stall_timeout_s
+    assert samples[key("release_worker_outbox_backlog")] >= 0
+    assert samples[key("release_worker_event_loop_delay_seconds")] >= 0
+    assert key("release_worker_retries_total", cause="race") in samples
+
+    documented = set(re.findall(r"`(release_worker_[a-z_]+)`", OPERATIONS_DOC.read_text()))
+    assert documented == set(series), "docs/operations.md and /metrics list different series"
+    for name, labels in series.items():
+        assert labels <= BOUNDED_LABELS, f"{name} has an unbounded label: {labels}"
+
+
+async def test_readyz_follows_a_postgresql_outage_and_work_resumes_after(
+    servers: Servers, db: asyncpg.Pool, world: World
+) -> None:
+    if servers.stack is None:
+        pytest.skip("the servers come from WORKER_* variables: this test cannot stop them")
+    postgres = servers.stack.postgres
+    p = world.prefix
+    await reserve(db, world, f"{p}-r1", f"{p}-c1", "i1", 2)
+    settings = with_ops(world.settings, retry_max_s=0.5)
+    port = settings.metrics_port
+    retries = "release_worker_retries_total"
+    retries_before = sum(
+        s.value for family in RETRIES.collect() for s in family.samples if s.name == retries
+    )
+    async with running_worker(settings):
+        await status_becomes(port, "/readyz", 200)
+        await asyncio.to_thread(postgres.stop)
+        try:
+            reason = await status_becomes(port, "/readyz", 503)
+            assert "database" in reason
+            # An outage is waited out, not a reason to restart the process.
+            assert (await http_get(port, "/healthz"))[0] == 200
+            await produce(
+                settings,
+                [abandon_event(f"{p}-c1", [("i1", f"{p}-r1")], world.api_key, event_id=f"{p}-e1")],
+            )
+            await asyncio.sleep(1)  # the record is fetched and its database work retried
+        finally:
+            await asyncio.to_thread(postgres.start)
+            await db.expire_connections()
+        await status_becomes(port, "/readyz", 200)
+        results = await read_topic(
+            settings.kafka_bootstrap or "",
+            settings.results_topic,
+            lambda seen: any(r.body.get("eventId") == f"{p}-e1" for r in seen),
+        )
+        samples, _ = await scrape(port)
+    assert [r.body["outcome"] for r in results if r.body.get("eventId") == f"{p}-e1"] == [
+        "released"
+    ]
+    retries_after = sum(v for (name, _), v in samples.items() if name == retries)
+    assert retries_after > retries_before
+
+
+async def run_doctor(env: dict[str, str]) -> tuple[int, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "doctor",
+        env={**clean, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode is not None
+    return process.returncode, output.decode()
+
+
+def doctor_env(settings: Settings, database_url: str) -> dict[str, str]:
+    return {
+        "WORKER_DATABASE_URL": database_url,
+        "WORKER_KAFKA_BOOTSTRAP": settings.kafka_bootstrap or "",
+        "WORKER_INPUT_TOPIC": settings.input_topic,
+        "WORKER_RESULTS_TOPIC": settings.results_topic,
+        "WORKER_DLQ_TOPIC": settings.dlq_topic,
+        "WORKER_GROUP_ID": settings.group_id,
+    }
+
+
+async def test_doctor_passes_on_a_migrated_database_with_all_topics(
+    servers: Servers, world: World
+) -> None:
+    await ensure_topics(world.settings, 2)
+    code, output = await run_doctor(doctor_env(world.settings, servers.database_url))
+    assert code == 0, output
+    assert "✗" not in output
+    assert f"✓ input topic: '{world.settings.input_topic}': 2 partition(s)" in output
+    assert "✓ consumer group: joinable" in output
+    assert "All 7 checks passed." in output
+
+
+async def test_doctor_reports_a_missing_topic_and_an_unmigrated_database(
+    servers: Servers, db: asyncpg.Pool, world: World
+) -> None:
+    database = f"doctor_{uuid.uuid4().hex[:8]}"
+    await db.execute(f'CREATE DATABASE "{database}"')
+    settings = world.settings
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:  # the input and results topics exist; the dead-letter topic does not
+        await admin.create_topics(
+            [NewTopic(settings.input_topic, 2, 1), NewTopic(settings.results_topic, 2, 1)]
+        )
+    finally:
+        await admin.close()
+    fresh_url = urlunsplit(urlsplit(servers.database_url)._replace(path=f"/{database}"))
+    try:
+        code, output = await run_doctor(doctor_env(settings, fresh_url))
+    finally:
+        await db.execute(f'DROP DATABASE "{database}" WITH (FORCE)')
+    assert code == 1, output
+    assert "✓ PostgreSQL: version" in output
+    assert "✗ schema: The database is not migrated" in output
+    assert "fix: run `release-worker migrate`" in output
+    assert f"✗ dead-letter topic: '{settings.dlq_topic}' does not exist" in output
+    assert f"--create --topic {settings.dlq_topic} " in output
+    assert f"✓ input topic: '{settings.input_topic}': 2 partition(s)" in output
+    assert "✓ consumer group: joinable" in output
+    assert "2 problem(s) found" in output
