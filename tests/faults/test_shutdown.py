@@ -1,0 +1,46 @@
+"""SIGTERM in the middle of a batch (G5), and a second signal that exits at once."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from tests.faults.conftest import BedFactory
+
+pytestmark = pytest.mark.faults
+
+
+async def test_sigterm_mid_batch_exits_0_in_time_and_a_second_signal_exits_at_once(
+    bed_factory: BedFactory,
+) -> None:
+    async with bed_factory(shutdown_timeout_s=20, batch_max_records=300) as bed:
+        await bed.seed(carts=2_000)
+        stream = bed.stream()
+        await bed.produce(stream.events)
+
+        first = await bed.start_worker()
+        await bed.wait_applied(1)
+        open_tx = await bed.wait_worker_transaction()
+        before = await bed.applied()
+        code, seconds = await first.terminate(25)
+        after = await bed.applied()
+        assert code == 0, first.tail()
+        assert seconds < 20
+        assert await bed.outbox_left() == 0, "G5: the outbox is published before exit"
+
+        second = await bed.start_worker()
+        await bed.wait_applied(after + 1)
+        await bed.wait_worker_transaction()
+        await second.signal(signal.SIGTERM)
+        await second.signal(signal.SIGINT)
+        code2, seconds2 = await second.wait(5)
+        assert code2 == 128 + signal.SIGINT, second.tail()
+
+        await bed.start_worker()
+        await bed.check(
+            stream,
+            f"SIGTERM while {len(open_tx)} worker transaction(s) were open at {before} applied "
+            f"records: exit {code} after {seconds:.2f}s with {after} applied and the outbox "
+            f"empty; then SIGTERM+SIGINT mid-batch: exit {code2} after {seconds2:.2f}s",
+        )
