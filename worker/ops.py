@@ -33,6 +33,9 @@ from worker import metrics
 from worker.errors import StartupError
 
 TICK_S = 0.5
+# A healthy consumer long-polls each partition about every half second; silence longer
+# than this is worth counting (below it the stall gauge stays at 0).
+FETCH_SILENCE_S = 5.0
 
 
 class ProgressSource(Protocol):
@@ -81,6 +84,7 @@ class StallClock:
             lag_stall = now - max(self._lag_since, sample.last_progress)
         else:
             self._lag_since = None
+        fetch_silence = sample.fetch_age_s if sample.fetch_age_s > FETCH_SILENCE_S else 0.0
         unjoined = 0.0
         if sample.joined:
             self._unjoined_since = None
@@ -90,7 +94,7 @@ class StallClock:
         return max(
             (lag_stall, f"lag {sample.lag} with no batch committed"),
             (unjoined, "not in the consumer group (no partition assignment)"),
-            (sample.fetch_age_s, "no fetch response from the broker"),
+            (fetch_silence, "no fetch response from the broker"),
         )
 
 

@@ -7,6 +7,8 @@ import http.client
 import os
 import re
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -308,3 +310,57 @@ async def test_doctor_reports_a_missing_topic_and_an_unmigrated_database(
     assert f"✓ input topic: '{settings.input_topic}': 2 partition(s)" in output
     assert "✓ consumer group: joinable" in output
     assert "2 problem(s) found" in output
+
+
+async def test_healthz_fails_while_the_event_loop_is_blocked(world: World) -> None:
+    settings = with_ops(world.settings, health_loop_block_s=1.0)
+    port = settings.metrics_port
+    probed: list[tuple[int, str]] = []
+
+    def probe_while_blocked() -> None:
+        time.sleep(1.8)  # the loop is blocked from now on for 3 s
+        probed.append(asyncio.run(http_get(port, "/healthz")))
+
+    async with running_worker(settings):
+        await status_becomes(port, "/healthz", 200)
+        prober = threading.Thread(target=probe_while_blocked)
+        prober.start()
+        time.sleep(3)  # noqa: ASYNC251 - blocking the loop is what this test is about
+        prober.join()
+        await status_becomes(port, "/healthz", 200)
+    assert len(probed) == 1
+    status, text = probed[0]
+    assert status == 503
+    assert "event loop blocked" in text
+
+
+async def test_healthz_fails_when_records_wait_and_nothing_commits(
+    db: asyncpg.Pool, world: World
+) -> None:
+    p = world.prefix
+    await reserve(db, world, f"{p}-r1", f"{p}-c1", "i1", 2)
+    settings = with_ops(
+        world.settings,
+        stall_timeout_s=2.0,
+        rebalance_drain_timeout_s=1.0,
+        statement_timeout_ms=0,  # the blocked batch waits on the lock instead of timing out
+    )
+    port = settings.metrics_port
+    event = abandon_event(f"{p}-c1", [("i1", f"{p}-r1")], world.api_key, event_id=f"{p}-e1")
+    async with running_worker(settings):
+        await status_becomes(port, "/readyz", 200)
+        async with db.acquire() as conn, conn.transaction():
+            # Hold the reservation's row lock: the worker's batch waits for it while both
+            # servers stay reachable, which is how a stuck worker looks from outside.
+            await conn.execute(
+                "SELECT 1 FROM reservations WHERE reservation_id = $1 FOR UPDATE", f"{p}-r1"
+            )
+            await produce(settings, [event])
+            reason = await status_becomes(port, "/healthz", 503)
+            assert "lag 1 with no batch committed" in reason
+            assert (await http_get(port, "/readyz"))[0] == 200
+        await status_becomes(port, "/healthz", 200)
+        results = await read_topic(
+            settings.kafka_bootstrap or "", settings.results_topic, lambda seen: len(seen) >= 1
+        )
+    assert [r.body["outcome"] for r in results] == ["released"]

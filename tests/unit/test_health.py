@@ -50,6 +50,8 @@ def test_out_of_the_group_and_not_fetching_count_as_stalls() -> None:
     assert "group" in reason
     stalled, reason = StallClock().update(0.0, sample(fetch_age_s=300.0))
     assert (stalled, "fetch" in reason) == (300.0, True)
+    # Half a second between fetch responses is the normal long-poll rhythm.
+    assert StallClock().update(0.0, sample(fetch_age_s=0.5))[0] == 0
 
 
 def test_healthz_fails_on_a_blocked_loop_or_a_long_stall() -> None:
