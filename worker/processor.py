@@ -221,6 +221,7 @@ def _merge(first: BatchReport, second: BatchReport) -> BatchReport:
     first.skipped += second.skipped
     first.replays += second.replays
     first.foreign += second.foreign
+    first.cross_partner.extend(second.cross_partner)
     first.dead_letters += second.dead_letters
     first.rejected.extend(second.rejected)
     first.released_quantity += second.released_quantity
@@ -244,8 +245,14 @@ def _count(report: BatchReport) -> None:
     metrics.DEAD_LETTERS.inc(report.dead_letters)
     metrics.CROSS_PARTNER.inc(report.foreign)
     metrics.RELEASED_QUANTITY.inc(report.released_quantity)
-    if report.foreign:
-        log.warning("security_cross_partner_attempt", items=report.foreign)
+    for partner_id, event_id, reservation_id in report.cross_partner:
+        # A partner named another partner's reservation: answered not_found, nothing changed.
+        log.warning(
+            "security_cross_partner_attempt",
+            partner_id=partner_id,
+            event_id=event_id,
+            reservation_id=reservation_id,
+        )
     for record, rejection in report.rejected:
         log.info(
             "record_rejected",

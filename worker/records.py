@@ -17,7 +17,8 @@ class RawRecord:
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: Headers = ()
+    # Not in repr: the headers carry rokt-api-key, and a repr can end up in a log or trace.
+    headers: Headers = field(default=(), repr=False)
     timestamp_ms: int = 0
 
     @property

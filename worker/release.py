@@ -110,6 +110,8 @@ class BatchReport:
     skipped: int = 0  # below the stored offset: already applied before a crash or rebalance
     replays: int = 0
     foreign: int = 0
+    # (partner_id, event_id, reservation_id) of each foreign item, for the security log.
+    cross_partner: list[tuple[str, str, str]] = field(default_factory=list)
     dead_letters: int = 0
     released_quantity: int = 0
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
@@ -266,7 +268,9 @@ async def apply_batch(
         payloads = []
         for d in decided:
             report.outcomes[d.outcome.value] += 1
-            report.foreign += d.foreign
+            if d.foreign:
+                report.foreign += 1
+                report.cross_partner.append((partner_id, command.event_id, d.reservation_id))
             if d.outcome is Outcome.RELEASED:
                 releases.append((d.reservation_id, command.event_id))
             payloads.append(

@@ -35,7 +35,8 @@ async def world(servers: Servers, db: asyncpg.Pool) -> World:
     other_key = await add_partner(db, other, "Other")
     sku = f"sku-{prefix}"
     await db.execute("INSERT INTO stock (sku, on_hand) VALUES ($1, 1000)", sku)
-    settings = isolated_settings(servers.database_url, servers.bootstrap)
+    # The worker connects as a member of the least-privilege role `release_worker`.
+    settings = isolated_settings(servers.worker_database_url, servers.bootstrap)
     return World(settings, partner, key, other, other_key, sku, prefix)
 
 
