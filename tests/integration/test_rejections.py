@@ -14,9 +14,11 @@ import enum
 import json
 import logging
 import random
+import re
 import uuid
 from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.error import HTTPError
 from urllib.request import urlopen
@@ -476,11 +478,7 @@ async def test_a_persisting_statement_timeout_becomes_504_and_the_partition_move
     await reserve(db, world, f"{p}-locked", f"{p}-c", "i0", 2)
     await reserve(db, world, f"{p}-free", f"{p}-c", "i0", 3)
     settings = world.settings.model_copy(
-        update={
-            "database_url": servers.worker_database_url,
-            "statement_timeout_ms": 300,
-            "poison_max_attempts": 2,
-        }
+        update={"statement_timeout_ms": 300, "poison_max_attempts": 2}
     )
     api_key = world.api_key.encode()
     stuck = record("stuck", items(f"{p}-locked"), cart=f"{p}-c", api_key=api_key)
@@ -515,6 +513,51 @@ async def test_a_persisting_statement_timeout_becomes_504_and_the_partition_move
     )
     assert {r[0]: r[1] for r in statuses} == {f"{p}-locked": "reserved", f"{p}-free": "released"}
     assert await i1_violations(db) == 0
+
+
+async def test_a_suspension_takes_effect_once_the_auth_cache_ttl_has_passed(
+    db: asyncpg.Pool, world: World, servers: Servers
+) -> None:
+    p, ttl = world.prefix, 1.0
+    await reserve(db, world, f"{p}-r1", f"{p}-c", "i0", 1)
+    await reserve(db, world, f"{p}-r2", f"{p}-c", "i1", 1)
+    settings = world.settings.model_copy(update={"auth_cache_ttl_s": ttl})
+    api_key = world.api_key.encode()
+    before = record("before", items(f"{p}-r1"), cart=f"{p}-c", api_key=api_key)
+    after = record(
+        "after",
+        {"items": [{"cartItemId": "i1", "itemReservationId": f"{p}-r2"}]},
+        cart=f"{p}-c",
+        api_key=api_key,
+    )
+    async with running_worker(settings):
+        await produce_raw(settings, [before])
+        await read_topic(servers.bootstrap, settings.results_topic, lambda seen: len(seen) >= 1)
+        await db.execute(
+            "UPDATE partners SET status = 'suspended' WHERE partner_id = $1", world.partner_id
+        )
+        # The documented bound: the cached "active" may be used until the TTL has passed.
+        await asyncio.sleep(ttl)
+        await produce_raw(settings, [after])
+        results = await read_topic(
+            servers.bootstrap, settings.results_topic, lambda seen: len(seen) >= 2
+        )
+    by_event = {r.body["eventId"]: r.body for r in results}
+    assert by_event[f"{P}-before"]["outcome"] == "released"
+    refused = by_event[f"{P}-after"]
+    assert (refused["status"], refused["errors"][0]["code"]) == (403, "partner_suspended")
+    assert (
+        await db.fetchval("SELECT status FROM reservations WHERE reservation_id = $1", f"{p}-r2")
+        == "reserved"
+    )
+
+
+def test_the_documented_table_is_exactly_what_these_tests_produce() -> None:
+    """docs/errors.md lists every (status, code) the tests above produce, and no other."""
+    table = (Path(__file__).parents[2] / "docs" / "errors.md").read_text()
+    documented = {(int(s), c) for s, c in re.findall(r"^\| (\d{3}) \| `([a-z0-9_]+)`", table, re.M)}
+    produced = {(c.status, c.code) for c in CASES} | {(504, "database_timeout")}
+    assert documented == produced
 
 
 # --- a long stream of mixed records ---------------------------------------------------
@@ -580,9 +623,7 @@ async def test_a_stream_of_1000_mixed_records_is_answered_record_by_record(
     stream = _interleave(per_cart, malformed, rng)
     assert len(stream) >= 1000
     port = free_port()
-    settings = world.settings.model_copy(
-        update={"database_url": servers.worker_database_url, "metrics_port": port}
-    )
+    settings = world.settings.model_copy(update={"metrics_port": port})
     async with running_worker(settings):
         positions = await produce_raw(settings, stream)
         for (partition, offset), (_, value, _) in zip(positions, stream, strict=True):
