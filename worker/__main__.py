@@ -201,8 +201,10 @@ def show_config() -> None:
 
 @app.command()
 def doctor() -> None:
-    """Check both servers, the schema, the three topics and the consumer group; print what
-    is wrong and how to fix it. Exit code 1 if anything is wrong. Changes nothing."""
+    """Check the servers, schema, topics and consumer group; say what to fix (exit 1 if any).
+
+    Changes nothing: topics are only listed, and the group check joins a throwaway group.
+    """
     from worker.doctor import render, run_checks
 
     settings = load_settings()

@@ -20,6 +20,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from tests.conftest import Servers
 from tests.integration.conftest import World, reserve
@@ -148,31 +149,39 @@ async def test_metrics_endpoint_shows_a_run_with_plausible_values(
         rejections = sum(r.body.get("type") == "event_rejected" for r in seen)
         return ids.count(f"{p}-e1") == 2 and rejections == 2 and f"expiry:{p}-old" in ids
 
-    async with running_worker(settings):
-        positions = await produce(settings, [good, unknown_key, unreadable])
-        await read_topic(settings.kafka_bootstrap or "", settings.results_topic, all_results)
-        next_offsets: dict[str, int] = {}
-        for partition, offset in positions:
-            next_offsets[str(partition)] = max(next_offsets.get(str(partition), 0), offset + 1)
+    with capture_logs() as logged:
+        async with running_worker(settings):
+            positions = await produce(settings, [good, unknown_key, unreadable])
+            await read_topic(settings.kafka_bootstrap or "", settings.results_topic, all_results)
+            next_offsets: dict[str, int] = {}
+            for partition, offset in positions:
+                next_offsets[str(partition)] = max(next_offsets.get(str(partition), 0), offset + 1)
 
-        async def settled() -> tuple[Samples, dict[str, set[str]]] | None:
-            samples, series = await scrape(settings.metrics_port)
-            lags = [
-                samples.get(key("release_worker_consumer_lag", partition=str(n))) for n in range(3)
-            ]
-            committed = {
-                part: samples.get(key("release_worker_committed_offset", partition=part))
-                for part in next_offsets
-            }
-            ready = samples.get(key("release_worker_ready")) == 1  # sampled every 0.5 s
-            caught_up = lags == [0, 0, 0] and committed == next_offsets and ready
-            return (samples, series) if caught_up else None
+            async def settled() -> tuple[Samples, dict[str, set[str]]] | None:
+                samples, series = await scrape(settings.metrics_port)
+                lag = "release_worker_consumer_lag"
+                lags = [samples.get(key(lag, partition=str(n))) for n in range(3)]
+                committed = {
+                    part: samples.get(key("release_worker_committed_offset", partition=part))
+                    for part in next_offsets
+                }
+                ready = samples.get(key("release_worker_ready")) == 1  # sampled every 0.5 s
+                caught_up = lags == [0, 0, 0] and committed == next_offsets and ready
+                return (samples, series) if caught_up else None
 
-        samples, series = await eventually(
-            settled, "never ready with lag 0 and the offsets committed"
-        )
-        assert (await http_get(settings.metrics_port, "/healthz"))[0] == 200
-        assert await http_get(settings.metrics_port, "/readyz") == (200, "ready\n")
+            samples, series = await eventually(
+                settled, "never ready with lag 0 and the offsets committed"
+            )
+            assert (await http_get(settings.metrics_port, "/healthz"))[0] == 200
+            assert await http_get(settings.metrics_port, "/readyz") == (200, "ready\n")
+
+    events = [e["event"] for e in logged]
+    for expected in ("worker_started", "partitions_assigned", "worker_stopped"):
+        assert expected in events
+    rejected = {e["status"]: e for e in logged if e["event"] == "record_rejected"}
+    assert (rejected[401]["cart_id"], rejected[401]["event_id"]) == (f"{p}-c2", f"{p}-e2")
+    assert rejected[400]["dead_lettered"] is True
+    assert not any(world.api_key in repr(e) for e in logged), "an API key was logged"
 
     delta = {k: samples.get(counted[k], 0.0) - before[k] for k in counted}
     assert delta["records"] == 1
