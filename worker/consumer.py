@@ -34,6 +34,9 @@ from worker.release import BatchReport
 
 log = structlog.get_logger("worker.consumer")
 
+# Longest wait for one Kafka offset commit; `make_consumer` keeps it within the rebalance.
+_COMMIT_TIMEOUT_S = 5.0
+
 ReportHook = Callable[[BatchReport], None]
 
 
@@ -60,11 +63,13 @@ class Lane:
             self.ready.clear()
         return batch
 
-    def drop(self, partitions: set[TopicPartition]) -> int:
-        """Forget buffered, not yet started records of these partitions."""
+    def drop(self, partitions: set[TopicPartition] | None) -> int:
+        """Forget buffered, not yet started records of these partitions (None: of all)."""
         before = len(self.buffer)
         self.buffer = deque(
-            r for r in self.buffer if TopicPartition(r.topic, r.partition) not in partitions
+            r
+            for r in self.buffer
+            if partitions is not None and TopicPartition(r.topic, r.partition) not in partitions
         )
         if not self.buffer:
             self.ready.clear()
@@ -127,12 +132,15 @@ class ReleaseConsumer:
         finally:
             fetcher.cancel()
             for lane in self._lanes:
-                lane.drop(set(self._consumer.assignment()))
-            # Lanes finish the batch they are in; nothing new is started.
-            await asyncio.gather(*(lane.idle.wait() for lane in self._lanes))
-            for task in [*lanes, committer]:
-                task.cancel()
-            await asyncio.gather(*lanes, committer, return_exceptions=True)
+                lane.drop(None)
+            try:
+                # Lanes finish the batch they are in; nothing new is started. If the caller
+                # gives up (shutdown timeout, second signal) the open transaction rolls back.
+                await asyncio.gather(*(lane.idle.wait() for lane in self._lanes))
+            finally:
+                for task in [fetcher, *lanes, committer]:
+                    task.cancel()
+                await asyncio.gather(fetcher, *lanes, committer, return_exceptions=True)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -234,13 +242,18 @@ class ReleaseConsumer:
         if not offsets:
             return
         try:
-            await self._consumer.commit(offsets)
+            # Bounded: during a broker outage aiokafka waits for a coordinator without end,
+            # and a revoke or a shutdown must not hang on it.
+            async with asyncio.timeout(_COMMIT_TIMEOUT_S):
+                await self._consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as error:
             # A rebalance is under way: the database holds the truth, the next owner
             # seeks to it, so skipping this commit loses and repeats nothing.
             log.info("commit_skipped_rebalance", error=repr(error)[:200])
             return
-        except KafkaError as error:
+        except (KafkaError, TimeoutError) as error:
+            # The database keeps the offsets; the next commit (or the next owner's seek to
+            # the database offsets) makes up for this one.
             log.warning("commit_failed", error=repr(error)[:200])
             return
         self._committed.update(offsets)
@@ -270,26 +283,36 @@ class ReleaseConsumer:
         self.joined = False
         if not revoked:
             return
+        # Until the next assignment, records of these partitions that aiokafka still hands
+        # out are not taken: they are the next owner's (or ours again, after a seek).
         self._revoking |= revoked
         dropped = sum(lane.drop(revoked) for lane in self._lanes)
-        deadline = self._settings.rebalance_drain_timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.rebalance_drain_timeout_s
         busy = [lane for lane in self._lanes if lane.busy_with & revoked]
         try:
-            async with asyncio.timeout(deadline):
+            async with asyncio.timeout_at(deadline):
                 await asyncio.gather(*(lane.idle.wait() for lane in busy))
         except TimeoutError:
             # Safe even so: the database offset row serialises us with the next owner.
-            log.warning("revoke_drain_timeout", partitions=_names(revoked), seconds=deadline)
-        await self._publisher.flush(deadline)
+            log.warning(
+                "revoke_drain_timeout",
+                partitions=_names(revoked),
+                seconds=self._settings.rebalance_drain_timeout_s,
+            )
+        # One deadline for draining and publishing; the commit after it is bounded on its
+        # own, and `rebalance_timeout_ms` covers both (see app.make_consumer).
+        await self._publisher.flush(max(0.0, deadline - loop.time()))
         await self.commit(revoked)
         for tp in revoked:
             self._done.pop(tp, None)
             self._committed.pop(tp, None)
             self._paused.discard(tp)
-        self._revoking -= revoked
         log.info("partitions_revoked", partitions=_names(revoked), dropped_buffered=dropped)
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        # aiokafka discards fetched records of an older assignment from here on.
+        self._revoking.clear()
         self.joined = True
         for topic in {tp.topic for tp in assigned}:
             async for attempt in transient_retrying(self._settings):

@@ -63,13 +63,23 @@ async def sweep_once(pool: asyncpg.Pool, settings: Settings) -> list[OutboxMessa
 
 
 async def run_sweeper(pool: asyncpg.Pool, settings: Settings, publisher: Publisher) -> None:
-    """Sweep every `expiry_interval_s`; a full batch sweeps again at once."""
+    """Sweep every `expiry_interval_s`; a full batch sweeps again at once.
+
+    Outages are retried inside a pass (G6). Any other failure is logged and the sweeper
+    carries on at the next period: a background task that died silently would leave
+    reservations held for ever. Nothing is lost either way: a pass commits fully or not
+    at all, and its results are in the outbox before they are published.
+    """
     while True:
-        async for attempt in transient_retrying(settings):
-            with attempt:
-                messages = await sweep_once(pool, settings)
-        if messages:
-            log.info("reservations_expired", count=len(messages))
-            await publisher.publish(messages)
+        messages: list[OutboxMessage] = []
+        try:
+            async for attempt in transient_retrying(settings):
+                with attempt:
+                    messages = await sweep_once(pool, settings)
+            if messages:
+                log.info("reservations_expired", count=len(messages))
+                await publisher.publish(messages)
+        except Exception:
+            log.exception("expiry_pass_failed")
         if len(messages) < settings.expiry_batch_size:
             await asyncio.sleep(settings.expiry_interval_s)

@@ -51,6 +51,11 @@ def transient_cause(error: BaseException) -> str | None:
         return type(error).__name__
     if isinstance(error, asyncpg.exceptions.InterfaceError) and "closed" in str(error):
         return "connection_closed"
+    if isinstance(error, asyncpg.exceptions.InternalClientError):
+        # A session terminated mid-statement (pg_terminate_backend) can leave asyncpg's
+        # protocol in a state it reports this way (MagicStack/asyncpg#1069); the pool
+        # discards that connection on release, so a retry runs on a fresh one.
+        return "connection_broken"
     if isinstance(error, OSError | TimeoutError | ConnectionError):
         return type(error).__name__
     return None

@@ -25,6 +25,19 @@ from worker.records import OutboxMessage
 
 log = structlog.get_logger("worker.publisher")
 
+# A relay pass gives the broker this long to acknowledge a batch of leftovers.
+_RELAY_SEND_TIMEOUT_S = 30.0
+# Database failures a background pass outlives (asyncpg#1069: InternalClientError after a
+# terminated session); the rows stay in the outbox and the next pass takes them.
+_DB_FAILURES = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+_RELAY_FAILURES = (KafkaError, *_DB_FAILURES)
+
 
 class Publisher:
     def __init__(
@@ -103,7 +116,7 @@ class Publisher:
             ids, self._acked = self._acked, []
             try:
                 await store.delete_outbox(self._pool, ids)
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as error:
+            except _DB_FAILURES as error:
                 # Not deleting only means the relay may publish them again (identical bytes).
                 self._acked.extend(ids)
                 log.warning("outbox_delete_failed", rows=len(ids), error=repr(error)[:200])
@@ -128,8 +141,12 @@ class Publisher:
                 rows = await store.claim_outbox(conn, grace, self._relay_batch)
                 if not rows:
                     break
-                futures = [await self._send(m) for m in rows]
-                await asyncio.gather(*futures)
+                # The claimed rows stay locked while the broker acknowledges them (so other
+                # workers' relays skip them); a stalled broker must not hold them forever:
+                # on timeout the transaction rolls back and the rows wait for the next pass.
+                async with asyncio.timeout(_RELAY_SEND_TIMEOUT_S):
+                    futures = [await self._send(m) for m in rows]
+                    await asyncio.gather(*futures)
                 await store.delete_outbox(conn, [m.outbox_id for m in rows if m.outbox_id])
             total += len(rows)
             self.published += len(rows)
@@ -139,12 +156,17 @@ class Publisher:
             log.info("outbox_relayed", rows=total)
         return total
 
+    async def relay_leftovers(self, grace_s: float | None = None) -> None:
+        """One relay pass whose failure (broker or database away) is logged, not raised:
+        the rows stay in the outbox for the next pass."""
+        try:
+            await self.relay_once(grace_s)
+            metrics.OUTBOX_BACKLOG.set(await store.outbox_backlog(self._pool))
+        except _RELAY_FAILURES as error:
+            log.warning("outbox_relay_failed", error=repr(error)[:200])
+
     async def run_relay(self) -> None:
         """The periodic slow path; failures are logged and retried next period."""
         while True:
             await asyncio.sleep(self._relay_interval_s)
-            try:
-                await self.relay_once()
-                metrics.OUTBOX_BACKLOG.set(await store.outbox_backlog(self._pool))
-            except (KafkaError, asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as error:
-                log.warning("outbox_relay_failed", error=repr(error)[:200])
+            await self.relay_leftovers()

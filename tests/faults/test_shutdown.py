@@ -7,6 +7,7 @@ import signal
 import pytest
 
 from tests.faults.conftest import BedFactory
+from worker.embedded import free_port
 
 pytestmark = pytest.mark.faults
 
@@ -44,3 +45,18 @@ async def test_sigterm_mid_batch_exits_0_in_time_and_a_second_signal_exits_at_on
             f"records: exit {code} after {seconds:.2f}s with {after} applied and the outbox "
             f"empty; then SIGTERM+SIGINT mid-batch: exit {code2} after {seconds2:.2f}s",
         )
+
+
+async def test_sigterm_while_the_database_is_awaited_at_start_exits_0(
+    bed_factory: BedFactory,
+) -> None:
+    async with bed_factory() as bed:
+        nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+        worker = await bed.start_worker(database_url=nowhere)
+        await bed.wait_log(worker, "transient_failure_retrying")
+        code, seconds = await worker.terminate(10)
+        print(
+            f"\n[fault] SIGTERM while the database was unreachable at start: exit {code} "
+            f"after {seconds:.2f}s"
+        )
+        assert code == 0, worker.tail()
