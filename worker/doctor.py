@@ -105,7 +105,9 @@ async def check_database(settings: Settings) -> list[Check]:
         )
         try:
             await store.check_schema(conn)
-            schema = Check("schema", True, f"migrated (version {store.SCHEMA_VERSION} or later)")
+        except asyncpg.InsufficientPrivilegeError as error:
+            login = urlsplit(settings.database_url).username or "this login"
+            return [reachable, _no_grants(login, f"may not read the schema version: {error}")]
         except SchemaNotReady as error:
             schema = Check(
                 "schema",
@@ -113,9 +115,44 @@ async def check_database(settings: Settings) -> list[Check]:
                 str(error).split(". Run", 1)[0],
                 "run `release-worker migrate` with the same WORKER_DATABASE_URL",
             )
+            return [reachable, schema]
+        schema = Check("schema", True, f"migrated (version {store.SCHEMA_VERSION} or later)")
+        try:
+            privileges = await _privileges(conn)
+        except asyncpg.PostgresError as error:
+            privileges = Check(
+                "database privileges",
+                False,
+                f"could not be checked: {_reason(error)}",
+                "run `release-worker migrate`; the privilege check follows the migrations",
+            )
+        return [reachable, schema, privileges]
     finally:
         await conn.close()
-    return [reachable, schema]
+
+
+def _no_grants(login: str, what: str) -> Check:
+    return Check(
+        "database privileges",
+        False,
+        f"login {login!r} {what}",
+        f"as the schema owner: GRANT release_worker TO {login} (the role comes with the "
+        "migrations)",
+    )
+
+
+async def _privileges(conn: asyncpg.Connection) -> Check:
+    login, superuser, missing = await store.missing_privileges(conn)
+    if missing:
+        return _no_grants(login, f"may not: {', '.join(missing)}")
+    if superuser:
+        return Check(
+            "database privileges",
+            True,
+            f"login {login!r} is a superuser: it works, but run the worker as a login granted "
+            "only `release_worker` (docs/operations.md, PostgreSQL)",
+        )
+    return Check("database privileges", True, f"login {login!r} has what the worker needs")
 
 
 # ---------------------------------------------------------------------- Kafka

@@ -324,3 +324,49 @@ async def check_schema(conn: Db) -> None:
             f"The database schema is at {version}; this worker needs {SCHEMA_VERSION}. "
             "Run `release-worker migrate`."
         )
+
+
+# What the worker's login must be allowed, as granted to the `release_worker` role by
+# migrations/20261127160000_release_worker_role.sql: (object, privilege, column or None).
+WORKER_PRIVILEGES: tuple[tuple[str, str, str | None], ...] = (
+    ("schema_migrations", "SELECT", None),
+    ("partners", "SELECT", None),
+    ("reservations", "SELECT", None),
+    *(("reservations", "UPDATE", c) for c in ("status", "released_at", "release_event_id")),
+    ("stock", "SELECT", None),
+    ("stock", "UPDATE", "reserved"),
+    ("inbox", "SELECT", None),
+    ("inbox", "INSERT", None),
+    *(("outbox", p, None) for p in ("SELECT", "INSERT", "DELETE")),
+    ("outbox", "UPDATE", "created_at"),
+    ("outbox_id_seq", "USAGE", None),
+    *(("consumer_offsets", p, None) for p in ("SELECT", "INSERT")),
+    *(("consumer_offsets", "UPDATE", c) for c in ("next_offset", "updated_at")),
+)
+
+
+async def missing_privileges(conn: Db) -> tuple[str, bool, list[str]]:
+    """The login's name, whether it is a superuser, and which WORKER_PRIVILEGES it lacks
+    (as `PRIVILEGE(column) ON object`). Needs a migrated schema."""
+    objects, privileges, columns = zip(*WORKER_PRIVILEGES, strict=True)
+    rows = await conn.fetch(
+        """
+        SELECT obj, priv, col FROM unnest($1::text[], $2::text[], $3::text[]) AS w(obj, priv, col)
+        WHERE NOT CASE
+            WHEN priv = 'USAGE' THEN has_sequence_privilege(obj, priv)
+            WHEN col IS NULL THEN has_table_privilege(obj, priv)
+            ELSE has_column_privilege(obj, col, priv)
+        END
+        """,
+        list(objects),
+        list(privileges),
+        list(columns),
+    )
+    who = await conn.fetchrow(
+        "SELECT current_user AS name, usesuper FROM pg_user WHERE usename = current_user"
+    )
+    assert who is not None
+    missing = [
+        f"{r['priv']}" + (f"({r['col']})" if r["col"] else "") + f" ON {r['obj']}" for r in rows
+    ]
+    return str(who["name"]), bool(who["usesuper"]), missing

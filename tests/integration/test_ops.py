@@ -27,6 +27,7 @@ from tests.integration.conftest import World, reserve
 from tests.support import Published, produce, read_topic, running_worker
 from worker.admin import ensure_topics
 from worker.config import Settings
+from worker.doctor import check_database
 from worker.embedded import free_port
 from worker.metrics import RETRIES
 from worker.scenario import Event, abandon_event
@@ -279,16 +280,49 @@ def doctor_env(settings: Settings, database_url: str) -> dict[str, str]:
     }
 
 
-async def test_doctor_passes_on_a_migrated_database_with_all_topics(
-    servers: Servers, world: World
-) -> None:
+async def test_doctor_passes_on_a_migrated_database_with_all_topics(world: World) -> None:
     await ensure_topics(world.settings, 2)
-    code, output = await run_doctor(doctor_env(world.settings, servers.database_url))
+    # The worker's own least-privilege login, with a password that must not be printed.
+    database_url = world.settings.database_url or ""
+    password = urlsplit(database_url).password
+    code, output = await run_doctor(doctor_env(world.settings, database_url))
     assert code == 0, output
     assert "✗" not in output
+    assert password
+    assert password not in output
+    assert "has what the worker needs" in output
     assert f"✓ input topic: '{world.settings.input_topic}': 2 partition(s)" in output
     assert "✓ consumer group: joinable" in output
-    assert "All 7 checks passed." in output
+    assert "All 8 checks passed." in output
+
+
+async def test_doctor_names_the_privileges_a_login_lacks(
+    servers: Servers, db: asyncpg.Pool
+) -> None:
+    login = f"doctor_{uuid.uuid4().hex[:8]}"
+    await db.execute(f"CREATE ROLE {login} LOGIN")
+    parts = urlsplit(servers.database_url)
+    url = urlunsplit(parts._replace(netloc=f"{login}@{parts.netloc.rpartition('@')[2]}"))
+    try:
+        bare = await check_database(Settings(database_url=url))
+        # Some grants, not all: the check names exactly what is still missing.
+        await db.execute(f"GRANT SELECT ON schema_migrations, partners, inbox TO {login}")
+        partial = await check_database(Settings(database_url=url))
+    finally:
+        await db.execute(f"DROP OWNED BY {login}")
+        await db.execute(f"DROP ROLE {login}")
+    assert [(c.name, c.ok) for c in bare] == [("PostgreSQL", True), ("database privileges", False)]
+    assert "may not read the schema version" in bare[-1].detail
+    assert [(c.name, c.ok) for c in partial] == [
+        ("PostgreSQL", True),
+        ("schema", True),
+        ("database privileges", False),
+    ]
+    assert "UPDATE(reserved) ON stock" in partial[-1].detail
+    assert "INSERT ON inbox" in partial[-1].detail
+    assert "SELECT ON partners" not in partial[-1].detail
+    for check in (bare[-1], partial[-1]):
+        assert f"GRANT release_worker TO {login}" in check.fix
 
 
 async def test_doctor_reports_a_missing_topic_and_an_unmigrated_database(
