@@ -130,7 +130,8 @@ def unreadable(name: str, code: str, value: bytes | None, **kwargs: Any) -> Case
 CASES = [
     unreadable("null_value", "missing_body", None),
     unreadable("empty_value", "missing_body", b""),
-    unreadable("too_large", "too_large", orjson.dumps({"cartId": "c" * MAX_RECORD_BYTES})),
+    # Far beyond the limit: its dead letter is still the original bytes, and publishable.
+    unreadable("too_large", "too_large", orjson.dumps({"cartId": "c" * 200_000})),
     unreadable("content_type", "unsupported_content_type", b"{}", content_type=b"text/plain"),
     unreadable("not_utf8", "invalid_utf8", b'{"cartId": "caf\xe9"}'),
     # A header without a value must survive into the dead letter as well.
