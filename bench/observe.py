@@ -130,6 +130,16 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far; 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # Fields 14 and 15 of stat (utime, stime), counted after the ")" that ends the name.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -160,6 +170,7 @@ class Processes:
         self.profilers: list[subprocess.Popen[bytes]] = []
         self.memory: list[tuple[float, float]] = []  # (unix time s, total RSS MiB)
         self.peaks: list[float] = []
+        self.cpu_s: list[float] = []
         self._sampler: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -179,7 +190,17 @@ class Processes:
         assert self._profile is not None
         spy = Path(sys.executable).parent / "py-spy"
         out = self._profile.with_name(f"{self._profile.stem}-{pid}.txt")
-        command = [str(spy), "record", "--pid", str(pid), "--rate", "200", "--format", "raw"]
+        command = [
+            str(spy),
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "200",
+            "--idle",
+            "--format",
+            "raw",
+        ]
         return subprocess.Popen([*command, "-o", str(out)], stdout=log, stderr=log)
 
     async def _sample(self) -> None:
@@ -196,6 +217,7 @@ class Processes:
     async def stop(self, timeout_s: float = 40.0) -> list[int | None]:
         """SIGTERM every process (G5: they drain and exit 0); return their exit codes."""
         self.peaks = [peak_rss_mb(p.pid) for p in self.procs]
+        self.cpu_s = [cpu_seconds(p.pid) for p in self.procs]
         if self._sampler is not None:
             self._sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):

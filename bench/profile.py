@@ -26,7 +26,7 @@ def summarise(path: Path, top: int = 25) -> str:
         frames = [f.rsplit(":", 1)[0] for f in stack.split(";")]
         total += count
         leaf = frames[-1]
-        if leaf.startswith("select (") or "epoll" in leaf:
+        if ".select (selectors.py" in leaf or leaf.startswith("select ("):
             idle += count
             continue
         own[leaf] += count

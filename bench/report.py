@@ -38,6 +38,7 @@ class Measurement:
     latency_ms: dict[str, float] = field(default_factory=dict)  # to the result's timestamp
     read_latency_ms: dict[str, float] = field(default_factory=dict)  # to our read of it
     peak_rss_mb: float | None = None
+    cpu_s: float | None = None  # CPU time of the system's processes, start-up included
     drain_s: float | None = None
     checks: dict[str, Any] = field(default_factory=dict)
     throughput_series: list[tuple[float, float]] = field(default_factory=list)  # (s, items/s)
@@ -53,6 +54,11 @@ class Measurement:
         return self.items / self.seconds if self.seconds > 0 else 0.0
 
     @property
+    def cpu_us_per_item(self) -> float | None:
+        """CPU the system under test spent per item (start-up included, so an upper bound)."""
+        return None if self.cpu_s is None or not self.items else 1e6 * self.cpu_s / self.items
+
+    @property
     def correct(self) -> bool:
         return all(v is True for k, v in self.checks.items() if k.startswith("ok_"))
 
@@ -65,6 +71,9 @@ class Measurement:
         data.update(
             records_per_s=round(self.records_per_s, 1),
             items_per_s=round(self.items_per_s, 1),
+            cpu_us_per_item=None
+            if self.cpu_us_per_item is None
+            else round(self.cpu_us_per_item, 1),
             correct=self.correct,
         )
         return data
@@ -112,6 +121,7 @@ def table(measurements: Sequence[Measurement]) -> Table:
         ("p95 ms", "right"),
         ("p99 ms", "right"),
         ("peak RSS MiB", "right"),
+        ("CPU µs/item", "right"),
         ("× naive", "right"),
         ("% pgbench", "right"),
         ("% asyncpg", "right"),
@@ -132,6 +142,7 @@ def table(measurements: Sequence[Measurement]) -> Table:
             _ms(m.latency_ms.get("p95")),
             _ms(m.latency_ms.get("p99")),
             "—" if m.peak_rss_mb is None else f"{m.peak_rss_mb:,.0f}",
+            "—" if m.cpu_us_per_item is None else f"{m.cpu_us_per_item:,.0f}",
             f"{r['naive']:.1f}×" if "naive" in r else "",
             f"{100 * r['db_limit/pgbench']:.0f}%" if "db_limit/pgbench" in r else "",
             f"{100 * r['db_limit/asyncpg']:.0f}%" if "db_limit/asyncpg" in r else "",
@@ -163,6 +174,8 @@ def machine() -> dict[str, Any]:
         "ram_gib": round(mem_kb / 1024 / 1024, 1),
         "python": platform.python_version(),
         "kernel": platform.release(),
+        # Other work on the machine skews every figure: the load when the report was written.
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -199,11 +212,12 @@ def plot(measurements: Sequence[Measurement], out_dir: Path, console: Console) -
         return
 
     def figure(name: str, title: str, ylabel: str, lines: list[tuple[str, list[Any]]]) -> None:
+        lines = [(label, series) for label, series in lines if series]
+        if not lines:
+            return
         fig, ax = plt.subplots(figsize=(10, 5))
         for label, series in lines:
-            if series:
-                xs = [p[0] for p in series]
-                ax.plot(xs, [p[1] for p in series], label=label)
+            ax.plot([p[0] for p in series], [p[1] for p in series], label=label)
         ax.set_title(title)
         ax.set_xlabel("seconds since the first result")
         ax.set_ylabel(ylabel)

@@ -299,6 +299,7 @@ class Bench:
             latency_ms=latency_figures([ts - sent for ts, _, sent in done]),
             read_latency_ms=latency_figures([read - sent for _, read, sent in done]),
             peak_rss_mb=round(max(procs.peaks), 1) if procs.peaks else None,
+            cpu_s=round(sum(procs.cpu_s), 2) if procs.cpu_s else None,
             drain_s=round(last / 1000 - started_at, 2) if done else None,
         )
         items_per_bucket: dict[int, int] = defaultdict(int)
@@ -401,6 +402,7 @@ async def run_bench(
     console = console or Console(width=None if Console().is_terminal else 200)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     started = time.monotonic()
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     async with servers(settings) as given:
         pool = await asyncpg.create_pool(given.database_url, min_size=2, max_size=12)
         try:
@@ -417,6 +419,7 @@ async def run_bench(
             await pool.close()
     console.print(table(measurements))
     meta = {
+        "loadavg_at_start": load_at_start,
         "stamp": stamp,
         "plan": label,
         "duration_s": round(time.monotonic() - started, 1),
