@@ -50,26 +50,32 @@ async def test_another_partners_reservation_is_not_found_untouched_counted_and_l
         ),
         abandon_event(f"{p}-their-cart", None, key, event_id=f"{p}-e3"),
         abandon_event(f"{p}-c", None, key, event_id=f"{p}-e4"),
+        # The other partner reuses an eventId: idempotency is per partner, so this is not a
+        # replay of the first partner's stored results, and it names a foreign reservation.
+        abandon_event(
+            f"{p}-c", [("i0", f"{p}-mine")], world.other_api_key, event_id=f"{p}-e2", tag_id="x"
+        ),
     ]
     before = REGISTRY.get_sample_value(CROSS_PARTNER) or 0.0
     with capture_logs() as logs:
         async with running_worker(world.settings):
             await produce(world.settings, events)
             records = await read_topic(
-                servers.bootstrap, world.settings.results_topic, lambda seen: len(seen) >= 6
+                servers.bootstrap, world.settings.results_topic, lambda seen: len(seen) >= 7
             )
-    assert (REGISTRY.get_sample_value(CROSS_PARTNER) or 0.0) - before == 2
+    assert (REGISTRY.get_sample_value(CROSS_PARTNER) or 0.0) - before == 3
     by_event: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_event.setdefault(r.body["eventId"], []).append(r.body)
     (e1,) = by_event[f"{p}-e1"]
     assert (e1["outcome"], e1["success"], e1["quantity"]) == ("not_found", False, 0)
-    e2 = {r["itemReservationId"]: r for r in by_event[f"{p}-e2"]}
-    assert {k: v["outcome"] for k, v in e2.items()} == {
-        f"{p}-mine": "released",
-        f"{p}-theirs-too": "not_found",
-        f"{p}-nowhere": "not_found",
-    }
+    assert sorted((r["itemReservationId"], r["outcome"]) for r in by_event[f"{p}-e2"]) == [
+        (f"{p}-mine", "not_found"),  # the other partner's event
+        (f"{p}-mine", "released"),
+        (f"{p}-nowhere", "not_found"),
+        (f"{p}-theirs-too", "not_found"),
+    ]
+    e2 = {r["itemReservationId"]: r for r in by_event[f"{p}-e2"] if r["cartItemId"] != "i0"}
     # Existence is not leaked: a foreign reservation reads exactly like a missing one.
     assert _shape(e2[f"{p}-theirs-too"]) == _shape(e2[f"{p}-nowhere"])
     (e3,) = by_event[f"{p}-e3"]
@@ -93,6 +99,7 @@ async def test_another_partners_reservation_is_not_found_untouched_counted_and_l
     assert {(e["partner_id"], e["event_id"], e["reservation_id"]) for e in security} == {
         (world.partner_id, f"{p}-e1", f"{p}-theirs"),
         (world.partner_id, f"{p}-e2", f"{p}-theirs-too"),
+        (other, f"{p}-e2", f"{p}-mine"),
     }
     assert all(e["log_level"] == "warning" for e in security)
     for secret in (world.api_key, world.other_api_key):
