@@ -87,14 +87,21 @@ class PgReleaseStore:
     async def lock_reservations(
         self, explicit: Sequence[tuple[str, str]], carts: Sequence[tuple[str, str]]
     ) -> list[Reservation]:
+        # Two index lookups (primary key; partner and cart) joined to the batch's ids. An OR
+        # of both conditions in one WHERE made PostgreSQL scan the whole table instead.
         rows = await self._conn.fetch(
             f"""
-            SELECT {_RESERVATION_COLUMNS} FROM reservations
-            WHERE (reservation_id, partner_id) IN (
-                    SELECT * FROM unnest($1::text[], $2::text[]))
-               OR (partner_id, cart_id) IN (SELECT * FROM unnest($3::text[], $4::text[]))
-            ORDER BY reservation_id
-            FOR UPDATE
+            SELECT {", ".join("r." + c for c in _RESERVATION_COLUMNS.split(", "))}
+              FROM (SELECT r.reservation_id FROM reservations r
+                      JOIN unnest($1::text[], $2::text[]) AS u(id, partner)
+                        ON r.reservation_id = u.id AND r.partner_id = u.partner
+                    UNION
+                    SELECT r.reservation_id FROM reservations r
+                      JOIN unnest($3::text[], $4::text[]) AS u(partner, cart)
+                        ON r.partner_id = u.partner AND r.cart_id = u.cart) AS wanted
+              JOIN reservations r ON r.reservation_id = wanted.reservation_id
+             ORDER BY r.reservation_id
+               FOR UPDATE OF r
             """,
             [e[0] for e in explicit],
             [e[1] for e in explicit],
@@ -157,20 +164,26 @@ class PgReleaseStore:
 
     async def record_inbox(self, entries: Sequence[InboxEntry]) -> set[EventKey]:
         # bytea[] per row does not fit unnest (it would flatten), so all results travel in
-        # one flat bytea[] and each row takes its slice [lo:hi] (1-based, inclusive).
+        # one flat bytea[] with the number of the entry each belongs to, and are grouped
+        # back per entry (a hash join: slicing the array per row would copy it every time).
         payloads: list[bytes] = []
-        bounds_lo, bounds_hi = [], []
-        for e in entries:
-            bounds_lo.append(len(payloads) + 1)
+        owners: list[int] = []
+        for n, e in enumerate(entries, start=1):
             payloads.extend(e.results)
-            bounds_hi.append(len(payloads))
+            owners.extend([n] * len(e.results))
         rows = await self._conn.fetch(
             """
             INSERT INTO inbox (partner_id, event_id, cart_id, source_topic, source_partition,
                                source_offset, results)
-            SELECT u.p, u.e, u.c, u.t, u.part, u.o, ($7::bytea[])[u.lo:u.hi]
+            SELECT u.p, u.e, u.c, u.t, u.part, u.o,
+                   coalesce(array_agg(f.payload ORDER BY f.i) FILTER (WHERE f.i IS NOT NULL),
+                            '{}')
               FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[],
-                          $6::bigint[], $8::int[], $9::int[]) AS u(p, e, c, t, part, o, lo, hi)
+                          $6::bigint[]) WITH ORDINALITY AS u(p, e, c, t, part, o, n)
+              LEFT JOIN unnest($7::bytea[], $8::int[]) WITH ORDINALITY AS f(payload, owner, i)
+                ON f.owner = u.n
+             GROUP BY u.n, u.p, u.e, u.c, u.t, u.part, u.o
+             ORDER BY u.n
             ON CONFLICT DO NOTHING
             RETURNING partner_id, event_id
             """,
@@ -181,8 +194,7 @@ class PgReleaseStore:
             [e.record.partition for e in entries],
             [e.record.offset for e in entries],
             payloads,
-            bounds_lo,
-            bounds_hi,
+            owners,
         )
         return {(r[0], r[1]) for r in rows}
 
