@@ -24,12 +24,17 @@ async def test_kill_9_at_random_moments_loses_and_repeats_nothing(
         half = len(stream.events) // 2
         await bed.produce(stream.events[:half])
         rest = asyncio.create_task(bed.produce(stream.events[half:]))
-        kills = []
-        applied = 0
-        for _ in range(4):
+        # Kill points spread over the stream, each a little after a database commit
+        # (0-150 ms: often inside the next transaction, or before its results are sent).
+        total = len(stream.events)
+        step = total * 8 // 10 // 4
+        targets = [total // 10 + n * step + bed.rng.randrange(step) for n in range(4)]
+        kills: list[tuple[int, int, int]] = []
+        for target in targets:
             worker = await bed.start_worker()
-            applied = await bed.wait_applied(applied + 1, timeout_s=60)
-            await asyncio.sleep(bed.rng.uniform(0.05, 1.2))
+            # Each worker applies something before it dies, at the latest from its target on.
+            await bed.wait_applied(max(target, kills[-1][0] + 1 if kills else 1), timeout_s=60)
+            await asyncio.sleep(bed.rng.uniform(0, 0.15))
             await worker.kill()
             applied = await bed.applied()
             kills.append((applied, applied - await bed.kafka_committed(), await bed.outbox_left()))
