@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from typing import Annotated
@@ -62,12 +63,22 @@ def run() -> None:
 
     settings = load_settings()
     logs.configure(settings.log_format, settings.log_level)
+    tune_garbage_collector()
     try:
         code = asyncio.run(run_worker(settings))
     except SchemaNotReady as error:
         typer.echo(f"Refusing to start: {error}", err=True)
         raise typer.Exit(3) from None
     raise typer.Exit(code)
+
+
+def tune_garbage_collector() -> None:
+    """Batches allocate many short-lived, acyclic objects (freed by reference counting), yet
+    the default thresholds ran the collector every 700 allocations over the whole long-lived
+    heap: ~20% of the worker's CPU in `release-worker bench`. Freeze what start-up built and
+    collect young objects less often (costs ~15 MB of resident memory)."""
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 1000)
 
 
 @partner_app.command("add")
