@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer
 from pydantic.alias_generators import to_camel
 
 
@@ -19,6 +19,18 @@ def format_timestamp(moment: datetime) -> str:
 
 
 Timestamp = Annotated[datetime, PlainSerializer(format_timestamp, return_type=str)]
+
+
+def _storable(value: str) -> str:
+    # PostgreSQL text cannot hold NUL: refuse it here as a 400 rather than fail in the database.
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character (\\u0000)")
+    return value
+
+
+# Length first (so its error says "characters"), then the NUL check.
+Id128 = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_storable)]
+Id256 = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_storable)]
 
 
 class _WireModel(BaseModel):
@@ -37,15 +49,15 @@ class _InputModel(_WireModel):
 
 
 class ReleaseItem(_InputModel):
-    cart_item_id: str = Field(min_length=1, max_length=128)
-    item_reservation_id: str = Field(min_length=1, max_length=256)
+    cart_item_id: Id128
+    item_reservation_id: Id256
 
 
 class ReleaseRequest(_InputModel):
     """The value of a `cart.abandoned` record (the API's request body)."""
 
-    event_id: str | None = Field(None, min_length=1, max_length=128)
-    cart_id: str = Field(min_length=1, max_length=128)
+    event_id: Id128 | None = None
+    cart_id: Id128
     items: list[ReleaseItem] | None = None
     attributes: dict[str, str] | None = None
     occurred_at: AwareDatetime | None = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import orjson
+import pytest
+from pydantic import ValidationError
 
 from worker.contract import ErrorDetail, EventRejected, ItemResult, Outcome, ReleaseRequest, Trigger
 
@@ -81,3 +83,16 @@ def test_only_released_already_released_and_expired_are_successes() -> None:
         Outcome.ALREADY_RELEASED,
         Outcome.EXPIRED,
     }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"cartId": "a\\u0000b"}',
+        b'{"cartId": "c", "eventId": "e\\u0000"}',
+        b'{"cartId": "c", "items": [{"cartItemId": "i", "itemReservationId": "r\\u0000"}]}',
+    ],
+)
+def test_identifiers_with_nul_are_refused_before_they_reach_postgresql(body: bytes) -> None:
+    with pytest.raises(ValidationError, match="NUL"):
+        ReleaseRequest.model_validate_json(body)
