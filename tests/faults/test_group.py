@@ -17,7 +17,7 @@ async def test_members_joining_and_leaving_mid_stream_lose_and_repeat_nothing(
     async with bed_factory(partitions=12, batch_max_records=100, session_timeout_ms=6000) as bed:
         await bed.seed(carts=3_000)
         stream = bed.stream()
-        producing = asyncio.create_task(bed.produce_paced(stream.events, seconds=20))
+        producing = asyncio.create_task(bed.produce_paced(stream.events, seconds=24))
         first, second = await bed.start_worker(), await bed.start_worker()
         await bed.wait_log(first, "partitions_assigned")
         await bed.wait_log(second, "partitions_assigned")

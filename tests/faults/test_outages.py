@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from pathlib import Path
 
@@ -73,7 +72,7 @@ async def test_broker_connection_stalled_then_cut_for_10s(servers: Servers, tmp_
     # Tansu tells clients its advertised address; a broker of this test's own advertises the
     # proxy, so the worker's every connection (not only bootstrap) goes through it.
     proxy_port = free_port()
-    broker = EmbeddedBroker(Path(tempfile.mkdtemp(prefix="fault-broker-")), None, proxy_port)
+    broker = EmbeddedBroker(tmp_path / "broker", None, proxy_port)
     await asyncio.to_thread(broker.start)
     proxy = Proxy(broker.port, proxy_port)
     await proxy.start()
@@ -92,7 +91,7 @@ async def test_broker_connection_stalled_then_cut_for_10s(servers: Servers, tmp_
             stalled_at = await bed.applied()
             await proxy.cut()
             await asyncio.sleep(10)
-            cut_at = await bed.applied()
+            cut_at, waiting = await bed.applied(), await bed.outbox_left()
             assert worker.running, worker.tail()
             await proxy.restore()
             await bed.produce(stream.events[half:])
@@ -100,7 +99,8 @@ async def test_broker_connection_stalled_then_cut_for_10s(servers: Servers, tmp_
                 stream,
                 f"broker connections stalled for 5s at {applied} applied records "
                 f"({stalled_at} when cut), cut and refused for 10s ({cut_at} applied at "
-                f"restore); {proxy.connections} connections through the proxy",
+                f"restore, {waiting} results waiting in the outbox); {proxy.connections} "
+                "connections through the proxy",
             )
     finally:
         await proxy.stop()
