@@ -140,6 +140,50 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds of a process and all its descendants alive now (e.g. PostgreSQL's
+    postmaster and its backends)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += cpu_seconds(pid)
+        todo.extend(children.get(pid, []))
+    return total
+
+
+class CpuSplit:
+    """CPU seconds used by each named group of processes between `start()` and `stop()`:
+    `trees` count each pid with its descendants, `single` the pid alone."""
+
+    def __init__(
+        self,
+        trees: Mapping[str, Callable[[], Sequence[int]]],
+        single: Mapping[str, Callable[[], Sequence[int]]],
+    ) -> None:
+        self._trees, self._single = trees, single
+        self._before: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        now = {name: sum(map(tree_cpu_seconds, pids())) for name, pids in self._trees.items()}
+        now |= {name: sum(map(cpu_seconds, pids())) for name, pids in self._single.items()}
+        return now
+
+    def start(self) -> None:
+        self._before = self._now()
+
+    def stop(self) -> dict[str, float]:
+        return {n: round(v - self._before.get(n, 0.0), 2) for n, v in self._now().items()}
+
+
 def rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():

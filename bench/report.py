@@ -39,6 +39,8 @@ class Measurement:
     read_latency_ms: dict[str, float] = field(default_factory=dict)  # to our read of it
     peak_rss_mb: float | None = None
     cpu_s: float | None = None  # CPU time of the system's processes, start-up included
+    # CPU seconds by process group (system, postgres, broker, harness) during the run.
+    cpu_split_s: dict[str, float] = field(default_factory=dict)
     drain_s: float | None = None
     checks: dict[str, Any] = field(default_factory=dict)
     throughput_series: list[tuple[float, float]] = field(default_factory=list)  # (s, items/s)
@@ -71,6 +73,11 @@ class Measurement:
         data.update(
             records_per_s=round(self.records_per_s, 1),
             items_per_s=round(self.items_per_s, 1),
+            cpu_us_per_item_by_process={
+                name: round(1e6 * seconds / self.items, 1)
+                for name, seconds in self.cpu_split_s.items()
+                if self.items
+            },
             cpu_us_per_item=None
             if self.cpu_us_per_item is None
             else round(self.cpu_us_per_item, 1),
@@ -86,7 +93,14 @@ def latency_figures(samples_ms: Sequence[float]) -> dict[str, float]:
 
 
 def baseline(measurements: Sequence[Measurement], system: str) -> Measurement | None:
-    return next((m for m in measurements if m.system == system and m.scenario == "steady"), None)
+    return next(
+        (
+            m
+            for m in measurements
+            if m.system == system and m.scenario == "steady" and m.offered_rate is None
+        ),
+        None,
+    )
 
 
 BASELINES = ("naive", "db_limit/pgbench", "db_limit/asyncpg", "kafka_pipe")
@@ -94,8 +108,8 @@ BASELINES = ("naive", "db_limit/pgbench", "db_limit/asyncpg", "kafka_pipe")
 
 def ratios(m: Measurement, measurements: Sequence[Measurement]) -> dict[str, float]:
     """items/s of a worker run over each steady baseline's."""
-    if not m.system.startswith("worker"):
-        return {}
+    if not m.system.startswith("worker") or m.offered_rate is not None:
+        return {}  # an open-loop run goes as fast as it is offered: no ratio to a maximum
     found = {}
     for name in BASELINES:
         base = baseline(measurements, name)

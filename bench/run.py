@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench import dblimit
-from bench.observe import Processes, ResultReader
+from bench.observe import CpuSplit, Processes, ResultReader
 from bench.report import Measurement, latency_figures, percentile, table, write
 from bench.workload import (
     PARTITIONS,
@@ -50,7 +50,9 @@ HOT = Scenario("hot_stock", 0, skus=10, description="every release hits the same
 WHOLE = Scenario("whole_cart", 0, whole_cart=True, description="items absent: whole cart")
 BURST = Scenario("burst", 0, description="all records waiting before the worker starts")
 
+ServerPids = dict[str, Callable[[], list[int]]]
 WORKER = ["worker", "run"]
+PIPE = ["bench.systems", "kafka_pipe"]
 
 
 @dataclass(frozen=True)
@@ -83,13 +85,13 @@ FULL = Plan(
     hot=20_000,
     whole_cart=20_000,
     burst=100_000,
-    naive=1_500,
+    naive=1_000,
     kafka_pipe=40_000,
     db_asyncpg=20_000,
     pgbench_clients=8,
     pgbench_transactions=10,
     open_loop_s=20.0,
-    rate_fractions=(0.5,),
+    rate_fractions=(0.25, 0.5),
     scaling=(1, 2, 4),
 )
 QUICK = Plan(
@@ -117,8 +119,10 @@ class Bench:
         plan: Plan,
         out_dir: Path,
         progress: Progress,
+        server_pids: ServerPids | None = None,
     ) -> None:
         self.base = base
+        self.server_pids = server_pids or {}
         self.pool = pool
         self.plan = plan
         self.out_dir = out_dir
@@ -135,7 +139,7 @@ class Bench:
         if p.db_asyncpg:
             await self.db_limit_asyncpg(steady.sized(p.db_asyncpg))
         if p.kafka_pipe:
-            await self.system("kafka_pipe", ["bench.systems", "kafka_pipe"], steady, p.kafka_pipe)
+            await self.system("kafka_pipe", PIPE, steady, p.kafka_pipe)
         if p.naive:
             await self.system("naive", ["bench.systems", "naive"], steady, p.naive)
         worker_steady = await self.system("worker", WORKER, steady, p.steady) if p.steady else None
@@ -144,8 +148,13 @@ class Bench:
                 await self.system("worker", WORKER, scenario, records)
         if worker_steady is not None:
             for fraction in p.rate_fractions:
+                # The same offered rate through the pipe baseline gives the latency floor
+                # of the broker, the clients and this harness on this machine.
                 rate = fraction * worker_steady.records_per_s
-                await self.system("worker", WORKER, steady, int(rate * p.open_loop_s), rate=rate)
+                records = int(rate * p.open_loop_s)
+                await self.system("worker", WORKER, steady, records, rate=rate)
+                if p.kafka_pipe:
+                    await self.system("kafka_pipe", PIPE, steady, records, rate=rate)
             for processes in p.scaling:
                 if processes > 1:
                     await self.system("worker", WORKER, steady, p.steady, processes=processes)
@@ -231,6 +240,11 @@ class Bench:
             profile.parent.mkdir(parents=True, exist_ok=True)
         procs = Processes(module, _env(settings), log, processes, profile)
         producer = make_producer(settings.kafka_bootstrap or "")
+        split = CpuSplit(
+            self.server_pids,
+            {system: lambda: [p.pid for p in procs.procs], "harness": lambda: [os.getpid()]},
+        )
+        cpu: dict[str, float] = {}
         await producer.start()
         try:
             everything = range(len(workload.events))
@@ -238,9 +252,11 @@ class Bench:
             if rate is None:
                 await produce(producer, settings.input_topic, workload, everything, sent_at)
                 started_at = time.time()
+                split.start()
                 procs.start()
                 await self._read(reader, procs, task)
             else:
+                split.start()
                 procs.start()
                 reading = asyncio.create_task(self._read(reader, procs, task))
                 # Warm up (join the group, fill caches) on records that are not measured.
@@ -250,11 +266,12 @@ class Bench:
                 rest = range(warm, len(workload.events))
                 await produce(producer, settings.input_topic, workload, rest, sent_at, rate)
                 await reading
+            cpu = split.stop()
         finally:
             await producer.stop()
             codes = await procs.stop()
         m = self._measure(system, scenario, mode, reader, procs, started_at)
-        m.processes, m.offered_rate = processes, rate
+        m.processes, m.offered_rate, m.cpu_split_s = processes, rate, cpu
         await self._check(m, workload, reader, codes, settings, system)
         self.measurements.append(m)
         return m
@@ -371,8 +388,9 @@ def _env(settings: Settings) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def servers(settings: Settings) -> AsyncIterator[Settings]:
-    """The servers in `settings`, or an embedded stack when they are not given; migrated."""
+async def servers(settings: Settings) -> AsyncIterator[tuple[Settings, ServerPids]]:
+    """The servers in `settings`, or an embedded stack when they are not given; migrated.
+    Also how to find the servers' processes, when they are ours, to count their CPU."""
     if settings.database_url and settings.kafka_bootstrap:
         given = settings
         stack_cm: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
@@ -387,7 +405,13 @@ async def servers(settings: Settings) -> AsyncIterator[Settings]:
         done = await asyncio.to_thread(migrate, given.database_url)
         if done.returncode != 0:
             raise RuntimeError(f"migration failed: {done.stderr}")
-        yield given
+        pids: ServerPids = {}
+        if stack is not None:
+            pids = {
+                "postgres": lambda: [p for p in [stack.postgres.pid] if p],
+                "broker": lambda: [p for p in [stack.broker.pid] if p],
+            }
+        yield given, pids
 
 
 async def run_bench(
@@ -403,7 +427,7 @@ async def run_bench(
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     started = time.monotonic()
     load_at_start = [round(x, 2) for x in os.getloadavg()]
-    async with servers(settings) as given:
+    async with servers(settings) as (given, server_pids):
         pool = await asyncpg.create_pool(given.database_url, min_size=2, max_size=12)
         try:
             with Progress(
@@ -413,7 +437,7 @@ async def run_bench(
                 TimeElapsedColumn(),
                 console=console,
             ) as progress:
-                bench = Bench(given, pool, plan, out_dir, progress)
+                bench = Bench(given, pool, plan, out_dir, progress, server_pids)
                 measurements = await bench.run_all()
         finally:
             await pool.close()
