@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 import structlog
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from worker import metrics, store
@@ -100,6 +100,7 @@ class ReleaseConsumer:
         self._lanes = [Lane(i, capacity) for i in range(settings.lanes)]
         self._done: dict[TopicPartition, int] = {}  # next offset, committed to the database
         self._committed: dict[TopicPartition, int] = {}  # next offset, committed to Kafka
+        self._fetched: dict[TopicPartition, int] = {}  # next offset not yet handed to a lane
         self._paused: set[TopicPartition] = set()
         self._revoking: set[TopicPartition] = set()
         self._stopping = asyncio.Event()
@@ -157,22 +158,76 @@ class ReleaseConsumer:
                 log.warning("fetch_failed_retrying", error=repr(error)[:200])
                 await asyncio.sleep(1)
                 continue
-            for tp, messages in fetched.items():
-                if tp in self._revoking or not messages:
-                    continue
-                self._lane(tp).add(
-                    RawRecord(
-                        m.topic,
-                        m.partition,
-                        m.offset,
-                        m.key,
-                        m.value,
-                        tuple(m.headers or ()),
-                        m.timestamp,
-                    )
-                    for m in messages
-                )
+            except UnicodeDecodeError as error:
+                log.warning("fetch_unreadable_record", error=repr(error)[:200])
+                await self._isolate_unreadable()
+                continue
+            self._take(fetched)
             self._apply_backpressure()
+
+    def _take(self, fetched: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        for tp, messages in fetched.items():
+            if tp in self._revoking or not messages:
+                continue
+            self._fetched[tp] = messages[-1].offset + 1
+            self._lane(tp).add(
+                RawRecord(
+                    m.topic,
+                    m.partition,
+                    m.offset,
+                    m.key,
+                    m.value,
+                    tuple(m.headers or ()),
+                    m.timestamp,
+                )
+                for m in messages
+            )
+
+    async def _isolate_unreadable(self) -> None:
+        """aiokafka could not parse a fetched record (a header name that is not UTF-8).
+
+        It raised from inside `getmany`, after it had already moved the positions of
+        partitions whose records it was about to return: those records would be skipped,
+        and nothing downstream could notice the gap. So every partition is first rewound
+        to the first record not yet handed to a lane; then each is read on its own, and
+        the failing one record by record up to the unreadable record. That one is handed
+        over without key, value or headers (it becomes a 400 rejection and a dead letter
+        with its topic, partition and offset), and reading resumes after it.
+        """
+        assigned = sorted(self._consumer.assignment() - self._revoking)
+        for tp in assigned:
+            self._rewind(tp)
+        for tp in assigned:
+            try:
+                self._take(
+                    await self._consumer.getmany(
+                        tp, timeout_ms=200, max_records=self._settings.fetch_max_records
+                    )
+                )
+            except UnicodeDecodeError:
+                self._rewind(tp)
+                await self._skip_unreadable(tp)
+
+    async def _skip_unreadable(self, tp: TopicPartition) -> None:
+        while True:
+            try:
+                fetched = await self._consumer.getmany(tp, timeout_ms=1000, max_records=1)
+            except UnicodeDecodeError:
+                break
+            if not fetched.get(tp):
+                return  # not reached in time; the next round carries on from here
+            self._take(fetched)
+        offset = self._fetched[tp]
+        log.error(
+            "record_unreadable_dead_lettered", topic=tp.topic, partition=tp.partition, offset=offset
+        )
+        self._lane(tp).add([RawRecord(tp.topic, tp.partition, offset, None, None)])
+        self._fetched[tp] = offset + 1
+        self._consumer.seek(tp, offset + 1)
+
+    def _rewind(self, tp: TopicPartition) -> None:
+        if tp in self._fetched:
+            self._consumer.seek(tp, self._fetched[tp])
 
     def _apply_backpressure(self) -> None:
         assigned = self._consumer.assignment()
@@ -307,6 +362,7 @@ class ReleaseConsumer:
         for tp in revoked:
             self._done.pop(tp, None)
             self._committed.pop(tp, None)
+            self._fetched.pop(tp, None)
             self._paused.discard(tp)
         log.info("partitions_revoked", partitions=_names(revoked), dropped_buffered=dropped)
 
@@ -322,6 +378,10 @@ class ReleaseConsumer:
                 if tp.topic == topic and tp.partition in stored:
                     self._consumer.seek(tp, stored[tp.partition])
                     self._done[tp] = stored[tp.partition]
+        for tp in assigned:
+            # Where reading starts (the database's offset, else Kafka's committed one, else
+            # the reset policy's): the point `_isolate_unreadable` may rewind to.
+            self._fetched[tp] = await self._consumer.position(tp)
         log.info("partitions_assigned", partitions=_names(assigned))
 
 

@@ -79,8 +79,11 @@ class Publisher:
         task.add_done_callback(self._inflight.discard)
 
     async def _send(self, m: OutboxMessage, partition: int | None = None) -> asyncio.Future[object]:
+        # aiokafka refuses a record with neither key nor value (it asserts), which a dead
+        # letter of a keyless, valueless record would be: it gets an empty value instead.
+        value = b"" if m.payload is None and m.key is None else m.payload
         future: asyncio.Future[object] = await self._producer.send(
-            m.topic, m.payload, key=m.key, headers=list(m.headers), partition=partition
+            m.topic, value, key=m.key, headers=list(m.headers), partition=partition
         )
         return future
 

@@ -586,14 +586,6 @@ asyncio.run(main(*sys.argv[1:]))
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="aiokafka's record parser raises UnicodeDecodeError in getmany() on a header "
-    "name that is not UTF-8; the fetch loop dies and the worker exits, then crashes again "
-    "at the same offset after a restart (worker/consumer.py must catch it and skip the "
-    "record)",
-)
 async def test_a_header_name_that_is_not_utf8_does_not_stop_the_worker(
     world: World, servers: Servers
 ) -> None:
