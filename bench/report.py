@@ -266,3 +266,49 @@ def plot(measurements: Sequence[Measurement], out_dir: Path, console: Console) -
             if m.memory_series and m.system.startswith("worker")
         ],
     )
+
+
+def markdown(document: dict[str, Any]) -> str:
+    """The figures of a results JSON as a Markdown table (for docs/benchmark.md)."""
+
+    def ms(v: Any) -> str:
+        return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:,.0f}"
+
+    lines = [
+        "| scenario | system | mode | records | records/s | items/s | p50 ms | p95 ms | p99 ms "
+        "| peak RSS MiB | CPU µs/item (system · postgres · broker · harness) | × naive "
+        "| % db_limit pgbench | % db_limit asyncpg | % kafka_pipe | correct |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|:-:|",
+    ]
+    for m in document["measurements"]:
+        r, lat, by = (
+            m.get("ratios", {}),
+            m.get("latency_ms", {}),
+            m.get("cpu_us_per_item_by_process", {}),
+        )
+        system = m["system"] if m.get("processes", 1) == 1 else f"{m['system']} ×{m['processes']}"
+        naive = f"{r['naive']:.1f}×" if "naive" in r else ""
+        cpu = (
+            " · ".join(ms(by.get(k)) for k in (m["system"], "postgres", "broker", "harness"))
+            if by
+            else "—"
+        )
+        lines.append(
+            f"| {m['scenario']} | {system} | {m['mode']} | {m['records']:,} "
+            f"| {m['records_per_s']:,.0f} | {m['items_per_s']:,.0f} "
+            f"| {ms(lat.get('p50'))} | {ms(lat.get('p95'))} | {ms(lat.get('p99'))} "
+            f"| {ms(m.get('peak_rss_mb'))} | {cpu} "
+            f"| {naive} "
+            + " | ".join(
+                f"{100 * r[k]:.0f}%" if k in r else ""
+                for k in ("db_limit/pgbench", "db_limit/asyncpg", "kafka_pipe")
+            )
+            + f" | {'yes' if m['correct'] else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(markdown(orjson.loads(Path(sys.argv[1]).read_bytes())))
