@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.support import Published, isolated_settings, produce
@@ -127,6 +128,16 @@ class WorkerProcess:
             return 0
         needle = f'"event": "{event}"'.encode()
         return self.log_path.read_bytes().count(needle)
+
+    def assignments(self) -> list[list[str]]:
+        """The partitions of every `partitions_assigned` this worker logged, in order."""
+        if not self.log_path.exists():
+            return []
+        found = []
+        for line in self.log_path.read_bytes().splitlines():
+            if b'"partitions_assigned"' in line:
+                found.append(orjson.loads(line)["partitions"])
+        return found
 
     def tail(self, lines: int = 30) -> str:
         if not self.log_path.exists():
@@ -333,9 +344,9 @@ class Bed:
         )
         return [int(r[0]) for r in rows]
 
-    async def wait_worker_transaction(self, timeout_s: float = 30) -> list[int]:
+    async def wait_worker_transaction(self, timeout_s: float = 30, at_least: int = 1) -> list[int]:
         deadline = time.monotonic() + timeout_s
-        while not (pids := await self.worker_transactions()):
+        while len(pids := await self.worker_transactions()) < at_least:
             self._assert_workers_alive()
             if time.monotonic() > deadline:
                 raise AssertionError(f"no worker transaction seen within {timeout_s}s")

@@ -38,3 +38,50 @@ async def test_members_joining_and_leaving_mid_stream_lose_and_repeat_nothing(
             f"{revoked} revocations drained and committed",
         )
         assert revoked >= 2
+
+
+async def test_a_batch_that_outlives_the_revoke_deadline_commits_safely_as_a_zombie(
+    bed_factory: BedFactory,
+) -> None:
+    # The test holds every stock row of the bed, so the first worker's batches hang inside
+    # their transactions (holding their partitions' offset rows); a second worker joins, the
+    # first one's revoke gives up after 1 s, and the new owner starts from the database
+    # offsets while the old batches are still open. When the lock goes, both commit: the
+    # offset rows serialise them, and what the zombie applied the new owner skips.
+    async with bed_factory(
+        partitions=4,
+        batch_max_records=100,
+        rebalance_drain_timeout_s=1,
+        statement_timeout_ms=120_000,
+        session_timeout_ms=6000,
+    ) as bed:
+        await bed.seed(carts=800)
+        stream = bed.stream()
+        await bed.produce(stream.events)
+        async with bed.pool.acquire() as conn:
+            hold = conn.transaction()
+            await hold.start()
+            await conn.execute(
+                "SELECT 1 FROM stock WHERE sku = ANY($1::text[]) ORDER BY sku FOR UPDATE",
+                bed.skus,
+            )
+            first = await bed.start_worker()
+            await bed.wait_log(first, "partitions_assigned")
+            # One per lane: the lanes hold partitions 0, 2 and 1, 3, so whichever pair
+            # moves, a batch of it is open.
+            blocked = await bed.wait_worker_transaction(at_least=2)
+            second = await bed.start_worker()
+            await bed.wait_log(first, "revoke_drain_timeout")
+            await bed.wait_log(second, "partitions_assigned")
+            applied_while_held = await bed.applied()
+            await hold.rollback()
+        await bed.check(
+            stream,
+            f"stock rows locked by the test: {len(blocked)} batch transaction(s) of worker-1 "
+            f"hung; worker-2 joined, worker-1's revoke timed out after 1 s and its partitions "
+            f"moved while those batches were open ({applied_while_held} applied meanwhile; "
+            f"worker-1 {first.assignments()}, worker-2 {second.assignments()}); lock "
+            "released, the zombie batches committed",
+        )
+        moved = set(first.assignments()[0]) - set(first.assignments()[-1])
+        assert moved, "some of worker-1's partitions moved to worker-2"
