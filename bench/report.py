@@ -298,7 +298,7 @@ def markdown(document: dict[str, Any]) -> str:
             f"| {m['records_per_s']:,.0f} | {m['items_per_s']:,.0f} "
             f"| {ms(lat.get('p50'))} | {ms(lat.get('p95'))} | {ms(lat.get('p99'))} "
             f"| {ms(m.get('peak_rss_mb'))} | {cpu} "
-            f"| {naive} "
+            f"| {naive} | "
             + " | ".join(
                 f"{100 * r[k]:.0f}%" if k in r else ""
                 for k in ("db_limit/pgbench", "db_limit/asyncpg", "kafka_pipe")
