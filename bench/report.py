@@ -261,7 +261,7 @@ def plot(measurements: Sequence[Measurement], out_dir: Path, console: Console) -
         "Worker resident memory over time",
         "MiB (all worker processes)",
         [
-            (f"{m.scenario}: {m.label}", m.memory_series)
+            (f"{m.scenario} {m.mode}: {m.label}", m.memory_series)
             for m in measurements
             if m.memory_series and m.system.startswith("worker")
         ],
