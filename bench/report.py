@@ -251,10 +251,9 @@ def plot(measurements: Sequence[Measurement], out_dir: Path, console: Console) -
     timed = [m for m in measurements if m.latency_series]
     latency_lines: list[tuple[str, list[Any]]] = []
     for m in timed:
-        latency_lines.append((f"{m.scenario} {m.mode}: p50", m.latency_series))
-        latency_lines.append(
-            (f"{m.scenario} {m.mode}: p99", [(t, p99) for t, _, p99 in m.latency_series])
-        )
+        name = f"{m.label} {m.mode}"
+        latency_lines.append((f"{name}: p50", m.latency_series))
+        latency_lines.append((f"{name}: p99", [(t, p99) for t, _, p99 in m.latency_series]))
     figure("latency.png", "Record→result latency over time", "ms", latency_lines)
     figure(
         "memory.png",
