@@ -221,7 +221,7 @@ class ReleaseConsumer:
         log.error(
             "record_unreadable_dead_lettered", topic=tp.topic, partition=tp.partition, offset=offset
         )
-        self._lane(tp).add([RawRecord(tp.topic, tp.partition, offset, None, None)])
+        self._lane(tp).add([RawRecord(tp.topic, tp.partition, offset, None, None, unreadable=True)])
         self._fetched[tp] = offset + 1
         self._consumer.seek(tp, offset + 1)
 

@@ -20,6 +20,9 @@ class RawRecord:
     # Not in repr: the headers carry rokt-api-key, and a repr can end up in a log or trace.
     headers: Headers = field(default=(), repr=False)
     timestamp_ms: int = 0
+    # The client could not decode it (e.g. a header name that is not UTF-8): only its
+    # position is known, its bytes are not.
+    unreadable: bool = False
 
     @property
     def position(self) -> str:

@@ -144,6 +144,13 @@ def _unreadable(record: RawRecord, code: str, message: str, value: Any = None) -
 
 
 def _check_framing(record: RawRecord, limits: Limits) -> Rejection | None:
+    if record.unreadable:
+        return _unreadable(
+            record,
+            "unreadable_record",
+            "The Kafka client could not decode this record (for example a header name that is "
+            "not UTF-8), so its bytes are not available; re-send it with UTF-8 header names.",
+        )
     value = record.value
     if not value:
         return _unreadable(

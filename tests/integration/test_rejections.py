@@ -559,7 +559,10 @@ def test_the_documented_table_is_exactly_what_these_tests_produce() -> None:
     """docs/errors.md lists every (status, code) the tests above produce, and no other."""
     table = (Path(__file__).parents[2] / "docs" / "errors.md").read_text()
     documented = {(int(s), c) for s, c in re.findall(r"^\| (\d{3}) \| `([a-z0-9_]+)`", table, re.M)}
-    produced = {(c.status, c.code) for c in CASES} | {(504, "database_timeout")}
+    produced = {(c.status, c.code) for c in CASES} | {
+        (504, "database_timeout"),
+        (400, "unreadable_record"),  # test_a_header_name_that_is_not_utf8_...
+    }
     assert documented == produced
 
 
@@ -607,7 +610,16 @@ async def test_a_header_name_that_is_not_utf8_does_not_stop_the_worker(
             lambda seen: f"{P}-after_bad_header" in {r.body["eventId"] for r in seen},
             timeout_s=10,
         )
+        dead = await read_topic(
+            servers.bootstrap, world.settings.dlq_topic, lambda seen: len(seen) >= 1, timeout_s=10
+        )
     assert f"{P}-after_bad_header" in {r.body["eventId"] for r in results}
+    [bad] = [r.body for r in results if r.body["eventId"] != f"{P}-after_bad_header"]
+    assert (bad["status"], bad["errors"][0]["code"]) == (400, "unreadable_record")
+    source = dead[0].headers
+    position = [source[f"dlq-source-{n}"].decode() for n in ("topic", "partition", "offset")]
+    assert bad["eventId"] == "/".join(position)
+    assert dead[0].headers["dlq-code"] == b"unreadable_record"
 
 
 # --- a long stream of mixed records ---------------------------------------------------
