@@ -130,19 +130,23 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process has used so far; 0 if it is gone."""
+def cpu_seconds(pid: int, reaped: bool = False) -> float:
+    """User + system CPU time the process has used so far (with `reaped`, also that of its
+    children that have exited and been waited for); 0 if it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    # Fields 14 and 15 of stat (utime, stime), counted after the ")" that ends the name.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    # utime, stime, cutime, cstime are fields 14-17 of stat, counted after the name's ")".
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def tree_cpu_seconds(root: int) -> float:
-    """CPU seconds of a process and all its descendants alive now (e.g. PostgreSQL's
-    postmaster and its backends)."""
+    """CPU seconds of a process and its descendants, those alive now and those that have
+    exited (e.g. PostgreSQL's postmaster, its backends, and closed sessions' backends)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -155,7 +159,7 @@ def tree_cpu_seconds(root: int) -> float:
     total, todo = 0.0, [root]
     while todo:
         pid = todo.pop()
-        total += cpu_seconds(pid)
+        total += cpu_seconds(pid, reaped=True)
         todo.extend(children.get(pid, []))
     return total
 
