@@ -27,6 +27,7 @@ from worker.auth import Authenticator
 from worker.config import Settings
 from worker.consumer import ReleaseConsumer, ReportHook
 from worker.expiry import run_sweeper
+from worker.housekeeping import run_inbox_pruner
 from worker.processor import BatchProcessor, transient_retrying
 from worker.publisher import Publisher
 
@@ -259,6 +260,8 @@ async def _serve(settings: Settings, health: ops.Health, parts: _Parts, stop: as
     ]
     if settings.expiry_enabled:
         background.append(asyncio.create_task(run_sweeper(pool, settings, publisher)))
+    if settings.inbox_retention_hours:
+        background.append(asyncio.create_task(run_inbox_pruner(pool, settings)))
     log.info(
         "worker_started",
         input_topic=settings.input_topic,

@@ -105,6 +105,16 @@ class Settings(BaseSettings):
     )
     expiry_batch_size: int = Field(1000, ge=1, description="Reservations expired per sweep pass.")
 
+    inbox_retention_hours: float = Field(
+        168.0,
+        ge=0,
+        description="Inbox rows (replay protection with byte-identical results) are kept this "
+        "long; 0 keeps them forever. An older replay still never changes stock.",
+    )
+    inbox_prune_interval_s: float = Field(
+        300.0, gt=0, description="Period of the inbox pruning pass."
+    )
+
     outbox_relay_interval_s: float = Field(
         2.0, gt=0, description="Period of the pass that publishes leftover outbox rows."
     )

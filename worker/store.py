@@ -22,7 +22,7 @@ from worker.records import Headers, OutboxMessage
 from worker.release import EventKey, InboxEntry, Reservation, TopicPartition
 
 # The newest migration this code needs; `run` refuses an older schema.
-SCHEMA_VERSION = "20261127160000"
+SCHEMA_VERSION = "20261127170000"
 
 # A connection, from a pool or not; `Db` also admits the pool itself (one-statement calls).
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
@@ -347,8 +347,7 @@ WORKER_PRIVILEGES: tuple[tuple[str, str, str | None], ...] = (
     *(("reservations", "UPDATE", c) for c in ("status", "released_at", "release_event_id")),
     ("stock", "SELECT", None),
     ("stock", "UPDATE", "reserved"),
-    ("inbox", "SELECT", None),
-    ("inbox", "INSERT", None),
+    *(("inbox", p, None) for p in ("SELECT", "INSERT", "DELETE")),
     *(("outbox", p, None) for p in ("SELECT", "INSERT", "DELETE")),
     ("outbox", "UPDATE", "created_at"),
     ("outbox_id_seq", "USAGE", None),
@@ -382,3 +381,18 @@ async def missing_privileges(conn: Db) -> tuple[str, bool, list[str]]:
         f"{r['priv']}" + (f"({r['col']})" if r["col"] else "") + f" ON {r['obj']}" for r in rows
     ]
     return str(who["name"]), bool(who["usesuper"]), missing
+
+
+async def prune_inbox(conn: Db, older_than_s: float, limit: int) -> int:
+    """Delete up to `limit` inbox rows processed more than `older_than_s` ago; return how many."""
+    status = await conn.execute(
+        """
+        DELETE FROM inbox WHERE ctid IN (
+            SELECT ctid FROM inbox
+            WHERE processed_at < now() - make_interval(secs => $1)
+            LIMIT $2)
+        """,
+        older_than_s,
+        limit,
+    )
+    return int(status.rsplit(" ", 1)[-1])
