@@ -80,8 +80,9 @@ class ReleaseStore(Protocol):
         """Which of (reservation_id, partner_id) exist under another partner."""
         ...
 
-    async def release(self, releases: Sequence[tuple[str, str]]) -> list[Reservation]:
-        """Move (reservation_id, event_id) from reserved to released; return the moved rows."""
+    async def release(self, releases: Sequence[tuple[str, str, str]]) -> list[Reservation]:
+        """Move (reservation_id, partner_id, event_id) from reserved to released, only where
+        the reservation is that partner's; return the moved rows."""
         ...
 
     async def return_stock(self, deltas: Sequence[tuple[str, str, int]]) -> None:
@@ -236,7 +237,7 @@ async def apply_batch(
         by_cart.setdefault((r.partner_id, r.cart_id), []).append(r)
 
     status: dict[str, str] = {}
-    releases: list[tuple[str, str]] = []
+    releases: list[tuple[str, str, str]] = []  # (reservation_id, partner_id, event_id)
     inbox: list[InboxEntry] = []
     produced: dict[EventKey, list[bytes]] = dict(stored)
     messages: list[OutboxMessage] = []
@@ -272,7 +273,7 @@ async def apply_batch(
                 report.foreign += 1
                 report.cross_partner.append((partner_id, command.event_id, d.reservation_id))
             if d.outcome is Outcome.RELEASED:
-                releases.append((d.reservation_id, command.event_id))
+                releases.append((d.reservation_id, partner_id, command.event_id))
             payloads.append(
                 item_result_payload(
                     event_id=command.event_id,

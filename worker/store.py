@@ -122,17 +122,21 @@ class PgReleaseStore:
         )
         return {r[0] for r in rows}
 
-    async def release(self, releases: Sequence[tuple[str, str]]) -> list[Reservation]:
+    async def release(self, releases: Sequence[tuple[str, str, str]]) -> list[Reservation]:
+        # Scoped by partner too: the ids come from the partner-scoped lock already, and this
+        # keeps the statement itself unable to touch another partner's reservation.
         rows = await self._conn.fetch(
             f"""
             UPDATE reservations r
                SET status = 'released', released_at = now(), release_event_id = u.event_id
-              FROM unnest($1::text[], $2::text[]) AS u(id, event_id)
-             WHERE r.reservation_id = u.id AND r.status = 'reserved'
+              FROM unnest($1::text[], $2::text[], $3::text[]) AS u(id, partner_id, event_id)
+             WHERE r.reservation_id = u.id AND r.partner_id = u.partner_id
+               AND r.status = 'reserved'
             RETURNING {", ".join("r." + c for c in _RESERVATION_COLUMNS.split(", "))}
             """,
             [r[0] for r in releases],
             [r[1] for r in releases],
+            [r[2] for r in releases],
         )
         return [_reservation(r) for r in rows]
 

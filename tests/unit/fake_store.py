@@ -49,11 +49,11 @@ class FakeStore:
             if rid in self.reservations and self.reservations[rid].partner_id != partner
         }
 
-    async def release(self, releases: Sequence[tuple[str, str]]) -> list[Reservation]:
+    async def release(self, releases: Sequence[tuple[str, str, str]]) -> list[Reservation]:
         moved = []
-        for rid, _ in releases:
+        for rid, partner_id, _ in releases:
             row = self.reservations[rid]
-            if row.status == "reserved":
+            if row.status == "reserved" and row.partner_id == partner_id:
                 self.reservations[rid] = replace(row, status="released")
                 moved.append(row)
         return moved
