@@ -332,9 +332,8 @@ class Bench:
             latencies[int((ts - first) / 1000)].append(ts - sent)
         # Whole seconds: a batch lands at once, so finer buckets only show the batch size.
         # The last second is partial and would read as a drop.
-        m.throughput_series = [(float(b), float(n)) for b, n in sorted(items_per_bucket.items())][
-            :-1
-        ]
+        series = [(float(b), float(n)) for b, n in sorted(items_per_bucket.items())]
+        m.throughput_series = series[:-1] if len(series) > 2 else series
         if mode != "backlog":
             m.latency_series = [
                 (float(s), percentile(v, 50), percentile(v, 99))
