@@ -157,50 +157,36 @@ class BatchProcessor:
         record = work.record
         timeout = isinstance(error, asyncpg.exceptions.QueryCanceledError)
         metrics.RETRIES.labels(cause="statement_timeout" if timeout else "poison").inc()
+        where = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
         if attempt < self._settings.poison_max_attempts:
-            log.warning(
-                "record_failed_retrying",
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                attempt=attempt,
-                error=repr(error)[:300],
-            )
+            log.warning("record_failed_retrying", **where, attempt=attempt, error=repr(error)[:300])
             await asyncio.sleep(min(self._settings.retry_max_s, 0.1 * 2**attempt))
             return await self._apply_isolating([work], attempt + 1)
         event_id = work.command.event_id if work.command else record.position
         cart_id = work.command.cart_id if work.command else None
-        if timeout:
-            rejection = Rejection(
+        status, code, message = (
+            (
                 504,
                 "database_timeout",
                 f"The database timed out {attempt} times on this record; retry it later.",
-                None,
-                event_id,
-                cart_id,
-                dead_letter=True,
-                attempts=attempt,
             )
-        else:
-            rejection = Rejection(
+            if timeout
+            else (
                 500,
                 "internal_error",
-                f"The record failed {attempt} times ({type(error).__name__}); it was "
-                "dead-lettered for investigation.",
-                None,
-                event_id,
-                cart_id,
-                dead_letter=True,
-                attempts=attempt,
+                f"The record failed {attempt} times "
+                f"({type(error).__name__}); it was dead-lettered for investigation.",
             )
+        )
+        rejection = Rejection(
+            status, code, message, None, event_id, cart_id, dead_letter=True, attempts=attempt
+        )
         log.error(
             "record_dead_lettered",
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
+            **where,
             event_id=event_id,
             cart_id=cart_id,
-            status=rejection.status,
+            status=status,
             error=repr(error)[:300],
         )
         return await self._apply(
