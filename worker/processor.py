@@ -207,13 +207,10 @@ class BatchProcessor:
 def _merge(first: BatchReport, second: BatchReport) -> BatchReport:
     first.messages.extend(second.messages)
     first.outcomes.update(second.outcomes)
-    first.rejections.update(second.rejections)
     first.records += second.records
     first.skipped += second.skipped
     first.replays += second.replays
-    first.foreign += second.foreign
     first.cross_partner.extend(second.cross_partner)
-    first.dead_letters += second.dead_letters
     first.rejected.extend(second.rejected)
     first.released_quantity += second.released_quantity
     for tp, offset in second.next_offsets.items():

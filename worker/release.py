@@ -106,17 +106,27 @@ class BatchReport:
 
     messages: list[OutboxMessage] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
-    rejections: Counter[int] = field(default_factory=Counter)
     records: int = 0
     skipped: int = 0  # below the stored offset: already applied before a crash or rebalance
     replays: int = 0
-    foreign: int = 0
-    # (partner_id, event_id, reservation_id) of each foreign item, for the security log.
+    # (partner_id, event_id, reservation_id) of each item naming another partner's reservation.
     cross_partner: list[tuple[str, str, str]] = field(default_factory=list)
-    dead_letters: int = 0
     released_quantity: int = 0
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
-    rejected: list[tuple[RawRecord, Rejection]] = field(default_factory=list)  # for the logs
+    rejected: list[tuple[RawRecord, Rejection]] = field(default_factory=list)
+
+    @property
+    def foreign(self) -> int:
+        return len(self.cross_partner)
+
+    @property
+    def rejections(self) -> Counter[int]:
+        """Rejected records by status."""
+        return Counter(rejection.status for _, rejection in self.rejected)
+
+    @property
+    def dead_letters(self) -> int:
+        return sum(rejection.dead_letter for _, rejection in self.rejected)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +280,6 @@ async def apply_batch(
         for d in decided:
             report.outcomes[d.outcome.value] += 1
             if d.foreign:
-                report.foreign += 1
                 report.cross_partner.append((partner_id, command.event_id, d.reservation_id))
             if d.outcome is Outcome.RELEASED:
                 releases.append((d.reservation_id, partner_id, command.event_id))
@@ -326,7 +335,5 @@ def _reject(
     topics: Topics,
     processed_at: datetime,
 ) -> list[OutboxMessage]:
-    report.rejections[rejection.status] += 1
-    report.dead_letters += rejection.dead_letter
     report.rejected.append((record, rejection))
     return rejection_messages(record, rejection, topics, processed_at)
