@@ -31,6 +31,7 @@ Db: TypeAlias = "Conn | asyncpg.Pool[asyncpg.Record]"
 _RESERVATION_COLUMNS = (
     "reservation_id, partner_id, cart_id, cart_item_id, sku, location_id, quantity, status"
 )
+_R_COLUMNS = ", ".join("r." + c for c in _RESERVATION_COLUMNS.split(", "))  # alias `r`
 
 
 def _reservation(row: asyncpg.Record) -> Reservation:
@@ -91,7 +92,7 @@ class PgReleaseStore:
         # of both conditions in one WHERE made PostgreSQL scan the whole table instead.
         rows = await self._conn.fetch(
             f"""
-            SELECT {", ".join("r." + c for c in _RESERVATION_COLUMNS.split(", "))}
+            SELECT {_R_COLUMNS}
               FROM (SELECT r.reservation_id FROM reservations r
                       JOIN unnest($1::text[], $2::text[]) AS u(id, partner)
                         ON r.reservation_id = u.id AND r.partner_id = u.partner
@@ -132,7 +133,7 @@ class PgReleaseStore:
               FROM unnest($1::text[], $2::text[], $3::text[]) AS u(id, partner_id, event_id)
              WHERE r.reservation_id = u.id AND r.partner_id = u.partner_id
                AND r.status = 'reserved'
-            RETURNING {", ".join("r." + c for c in _RESERVATION_COLUMNS.split(", "))}
+            RETURNING {_R_COLUMNS}
             """,
             [r[0] for r in releases],
             [r[1] for r in releases],
@@ -319,7 +320,7 @@ async def expire_due(conn: Conn, limit: int, now: datetime | None = None) -> lis
         )
         UPDATE reservations r SET status = 'expired', released_at = now()
           FROM due WHERE r.reservation_id = due.reservation_id AND r.status = 'reserved'
-        RETURNING {", ".join("r." + c for c in _RESERVATION_COLUMNS.split(", "))}
+        RETURNING {_R_COLUMNS}
         """,
         limit,
         now,
@@ -343,7 +344,8 @@ async def check_schema(conn: Db) -> None:
 
 
 # What the worker's login must be allowed, as granted to the `release_worker` role by
-# migrations/20261127160000_release_worker_role.sql: (object, privilege, column or None).
+# the migrations (..._release_worker_role.sql, ..._inbox_retention.sql): (object, privilege,
+# column or None).
 WORKER_PRIVILEGES: tuple[tuple[str, str, str | None], ...] = (
     ("schema_migrations", "SELECT", None),
     ("partners", "SELECT", None),
