@@ -16,7 +16,6 @@ database is ever applied twice, whatever Kafka's committed offset says.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -407,8 +406,3 @@ def _offset_ranges(records: Iterable[RawRecord]) -> dict[str, list[int]]:
 
 def _names(partitions: Iterable[TopicPartition]) -> list[str]:
     return sorted(f"{tp.topic}/{tp.partition}" for tp in partitions)
-
-
-async def close_quietly(consumer: AIOKafkaConsumer) -> None:
-    with contextlib.suppress(KafkaError):
-        await consumer.stop()
