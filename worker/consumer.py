@@ -251,7 +251,8 @@ class ReleaseConsumer:
             lane.idle.clear()
             lane.busy_with = {TopicPartition(r.topic, r.partition) for r in records}
             try:
-                report = await self._processor.process(records)
+                with structlog.contextvars.bound_contextvars(lane=lane.index):
+                    report = await self._processor.process(records)
                 await self._publisher.publish(report.messages)
                 for (topic, partition), offset in report.next_offsets.items():
                     tp = TopicPartition(topic, partition)

@@ -155,15 +155,27 @@ class BatchProcessor:
 
     async def _retry_single(self, work: Work, attempt: int, error: Exception) -> BatchReport:
         record = work.record
-        timeout = isinstance(error, asyncpg.exceptions.QueryCanceledError)
-        metrics.RETRIES.labels(cause="statement_timeout" if timeout else "poison").inc()
-        where = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
-        if attempt < self._settings.poison_max_attempts:
-            log.warning("record_failed_retrying", **where, attempt=attempt, error=repr(error)[:300])
-            await asyncio.sleep(min(self._settings.retry_max_s, 0.1 * 2**attempt))
-            return await self._apply_isolating([work], attempt + 1)
         event_id = work.command.event_id if work.command else record.position
         cart_id = work.command.cart_id if work.command else None
+        # Bound once: these logs, and the retries' own, all name the record.
+        with structlog.contextvars.bound_contextvars(
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            event_id=event_id,
+            cart_id=cart_id,
+        ):
+            return await self._retry_or_reject(work, attempt, error, event_id, cart_id)
+
+    async def _retry_or_reject(
+        self, work: Work, attempt: int, error: Exception, event_id: str, cart_id: str | None
+    ) -> BatchReport:
+        timeout = isinstance(error, asyncpg.exceptions.QueryCanceledError)
+        metrics.RETRIES.labels(cause="statement_timeout" if timeout else "poison").inc()
+        if attempt < self._settings.poison_max_attempts:
+            log.warning("record_failed_retrying", attempt=attempt, error=repr(error)[:300])
+            await asyncio.sleep(min(self._settings.retry_max_s, 0.1 * 2**attempt))
+            return await self._apply_isolating([work], attempt + 1)
         status, code, message = (
             (
                 504,
@@ -181,14 +193,7 @@ class BatchProcessor:
         rejection = Rejection(
             status, code, message, None, event_id, cart_id, dead_letter=True, attempts=attempt
         )
-        log.error(
-            "record_dead_lettered",
-            **where,
-            event_id=event_id,
-            cart_id=cart_id,
-            status=status,
-            error=repr(error)[:300],
-        )
+        log.error("record_dead_lettered", status=status, error=repr(error)[:300])
         return await self._apply(
             [replace(work, command=None, partner_id=None, rejection=rejection)]
         )
