@@ -47,7 +47,7 @@ bench: $(STAMP)
 	$(BIN)/release-worker bench
 
 bench-quick: $(STAMP)
-	$(BIN)/release-worker bench --quick
+	$(BIN)/release-worker bench --quick --out bench/results/quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
