@@ -240,7 +240,14 @@ async def _start(
         on_success=on_db_success,
     )
     consumer = make_consumer(settings)
-    release_consumer = ReleaseConsumer(consumer, processor, publisher, settings, pool, on_report)
+    release_consumer = ReleaseConsumer(
+        consumer,
+        processor,
+        publisher,
+        settings,
+        lambda topic: store.stored_offsets(pool, settings.group_id, topic),
+        on_report,
+    )
     consumer.subscribe([settings.input_topic], listener=release_consumer.listener())
     # Stopping the consumer leaves the group, so the partitions move at once.
     resources.push_async_callback(_bounded, consumer.stop)

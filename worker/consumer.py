@@ -18,17 +18,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Protocol
 
 import structlog
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
-from worker import metrics, store
+from worker import metrics
 from worker.config import Settings
-from worker.processor import BatchProcessor, transient_retrying
-from worker.publisher import Publisher
-from worker.records import RawRecord
+from worker.offsets import OffsetBook
+from worker.processor import transient_retrying
+from worker.records import Headers, OutboxMessage, RawRecord
 from worker.release import BatchReport
 
 log = structlog.get_logger("worker.consumer")
@@ -37,6 +38,87 @@ log = structlog.get_logger("worker.consumer")
 _COMMIT_TIMEOUT_S = 5.0
 
 ReportHook = Callable[[BatchReport], None]
+
+# The database's next offset per partition of a topic (`store.stored_offsets`).
+StoredOffsets = Callable[[str], Awaitable[Mapping[int, int]]]
+
+
+# ---------------------------------------------------------------------- the seams
+
+
+class FetchedRecord(Protocol):
+    """A record as the source returns it (aiokafka's `ConsumerRecord`)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Headers | Sequence[tuple[str, bytes | None]] | None: ...
+    @property
+    def timestamp(self) -> int: ...
+
+
+class KafkaSource(Protocol):
+    """The part of `AIOKafkaConsumer` that `ReleaseConsumer` uses, so a fake can drive it.
+
+    Blocking: only `getmany`, `position` and `commit` await. `getmany` returns within
+    about `timeout_ms` while the source holds an assignment, but may wait without bound
+    while the group rebalances (aiokafka waits for the new assignment), so a caller that
+    must stop in time races it against its stop event; cancelling it loses nothing.
+    `commit` may wait for a coordinator without end during an outage: callers bound it.
+    The rebalance callbacks (`ReleaseConsumer.on_revoked` / `on_assigned`) are called
+    by the source's own task, never from inside a call the consumer made; `seek` and
+    `position` are valid for assigned partitions only.
+
+    Errors: `getmany` raises `KafkaError` (the caller retries) and `UnicodeDecodeError`
+    for a record it cannot decode; it may already have moved the positions of other
+    partitions by then (see `ReleaseConsumer._isolate_unreadable`). `commit` raises
+    `CommitFailedError` / `IllegalStateError` when a rebalance took the partitions.
+    Shutdown: the owner stops the source after `ReleaseConsumer.run` returned.
+    """
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> Mapping[TopicPartition, Sequence[FetchedRecord]]: ...
+    def seek(self, partition: TopicPartition, offset: int) -> None: ...
+    async def position(self, partition: TopicPartition) -> int: ...
+    def pause(self, *partitions: TopicPartition) -> None: ...
+    def resume(self, *partitions: TopicPartition) -> None: ...
+    def paused(self) -> set[TopicPartition]: ...
+    def assignment(self) -> set[TopicPartition]: ...
+    def highwater(self, partition: TopicPartition) -> int | None: ...
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None: ...
+
+
+class Processor(Protocol):
+    """Applies one lane's batch in one database transaction (`processor.BatchProcessor`).
+
+    `process` returns once the batch is committed (the offsets in its report are durable)
+    and never raises for a bad record: bad records become rejections in the report. It
+    retries outages for as long as they last, so it may block indefinitely; cancelling it
+    rolls the open transaction back, and the batch's records are applied again later.
+    """
+
+    async def process(self, records: Sequence[RawRecord]) -> BatchReport: ...
+
+
+class ResultPublisher(Protocol):
+    """Sends a committed batch's results (`publisher.Publisher`).
+
+    The results are already in the database's outbox, so neither call may lose them:
+    `publish` starts sending and returns without waiting for the broker (a refusal leaves
+    the row for the relay); `flush` waits at most `timeout_s` for the sends in flight.
+    """
+
+    async def publish(self, messages: Sequence[OutboxMessage]) -> None: ...
+    async def flush(self, timeout_s: float) -> None: ...
 
 
 class Lane:
@@ -82,24 +164,22 @@ class Lane:
 class ReleaseConsumer:
     def __init__(
         self,
-        consumer: AIOKafkaConsumer,
-        processor: BatchProcessor,
-        publisher: Publisher,
+        consumer: KafkaSource,
+        processor: Processor,
+        publisher: ResultPublisher,
         settings: Settings,
-        pool: store.Db,
+        stored_offsets: StoredOffsets,
         on_report: ReportHook | None = None,
     ) -> None:
         self._consumer = consumer
         self._processor = processor
         self._publisher = publisher
         self._settings = settings
-        self._pool = pool
+        self._stored_offsets = stored_offsets
         self._on_report = on_report
         capacity = settings.batch_max_records * settings.lane_queue_batches
         self._lanes = [Lane(i, capacity) for i in range(settings.lanes)]
-        self._done: dict[TopicPartition, int] = {}  # next offset, committed to the database
-        self._committed: dict[TopicPartition, int] = {}  # next offset, committed to Kafka
-        self._fetched: dict[TopicPartition, int] = {}  # next offset not yet handed to a lane
+        self._offsets = OffsetBook()
         self._paused: set[TopicPartition] = set()
         self._revoking: set[TopicPartition] = set()
         self._stopping = asyncio.Event()
@@ -164,11 +244,11 @@ class ReleaseConsumer:
             self._take(fetched)
             self._apply_backpressure()
 
-    def _take(self, fetched: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+    def _take(self, fetched: Mapping[TopicPartition, Sequence[FetchedRecord]]) -> None:
         for tp, messages in fetched.items():
             if tp in self._revoking or not messages:
                 continue
-            self._fetched[tp] = messages[-1].offset + 1
+            self._offsets.handed(tp, messages[-1].offset)
             self._lane(tp).add(
                 RawRecord(
                     m.topic,
@@ -216,17 +296,19 @@ class ReleaseConsumer:
             if not fetched.get(tp):
                 return  # not reached in time; the next round carries on from here
             self._take(fetched)
-        offset = self._fetched[tp]
+        offset = self._offsets.rewind_point(tp)
+        assert offset is not None  # set on assignment
         log.error(
             "record_unreadable_dead_lettered", topic=tp.topic, partition=tp.partition, offset=offset
         )
         self._lane(tp).add([RawRecord(tp.topic, tp.partition, offset, None, None, unreadable=True)])
-        self._fetched[tp] = offset + 1
+        self._offsets.handed(tp, offset)
         self._consumer.seek(tp, offset + 1)
 
     def _rewind(self, tp: TopicPartition) -> None:
-        if tp in self._fetched:
-            self._consumer.seek(tp, self._fetched[tp])
+        offset = self._offsets.rewind_point(tp)
+        if offset is not None:
+            self._consumer.seek(tp, offset)
 
     def _apply_backpressure(self) -> None:
         assigned = self._consumer.assignment()
@@ -254,9 +336,7 @@ class ReleaseConsumer:
                 with structlog.contextvars.bound_contextvars(lane=lane.index):
                     report = await self._processor.process(records)
                 await self._publisher.publish(report.messages)
-                for (topic, partition), offset in report.next_offsets.items():
-                    tp = TopicPartition(topic, partition)
-                    self._done[tp] = max(self._done.get(tp, 0), offset)
+                self._offsets.applied(report.next_offsets)
                 self.last_progress = time.monotonic()
                 log.debug(
                     "batch_applied",
@@ -289,11 +369,7 @@ class ReleaseConsumer:
         """Commit to Kafka what the database has committed, for assigned partitions."""
         assigned = self._consumer.assignment()
         wanted = assigned if partitions is None else set(partitions) & assigned
-        offsets = {
-            tp: offset
-            for tp, offset in self._done.items()
-            if tp in wanted and offset > self._committed.get(tp, -1)
-        }
+        offsets = self._offsets.to_commit(wanted)
         if not offsets:
             return
         try:
@@ -311,7 +387,7 @@ class ReleaseConsumer:
             # the database offsets) makes up for this one.
             log.warning("commit_failed", error=repr(error)[:200])
             return
-        self._committed.update(offsets)
+        self._offsets.committed(offsets)
         for tp, offset in offsets.items():
             metrics.COMMITTED.labels(partition=str(tp.partition)).set(offset)
 
@@ -319,7 +395,7 @@ class ReleaseConsumer:
         for tp in self._consumer.assignment():
             high = self._consumer.highwater(tp)
             if high is not None:
-                lag = max(0, high - self._committed.get(tp, self._done.get(tp, 0)))
+                lag = self._offsets.lag(tp, high)
                 metrics.LAG.labels(partition=str(tp.partition)).set(lag)
 
     def lag(self) -> int:
@@ -327,7 +403,7 @@ class ReleaseConsumer:
         for tp in self._consumer.assignment():
             high = self._consumer.highwater(tp)
             if high is not None:
-                total += max(0, high - self._done.get(tp, 0))
+                total += self._offsets.backlog(tp, high)
         return total
 
     # ------------------------------------------------------------------ rebalancing
@@ -359,29 +435,32 @@ class ReleaseConsumer:
         # own, and `rebalance_timeout_ms` covers both (see app.make_consumer).
         await self._publisher.flush(max(0.0, deadline - loop.time()))
         await self.commit(revoked)
-        for tp in revoked:
-            self._done.pop(tp, None)
-            self._committed.pop(tp, None)
-            self._fetched.pop(tp, None)
-            self._paused.discard(tp)
+        self._offsets.forget(revoked)
+        self._paused -= revoked
         log.info("partitions_revoked", partitions=_names(revoked), dropped_buffered=dropped)
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         # aiokafka discards fetched records of an older assignment from here on.
         self._revoking.clear()
         self.joined = True
+        stored: dict[TopicPartition, int] = {}
         for topic in {tp.topic for tp in assigned}:
             async for attempt in transient_retrying(self._settings):
                 with attempt:
-                    stored = await store.stored_offsets(self._pool, self._settings.group_id, topic)
-            for tp in assigned:
-                if tp.topic == topic and tp.partition in stored:
-                    self._consumer.seek(tp, stored[tp.partition])
-                    self._done[tp] = stored[tp.partition]
-        for tp in assigned:
+                    by_partition = await self._stored_offsets(topic)
+            stored.update(
+                (tp, by_partition[tp.partition])
+                for tp in assigned
+                if tp.topic == topic and tp.partition in by_partition
+            )
+        for tp in sorted(assigned):
+            if tp in stored:
+                self._consumer.seek(tp, stored[tp])
             # Where reading starts (the database's offset, else Kafka's committed one, else
             # the reset policy's): the point `_isolate_unreadable` may rewind to.
-            self._fetched[tp] = await self._consumer.position(tp)
+            self._offsets.assigned(
+                tp, position=await self._consumer.position(tp), stored=stored.get(tp)
+            )
         log.info("partitions_assigned", partitions=_names(assigned))
 
 
