@@ -233,7 +233,7 @@ async def _start(
         health.database_ok = True
 
     processor = BatchProcessor(
-        pool,
+        store.PgTransactions(pool, settings.group_id),
         settings,
         Authenticator(lambda d: store.find_partners(pool, d), settings.auth_cache_ttl_s),
         on_retry=on_db_retry,

@@ -26,8 +26,7 @@ from worker.config import Settings
 from worker.errors import TransientError
 from worker.messages import Topics
 from worker.records import RawRecord
-from worker.release import BatchReport, Work, apply_batch
-from worker.store import PgReleaseStore
+from worker.release import BatchReport, Transactions, Work, apply_batch
 from worker.validate import Limits, Rejection, parse_record
 
 log = structlog.get_logger("worker.processor")
@@ -95,13 +94,13 @@ def transient_retrying(
 class BatchProcessor:
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        transactions: Transactions,
         settings: Settings,
         authenticator: Authenticator,
         on_retry: Callable[[str], None] | None = None,
         on_success: Callable[[], None] | None = None,
     ) -> None:
-        self._pool = pool
+        self._transactions = transactions
         self._settings = settings
         self._auth = authenticator
         self._limits = Limits(
@@ -201,8 +200,7 @@ class BatchProcessor:
     async def _apply(self, works: list[Work]) -> BatchReport:
         async for attempt in transient_retrying(self._settings, self._on_retry):
             with attempt:
-                async with self._pool.acquire() as conn, conn.transaction():
-                    store = PgReleaseStore(conn, self._settings.group_id)
+                async with self._transactions.begin() as store:
                     report = await apply_batch(store, works, self._topics)
         if self._on_success is not None:
             self._on_success()

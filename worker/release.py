@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -98,6 +99,15 @@ class ReleaseStore(Protocol):
         ...
 
     async def advance_offsets(self, next_offsets: dict[TopicPartition, int]) -> None: ...
+
+
+class Transactions(Protocol):
+    """Where `ReleaseStore`s come from: `store.PgTransactions` in the worker, a fake in tests."""
+
+    def begin(self) -> AbstractAsyncContextManager[ReleaseStore]:
+        """A store on a new transaction: committed if the block ends normally, else rolled
+        back (whatever the block raised is raised again)."""
+        ...
 
 
 @dataclass

@@ -8,7 +8,8 @@ partition, reservations by reservation_id, stock by (sku, location_id).
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import TypeAlias
 
@@ -36,6 +37,19 @@ _R_COLUMNS = ", ".join("r." + c for c in _RESERVATION_COLUMNS.split(", "))  # al
 
 def _reservation(row: asyncpg.Record) -> Reservation:
     return Reservation(*row.values())
+
+
+class PgTransactions:
+    """`release.Transactions` on a pool: each `begin` takes a connection and a transaction."""
+
+    def __init__(self, pool: asyncpg.Pool, group_id: str) -> None:
+        self._pool = pool
+        self._group_id = group_id
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[PgReleaseStore]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            yield PgReleaseStore(conn, self._group_id)
 
 
 class PgReleaseStore:
