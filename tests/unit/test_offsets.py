@@ -46,11 +46,13 @@ def test_a_kafka_commit_is_not_repeated_and_database_offsets_never_go_back() -> 
 def test_lag_counts_from_kafkas_commit_and_backlog_from_the_databases() -> None:
     book = OffsetBook()
     book.assigned(P0, position=0, stored=None)
-    assert book.lag(P0, 100) == 100 and book.backlog(P0, 100) == 100
+    assert book.lag(P0, 100) == 100
+    assert book.backlog(P0, 100) == 100
     book.applied({("cart.abandoned", 0): 60})
     assert book.lag(P0, 100) == 40  # before the first commit, the database's offset
     book.committed({P0: 20})
-    assert book.lag(P0, 100) == 80 and book.backlog(P0, 100) == 40
+    assert book.lag(P0, 100) == 80
+    assert book.backlog(P0, 100) == 40
     assert book.backlog(P0, 50) == 0  # a stale high watermark is not negative lag
 
 
