@@ -2,7 +2,8 @@
 
 The key itself is never stored, logged or cached: `parse_record` keeps only its digest,
 and partners are looked up by digest (`partners.api_key_sha256`, unique). Lookups are
-cached per digest, misses included, for `ttl_s` seconds, so the database is asked at most
+cached per digest, misses included, for `ttl_s` seconds (at most MAX_CACHED_DIGESTS of
+them, least recently used out first), so the database is asked at most
 once per distinct key per TTL rather than once per record. The price is a bounded delay:
 a suspension, a change of `tag_ids`, a new partner or a revoked key takes effect within
 `ttl_s` (`WORKER_AUTH_CACHE_TTL_S`, default 5 s) plus the batch then in flight.
@@ -12,14 +13,15 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from worker.validate import Rejection, ReleaseCommand
 from worker.validate import key_digest as key_digest  # re-exported: partners use it too
 
-# A bound on the cache: beyond it, expired entries are dropped (a flood of random keys
-# costs memory for at most one TTL).
+# A bound on the cache: past it the least recently used digests are dropped, so a flood of
+# random keys costs a bounded amount of memory and cannot push out the keys in use.
 MAX_CACHED_DIGESTS = 100_000
 
 
@@ -46,28 +48,48 @@ class Authenticator:
         self._lookup = lookup
         self._ttl_s = ttl_s
         self._clock = clock
-        self._cache: dict[bytes, tuple[float, Partner | None]] = {}
+        self._cache: OrderedDict[bytes, tuple[float, Partner | None]] = OrderedDict()
+
+    @property
+    def cached(self) -> int:
+        """How many digests the cache holds (at most MAX_CACHED_DIGESTS)."""
+        return len(self._cache)
 
     async def authorize(
         self, commands: Iterable[ReleaseCommand]
     ) -> list[tuple[ReleaseCommand, Partner | Rejection]]:
         commands = list(commands)
-        await self._refresh({c.api_key_sha256 for c in commands if c.api_key_sha256})
-        return [(command, self._decide(command)) for command in commands]
+        partners = await self._resolve({c.api_key_sha256 for c in commands if c.api_key_sha256})
+        return [(c, self._decide(c, partners.get(c.api_key_sha256))) for c in commands]
 
-    async def _refresh(self, digests: set[bytes]) -> None:
+    async def _resolve(self, digests: set[bytes]) -> dict[bytes, Partner | None]:
+        """The partner (None: unknown) of each digest, from the cache or one lookup.
+
+        Decisions are made from this result, never by reading the cache back: another lane
+        may evict or replace an entry while this one awaits its lookup.
+        """
         now = self._clock()
-        stale = sorted(d for d in digests if d not in self._cache or self._cache[d][0] <= now)
+        resolved: dict[bytes, Partner | None] = {}
+        for digest in digests:
+            entry = self._cache.get(digest)
+            if entry is not None and entry[0] > now:
+                self._cache.move_to_end(digest)
+                resolved[digest] = entry[1]
+        stale = sorted(digests - resolved.keys())
         if not stale:
-            return
+            return resolved
         found = {p.api_key_sha256: p for p in await self._lookup(stale)}
         expires = now + self._ttl_s
         for digest in stale:
-            self._cache[digest] = (expires, found.get(digest))
-        if len(self._cache) > MAX_CACHED_DIGESTS:
-            self._cache = {d: v for d, v in self._cache.items() if v[0] > now}
+            resolved[digest] = found.get(digest)
+            if self._ttl_s > 0:
+                self._cache[digest] = (expires, resolved[digest])
+                self._cache.move_to_end(digest)
+        while len(self._cache) > MAX_CACHED_DIGESTS:
+            self._cache.popitem(last=False)
+        return resolved
 
-    def _decide(self, command: ReleaseCommand) -> Partner | Rejection:
+    def _decide(self, command: ReleaseCommand, partner: Partner | None) -> Partner | Rejection:
         def reject(status: int, code: str, message: str, value: object = None) -> Rejection:
             return Rejection(status, code, message, value, command.event_id, command.cart_id)
 
@@ -78,7 +100,6 @@ class Authenticator:
                 "missing_api_key",
                 "Header rokt-api-key is required: send the partner's API key.",
             )
-        partner = self._cache[digest][1]
         # The stored digest is compared in constant time, so the time taken does not
         # reveal how much of it matched. (The key never appears in the value echoed back.)
         if partner is None or not hmac.compare_digest(partner.api_key_sha256, digest):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from dataclasses import replace
 
 import pytest
 
-from worker.auth import Authenticator, Partner
+from worker.auth import MAX_CACHED_DIGESTS, Authenticator, Partner
 from worker.records import RawRecord
 from worker.validate import Rejection, ReleaseCommand, key_digest
 
@@ -165,3 +166,57 @@ async def test_the_stored_digest_is_compared_in_constant_time(
     auth = Authenticator(Directory(ACTIVE).lookup, TTL, Clock())
     assert codes(await decide(auth, command())) == ["p1"]
     assert compared == [(key_digest(KEY), key_digest(KEY))]
+
+
+def unknown_keys(count: int, prefix: str = "rk_flood") -> list[ReleaseCommand]:
+    return [command(api_key=f"{prefix}_{n}", event_id=f"e{n}") for n in range(count)]
+
+
+async def test_a_flood_of_unknown_keys_past_the_cache_bound_is_all_401_with_a_zero_ttl() -> None:
+    # Finding 3: past MAX_CACHED_DIGESTS the purge kept only unexpired entries (none, with
+    # TTL 0), and the decision then read the entry back from the cache: KeyError.
+    auth = Authenticator(Directory(ACTIVE).lookup, 0.0, Clock())
+    flood = unknown_keys(MAX_CACHED_DIGESTS + 5_000)
+    verdicts: list[Partner | Rejection] = []
+    for start in range(0, len(flood), 4_000):
+        verdicts += await decide(auth, *flood[start : start + 4_000], command())
+    assert set(codes(verdicts)) == {"401 unknown_api_key", "p1"}
+    assert codes(verdicts).count("p1") == len(range(0, len(flood), 4_000))
+    assert auth.cached <= MAX_CACHED_DIGESTS
+
+
+async def test_the_cache_stays_bounded_and_keeps_the_keys_in_use() -> None:
+    directory = Directory(ACTIVE)
+    auth = Authenticator(directory.lookup, TTL, Clock())
+    flood = unknown_keys(MAX_CACHED_DIGESTS + 5_000)
+    for start in range(0, len(flood), 4_000):
+        # The partner's key is used in every batch: a flood of new keys does not evict it.
+        assert codes(await decide(auth, command(), *flood[start : start + 4_000]))[0] == "p1"
+    assert auth.cached == MAX_CACHED_DIGESTS
+    assert sum(key_digest(KEY) in digests for digests in directory.lookups) == 1
+
+
+async def test_a_decision_does_not_depend_on_another_lane_keeping_the_entry_cached() -> None:
+    # Two lanes share the authenticator. Lane A finds the partner's key cached and fresh,
+    # then waits for the lookup of a new key; meanwhile the entry expires and lane B's
+    # flood pushes it out of the cache. Lane A must still decide from what it resolved.
+    class SlowDirectory(Directory):
+        def __init__(self, *partners: Partner) -> None:
+            super().__init__(*partners)
+            self.gate = asyncio.Event()
+
+        async def lookup(self, digests: list[bytes]) -> list[Partner]:
+            if key_digest("rk_slow") in digests:
+                await self.gate.wait()
+            return await super().lookup(digests)
+
+    directory = SlowDirectory(ACTIVE)
+    clock = Clock()
+    auth = Authenticator(directory.lookup, TTL, clock)
+    await decide(auth, command())
+    lane_a = asyncio.create_task(decide(auth, command(), command(api_key="rk_slow")))
+    await asyncio.sleep(0)
+    clock.now += TTL
+    await decide(auth, *unknown_keys(MAX_CACHED_DIGESTS + 1))
+    directory.gate.set()
+    assert codes(await lane_a) == ["p1", "401 unknown_api_key"]
