@@ -1,9 +1,10 @@
 """Wire the worker together and run it until SIGTERM/SIGINT (G5).
 
-Shutdown: stop fetching, let each lane finish its batch, publish what the
-outbox holds, commit offsets, leave the group, close connections, exit 0 within
-`shutdown_timeout_s`. A second signal exits at once; the open transaction then
-simply rolls back and its records are applied by the next owner.
+Shutdown: stop fetching, let each lane finish its batch, publish its results,
+commit offsets, publish every row left in the outbox (a final relay pass), leave
+the group, close connections, exit 0 within `shutdown_timeout_s`. A second signal
+exits at once; the open transaction then simply rolls back and its records are
+applied by the next owner.
 """
 
 from __future__ import annotations
@@ -290,6 +291,15 @@ async def _serve(settings: Settings, health: ops.Health, parts: _Parts, stop: as
         except TimeoutError:
             log.error("shutdown_timeout", seconds=settings.shutdown_timeout_s)
             exit_code = 1
+        else:
+            # Rows only a relay would publish (written while the broker was away, or left by
+            # a crashed predecessor) go out now: if this was the last worker, no relay runs
+            # after it (G5). After the commit, so a slow broker cannot cost it; whatever the
+            # remaining time does not cover waits in the outbox for the next worker.
+            left_s = settings.shutdown_timeout_s - (time.monotonic() - started)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, left_s)):
+                    await publisher.relay_leftovers(grace_s=0)
         log.info("worker_stopping", drain_seconds=round(time.monotonic() - started, 3))
     finally:
         # After a timeout a lane may still be inside a transaction: cancelling it rolls the

@@ -7,7 +7,10 @@ import signal
 import pytest
 
 from tests.faults.conftest import BedFactory
+from tests.support import read_topic
+from worker import store
 from worker.embedded import free_port
+from worker.records import OutboxMessage
 
 pytestmark = pytest.mark.faults
 
@@ -63,3 +66,32 @@ async def test_sigterm_while_the_database_is_awaited_at_start_exits_0(
             f"after {seconds:.2f}s"
         )
         assert code == 0, worker.tail()
+
+
+async def test_sigterm_publishes_outbox_rows_only_the_relay_would_have_sent(
+    bed_factory: BedFactory,
+) -> None:
+    # Rows a crashed predecessor (or a brief broker outage) left behind wait for the relay;
+    # its periodic pass is kept away from them here, so only the shutdown can publish them.
+    async with bed_factory(outbox_relay_grace_s=3600) as bed:
+        worker = await bed.start_worker()
+        await bed.wait_log(worker, "worker_started")
+        left = [
+            OutboxMessage(bed.settings.results_topic, f"k-{n}".encode(), f"left-{n}".encode(), ())
+            for n in range(50)
+        ]
+        async with bed.pool.acquire() as conn:
+            await store.enqueue(conn, left)
+        assert await bed.outbox_left() == len(left)
+
+        code, seconds = await worker.terminate(40)
+        assert code == 0, worker.tail()
+        assert await bed.outbox_left() == 0, "G5: leftover rows are published before exit"
+        published = await read_topic(
+            bed.bootstrap, bed.settings.results_topic, lambda seen: len(seen) >= len(left), 20
+        )
+        assert sorted(p.value or b"" for p in published) == sorted(m.payload or b"" for m in left)
+        print(
+            f"\n[fault] SIGTERM with {len(left)} rows only the relay would publish: exit {code} "
+            f"after {seconds:.2f}s, all published and deleted"
+        )
