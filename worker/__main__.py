@@ -47,12 +47,15 @@ def migrate() -> None:
     """Apply the SQL migrations in migrations/ to WORKER_DATABASE_URL (dbmate up)."""
     from worker.app import require_database
     from worker.migrate import migrate as run_migrate
+    from worker.redaction import redact_text
 
     database_url = require_database(load_settings())
     result = run_migrate(database_url)
-    typer.echo(result.stdout.strip() or "Nothing to migrate.")
+    # dbmate's messages may repeat the URL with a query-string password in it.
+    typer.echo(redact_text(result.stdout.strip(), database_url) or "Nothing to migrate.")
     if result.returncode != 0:
-        typer.echo(f"Migration failed:\n{result.stderr.strip()}", err=True)
+        failure = redact_text(result.stderr.strip(), database_url)
+        typer.echo(f"Migration failed:\n{failure}", err=True)
         raise typer.Exit(1)
 
 

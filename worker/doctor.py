@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -24,6 +24,7 @@ from aiokafka.errors import KafkaError, for_code
 from worker import store
 from worker.config import Settings
 from worker.errors import SchemaNotReady
+from worker.redaction import redact_text, redact_url
 
 MIN_POSTGRES = 14
 CONNECT_TIMEOUT_S = 10.0
@@ -60,15 +61,6 @@ def render(checks: list[Check]) -> str:
     return "\n".join(lines)
 
 
-def redact_url(url: str) -> str:
-    """The URL without its password, safe to print."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 # ---------------------------------------------------------------------- PostgreSQL
 
 
@@ -85,12 +77,13 @@ async def check_database(settings: Settings) -> list[Check]:
     where = redact_url(settings.database_url)
     try:
         conn = await asyncpg.connect(settings.database_url, timeout=CONNECT_TIMEOUT_S)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+    # ValueError: a URL asyncpg cannot parse (a bad port, say).
+    except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
         return [
             Check(
                 "PostgreSQL",
                 False,
-                f"cannot connect to {where}: {_reason(error)}",
+                f"cannot connect to {where}: {redact_text(_reason(e), settings.database_url)}",
                 "check WORKER_DATABASE_URL, that PostgreSQL is running and reachable from here, "
                 "and that pg_hba.conf and the credentials let this user in",
             )
@@ -123,7 +116,7 @@ async def check_database(settings: Settings) -> list[Check]:
             privileges = Check(
                 "database privileges",
                 False,
-                f"could not be checked: {_reason(error)}",
+                f"could not be checked: {redact_text(_reason(error), settings.database_url)}",
                 "run `release-worker migrate`; the privilege check follows the migrations",
             )
         return [reachable, schema, privileges]

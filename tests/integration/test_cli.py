@@ -73,6 +73,15 @@ async def test_migrate_then_run_accepts_the_schema(servers: Servers, empty_datab
     assert {"partners", "stock", "reservations", "inbox", "outbox", "consumer_offsets"} <= tables
 
 
+def test_migrate_never_prints_a_password_even_when_dbmate_echoes_the_url() -> None:
+    # dbmate's own error repeats the URL, masking only the userinfo password.
+    url = "postgresql://app:s3cret-one@127.0.0.1:notaport/shop?password=s3cret-two"
+    result = cli("migrate", env={"WORKER_DATABASE_URL": url})
+    assert result.returncode == 1
+    assert "Migration failed" in result.stderr
+    assert "s3cret" not in result.stdout + result.stderr
+
+
 async def test_partner_add_prints_the_key_once_and_stores_only_its_hash(
     servers: Servers, db: asyncpg.Pool
 ) -> None:
