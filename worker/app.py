@@ -29,8 +29,9 @@ from worker.config import Settings
 from worker.consumer import ReleaseConsumer, ReportHook
 from worker.expiry import run_sweeper
 from worker.housekeeping import run_inbox_pruner
-from worker.processor import BatchProcessor, transient_retrying
+from worker.processor import BatchProcessor
 from worker.publisher import Publisher
+from worker.retry import BROKER_ERRORS, DATABASE_ERRORS, transient_retrying
 
 log = structlog.get_logger("worker.app")
 
@@ -116,7 +117,7 @@ async def _retry_start(settings: Settings, start: Callable[[], Awaitable[Any]], 
         try:
             await start()
             return
-        except (KafkaError, OSError) as error:
+        except BROKER_ERRORS as error:
             log.warning("start_waiting_for", what=what, error=repr(error)[:200])
             await asyncio.sleep(settings.retry_max_s)
 
@@ -129,13 +130,13 @@ async def _watch_health(
             async with asyncio.timeout(3):
                 await pool.fetchval("SELECT 1")
             health.database_ok = True
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+        except DATABASE_ERRORS:
             health.database_ok = False
         try:
             async with asyncio.timeout(3):
                 await consumer.topics()
             health.broker_ok = publisher.healthy
-        except (KafkaError, OSError, TimeoutError):
+        except BROKER_ERRORS:
             health.broker_ok = False
         await asyncio.sleep(1)
 

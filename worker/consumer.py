@@ -28,9 +28,9 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from worker import metrics
 from worker.config import Settings
 from worker.offsets import OffsetBook
-from worker.processor import transient_retrying
 from worker.records import Headers, OutboxMessage, RawRecord
 from worker.release import BatchReport
+from worker.retry import transient_retrying
 
 log = structlog.get_logger("worker.consumer")
 

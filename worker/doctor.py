@@ -19,14 +19,17 @@ from urllib.parse import urlsplit
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError, for_code
+from aiokafka.errors import for_code
 
 from worker import store
 from worker.config import Settings
 from worker.errors import SchemaNotReady
 from worker.redaction import redact_text, redact_url
+from worker.retry import BROKER_ERRORS, DATABASE_ERRORS
 
 MIN_POSTGRES = 14
+# ValueError: a URL asyncpg cannot parse (a bad port, say).
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (ValueError, *DATABASE_ERRORS)
 CONNECT_TIMEOUT_S = 10.0
 GROUP_JOIN_TIMEOUT_S = 30.0
 
@@ -77,8 +80,7 @@ async def check_database(settings: Settings) -> list[Check]:
     where = redact_url(settings.database_url)
     try:
         conn = await asyncpg.connect(settings.database_url, timeout=CONNECT_TIMEOUT_S)
-    # ValueError: a URL asyncpg cannot parse (a bad port, say).
-    except (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+    except _CONNECT_ERRORS as e:
         return [
             Check(
                 "PostgreSQL",
@@ -179,7 +181,7 @@ async def check_kafka(settings: Settings) -> list[Check]:
         async with _admin(bootstrap) as admin, asyncio.timeout(CONNECT_TIMEOUT_S):
             cluster = await admin.describe_cluster()
             topics = {t["topic"]: t for t in await admin.describe_topics()}
-    except (KafkaError, OSError, TimeoutError) as error:
+    except BROKER_ERRORS as error:
         return [
             Check(
                 "Kafka",
@@ -262,7 +264,7 @@ async def check_group(settings: Settings, bootstrap: str) -> Check:
             await consumer.start()
             await joined.event.wait()
         assigned = len(consumer.assignment())
-    except (KafkaError, OSError, TimeoutError) as error:
+    except BROKER_ERRORS as error:
         return Check(
             "consumer group",
             False,
@@ -297,7 +299,7 @@ async def _describe_group(bootstrap: str, group_id: str) -> str:
     try:
         async with _admin(bootstrap) as admin, asyncio.timeout(CONNECT_TIMEOUT_S):
             responses = await admin.describe_consumer_groups([group_id])
-    except (KafkaError, OSError, TimeoutError) as error:
+    except BROKER_ERRORS as error:
         return f"group {group_id!r} could not be described ({_reason(error)})"
     for response in responses:
         for group in response.groups:

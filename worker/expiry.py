@@ -18,10 +18,10 @@ from worker import metrics, store
 from worker.config import Settings
 from worker.contract import Outcome, Trigger
 from worker.messages import item_result_payload, result_headers
-from worker.processor import transient_retrying
 from worker.publisher import Publisher
 from worker.records import OutboxMessage
 from worker.release import stock_deltas
+from worker.retry import transient_retrying
 
 log = structlog.get_logger("worker.expiry")
 

@@ -14,7 +14,7 @@ import structlog
 
 from worker import store
 from worker.config import Settings
-from worker.processor import transient_retrying
+from worker.retry import transient_retrying
 
 log = structlog.get_logger("worker.housekeeping")
 

@@ -36,6 +36,10 @@ CROSS_PARTNER = Counter(
 )
 EXPIRED = Counter("release_worker_expiry_releases_total", "Reservations released by the sweeper.")
 RETRIES = Counter("release_worker_retries_total", "Retried attempts, by cause.", ["cause"])
+LOCK_WAITS = Counter(
+    "release_worker_lock_waits_total",
+    "Statements that waited for a row lock longer than WORKER_LOCK_TIMEOUT_MS (retried).",
+)
 BATCH_SIZE = Histogram(
     "release_worker_batch_records",
     "Records per database transaction.",
@@ -77,7 +81,7 @@ LOOP_DELAY = Gauge(
 
 RECORD_RESULTS = ("processed", "replayed", "rejected", "skipped")
 # Causes that need no error to exist first; outage causes are named after the error class.
-RETRY_CAUSES = ("race", "poison", "statement_timeout", "connection_closed")
+RETRY_CAUSES = ("race", "poison", "statement_timeout", "lock_wait", "connection_closed")
 
 for _result in RECORD_RESULTS:
     RECORDS.labels(result=_result)

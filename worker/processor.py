@@ -15,80 +15,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-import asyncpg
 import structlog
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_never
-from tenacity.wait import wait_exponential_jitter
 
 from worker import metrics
 from worker.auth import Authenticator
 from worker.config import Settings
-from worker.errors import TransientError
 from worker.messages import Topics
 from worker.records import RawRecord
 from worker.release import BatchReport, Transactions, Work, apply_batch
+from worker.retry import Verdict, classify, transient_retrying
 from worker.validate import Limits, Rejection, parse_record
 
 log = structlog.get_logger("worker.processor")
-
-_TRANSIENT_POSTGRES = (
-    asyncpg.exceptions.PostgresConnectionError,  # 08xxx
-    asyncpg.exceptions.SerializationError,  # 40001
-    asyncpg.exceptions.DeadlockDetectedError,  # 40P01
-    asyncpg.exceptions.AdminShutdownError,  # 57P01, pg_terminate_backend
-    asyncpg.exceptions.CrashShutdownError,  # 57P02
-    asyncpg.exceptions.CannotConnectNowError,  # 57P03
-    asyncpg.exceptions.TooManyConnectionsError,  # 53300
-)
-
-
-def transient_cause(error: BaseException) -> str | None:
-    """A short cause name if the error is an outage-like condition, else None."""
-    if isinstance(error, TransientError):
-        return "race"
-    if isinstance(error, _TRANSIENT_POSTGRES):
-        return type(error).__name__
-    if isinstance(error, asyncpg.exceptions.InterfaceError) and "closed" in str(error):
-        return "connection_closed"
-    if isinstance(error, asyncpg.exceptions.InternalClientError):
-        # A session terminated mid-statement (pg_terminate_backend) can leave asyncpg's
-        # protocol in a state it reports this way (MagicStack/asyncpg#1069); the pool
-        # discards that connection on release, so a retry runs on a fresh one.
-        return "connection_broken"
-    if isinstance(error, OSError | TimeoutError | ConnectionError):
-        return type(error).__name__
-    return None
-
-
-def transient_retrying(
-    settings: Settings, on_retry: Callable[[str], None] | None = None
-) -> AsyncRetrying:
-    """Retry transient errors forever with capped exponential backoff and jitter (G6)."""
-
-    def before_sleep(state: RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        cause = transient_cause(error) if error else "unknown"
-        metrics.RETRIES.labels(cause=cause or "unknown").inc()
-        log.warning(
-            "transient_failure_retrying",
-            cause=cause,
-            attempt=state.attempt_number,
-            error=str(error)[:200],
-        )
-        if on_retry is not None:
-            on_retry(cause or "unknown")
-
-    return AsyncRetrying(
-        retry=retry_if_exception(lambda e: transient_cause(e) is not None),
-        wait=wait_exponential_jitter(
-            multiplier=settings.retry_initial_s,
-            max=settings.retry_max_s,
-            jitter=settings.retry_initial_s,
-        ),
-        stop=stop_never,
-        before_sleep=before_sleep,
-        reraise=True,
-    )
 
 
 class BatchProcessor:
@@ -169,7 +107,7 @@ class BatchProcessor:
     async def _retry_or_reject(
         self, work: Work, attempt: int, error: Exception, event_id: str, cart_id: str | None
     ) -> BatchReport:
-        timeout = isinstance(error, asyncpg.exceptions.QueryCanceledError)
+        timeout = classify(error) is Verdict.STATEMENT_TIMEOUT
         metrics.RETRIES.labels(cause="statement_timeout" if timeout else "poison").inc()
         if attempt < self._settings.poison_max_attempts:
             log.warning("record_failed_retrying", attempt=attempt, error=repr(error)[:300])
@@ -198,7 +136,9 @@ class BatchProcessor:
         )
 
     async def _apply(self, works: list[Work]) -> BatchReport:
-        async for attempt in transient_retrying(self._settings, self._on_retry):
+        async for attempt in transient_retrying(
+            self._settings, self._on_retry, retry_on={Verdict.TRANSIENT}
+        ):
             with attempt:
                 async with self._transactions.begin() as store:
                     report = await apply_batch(store, works, self._topics)

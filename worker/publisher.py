@@ -23,21 +23,15 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from worker import metrics, store
 from worker.records import OutboxMessage
+from worker.retry import BROKER_ERRORS, DATABASE_ERRORS
 
 log = structlog.get_logger("worker.publisher")
 
 # A relay pass gives the broker this long to acknowledge a batch of leftovers.
 _RELAY_SEND_TIMEOUT_S = 30.0
-# Database failures a background pass outlives (asyncpg#1069: InternalClientError after a
-# terminated session); the rows stay in the outbox and the next pass takes them.
-_DB_FAILURES = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.InternalClientError,
-    OSError,
-    TimeoutError,
-)
-_RELAY_FAILURES = (KafkaError, *_DB_FAILURES)
+# Failures a background pass outlives: the rows stay in the outbox, the next pass takes them.
+_DB_FAILURES = DATABASE_ERRORS
+_RELAY_FAILURES = (*BROKER_ERRORS, *DATABASE_ERRORS)
 _PARTITIONER = DefaultPartitioner()
 
 

@@ -21,6 +21,7 @@ from worker.auth import Partner
 from worker.errors import SchemaNotReady
 from worker.records import Headers, OutboxMessage
 from worker.release import EventKey, InboxEntry, Reservation, TopicPartition
+from worker.retry import closed_connection_is_transient
 
 # The newest migration this code needs; `run` refuses an older schema.
 SCHEMA_VERSION = "20261127170000"
@@ -48,8 +49,10 @@ class PgTransactions:
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[PgReleaseStore]:
-        async with self._pool.acquire() as conn, conn.transaction():
-            yield PgReleaseStore(conn, self._group_id)
+        async with self._pool.acquire() as conn:
+            with closed_connection_is_transient(conn):
+                async with conn.transaction():
+                    yield PgReleaseStore(conn, self._group_id)
 
 
 class PgReleaseStore:
