@@ -44,8 +44,9 @@ class _WireModel(BaseModel):
 
 
 class _InputModel(_WireModel):
-    # Unknown fields are ignored; types are not coerced (a number is not a string).
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # Unknown fields are ignored; types are not coerced (a number is not a string); names are
+    # the camelCase ones only (a snake_case `cart_id` is an unknown field, not an alias).
+    model_config = ConfigDict(extra="ignore", strict=True, validate_by_name=False)
 
 
 class ReleaseItem(_InputModel):

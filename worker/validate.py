@@ -1,8 +1,9 @@
 """Parse and validate one consumed record, without any I/O.
 
 A record is checked in this order; the first failure is the rejection:
-1. framing: value present, within the size limit, `content-type`, UTF-8 JSON object (400;
-   these are dead-lettered too, since the body could not be read);
+1. framing: value present, within the size limit, `content-type`, UTF-8 JSON object, strict
+   JSON: no NaN or Infinity, no key repeated in an object (400; these are dead-lettered too,
+   since the body could not be read, or not unambiguously);
 2. body schema and types (400);
 3. required headers `rokt-session-id`, `rokt-tag-id` (400);
 4. item rules: attributes, empty list (400), too many items, duplicates (422).
@@ -15,9 +16,11 @@ or one rejection (the fuzz tests hold it to that). Every code is listed in docs/
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails, from_json
 
@@ -174,7 +177,52 @@ def _check_framing(record: RawRecord, limits: Limits) -> Rejection | None:
         )
     if value.lstrip()[:1] != b"{":
         return _not_an_object(record, value)
+    return _check_strict_json(record, value)
+
+
+def _check_strict_json(record: RawRecord, value: bytes) -> Rejection | None:
+    """NaN, Infinity, numbers beyond a double and repeated keys are refused (DESIGN.md §7).
+
+    pydantic's parser takes the last of repeated keys (`"items":[…],"items":null` would be a
+    whole-cart release), so the body is read once more by orjson, which refuses non-finite
+    numbers. A repeated key is found cheaply: every member of an object has one colon outside
+    strings, so unless an escape spells a colon (`\\u003a`), the body and orjson's rendering of
+    what it read have as many colons exactly when no member was dropped. Only a body that
+    fails this count (or spells a colon) is read a third time, member by member.
+    """
+    try:
+        parsed = orjson.loads(value)
+        rendered = orjson.dumps(parsed)
+    except orjson.JSONDecodeError as error:
+        return _undecodable(record, value) or _invalid_json(record, str(error))
+    except orjson.JSONEncodeError:
+        return _invalid_json(record, "it is nested too deeply")
+    escaped_colon = b"\\u003a" in value or b"\\u003A" in value
+    if escaped_colon or value.count(b":") != rendered.count(b":"):
+        repeated = _repeated_key(value)
+        if repeated is not None or not escaped_colon:  # without the escape, the count is proof
+            which = "a key" if repeated is None else f"the key {repeated!r}"
+            return _invalid_json(record, f"{which} is repeated in one object")
     return None
+
+
+def _repeated_key(value: bytes) -> str | None:
+    """The first key found twice in one object of a body orjson accepted, if any."""
+    repeated: list[str] = []
+
+    def check(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen and not repeated:
+                repeated.append(key)
+            seen.add(key)
+        return {}  # only the keys matter here
+
+    try:
+        json.loads(value, object_pairs_hook=check)
+    except (ValueError, RecursionError):
+        return None
+    return repeated[0] if repeated else None
 
 
 def _not_an_object(record: RawRecord, value: bytes) -> Rejection:

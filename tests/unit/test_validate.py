@@ -255,3 +255,72 @@ def test_header_names_match_case_insensitively() -> None:
     command = parse(BODY, headers=headers)
     assert isinstance(command, ReleaseCommand)
     assert command.api_key_sha256 == key_digest(API_KEY)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"cartId": "c1", "x": NaN}',
+        b'{"cartId": "c1", "x": [Infinity]}',
+        b'{"cartId": "c1", "x": {"y": -Infinity}}',
+        b'{"cartId": "c1", "x": 1e400}',  # beyond a double: Infinity by another name
+        # A repeated key used to resolve to the last one: here, a whole-cart release.
+        b'{"cartId": "c1", "items": [{"cartItemId": "i1", "itemReservationId": "r1"}], '
+        b'"items": null}',
+        b'{"cartId": "c1", "cartId": "c2"}',
+        b'{"cartId": "c1", "items": [{"cartItemId": "i1", "itemReservationId": "r1", '
+        b'"itemReservationId": "r2"}]}',
+        b'{"cartId": "c1", "x": {"y": {"z": 1, "z": 1}}}',
+        b'{"cartId": "c1", "cart\\u0049d": "c2"}',  # the same name, spelled with an escape
+        b'{"cartId": "c1", "a\\u003ab": 1, "x": 1, "x": 2}',  # an escaped colon hides nothing
+        b'{\n  "cartId": "c1",\n  "x": "1:2",\n  "x": "3"\n}',
+    ],
+)
+def test_non_finite_numbers_and_repeated_keys_are_400_invalid_json(value: bytes) -> None:
+    rejection = rejected(value)
+    assert (rejection.status, rejection.code, rejection.dead_letter) == (400, "invalid_json", True)
+    assert (rejection.event_id, rejection.cart_id) == ("in/2/7", None)
+
+
+def test_a_repeated_key_is_named_in_the_message() -> None:
+    rejection = rejected(b'{"cartId": "c1", "items": [], "items": null}')
+    assert "'items'" in rejection.message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        # The same names in different objects are not repeats.
+        b'{"cartId": "c1", "items": [{"cartItemId": "i1", "itemReservationId": "r1"}, '
+        b'{"cartItemId": "i2", "itemReservationId": "r2"}]}',
+        b'{"cartId": "c1", "attributes": {"k": "a:b", "\\u003a": "\\u003A"}, "x": {"k:": ":"}}',
+        b'{ "cartId" : "c\\u00e9" , "n" : 1.5e3, "big": 100000000000000000000000000000 }',
+        b'{"cartId": "c1", "x": {"cartId": {"cartId": null}}}',
+    ],
+)
+def test_strict_json_accepts_what_json_allows(value: bytes) -> None:
+    assert isinstance(parse(value), ReleaseCommand)
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "value"),
+    [
+        ({"cart_id": "c1"}, "missing_field", "cartId"),
+        (
+            {"cartId": "c1", "items": [{"cart_item_id": "i1", "item_reservation_id": "r1"}]},
+            "missing_field",
+            "items.0.cartItemId",
+        ),
+    ],
+)
+def test_snake_case_field_names_are_not_aliases(
+    body: dict[str, Any], code: str, value: str
+) -> None:
+    rejection = rejected(body)
+    assert (rejection.status, rejection.code, rejection.value) == (400, code, value)
+
+
+def test_a_snake_case_eventid_is_an_unknown_field() -> None:
+    command = parse({"cartId": "c1", "event_id": "e1"})
+    assert isinstance(command, ReleaseCommand)
+    assert command.event_id == "in/2/7"
