@@ -108,8 +108,9 @@ class Settings(BaseSettings):
     inbox_retention_hours: float = Field(
         168.0,
         ge=0,
-        description="Inbox rows (replay protection with byte-identical results) are kept this "
-        "long; 0 keeps them forever. An older replay still never changes stock.",
+        description="Inbox rows keep their results (a replay gets them byte for byte) this "
+        "long, then only their key, forever: an older replay still changes nothing and is "
+        "answered from the reservations. 0 keeps the results forever.",
     )
     inbox_prune_interval_s: float = Field(
         300.0, gt=0, description="Period of the inbox pruning pass."

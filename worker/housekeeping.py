@@ -1,8 +1,10 @@
-"""Prune inbox rows older than `inbox_retention_hours`, in small batches.
+"""Prune inbox rows older than `inbox_retention_hours` to tombstones, in small batches.
 
-Replays inside the retention get the stored results byte for byte (G2). A replay
-older than it is applied afresh and can still never change stock again (G3): a
-released reservation never goes back to `reserved`, so it reports `already_released`.
+Replays inside the retention get the stored results byte for byte (G2). Pruning drops
+a row's result payloads but keeps its key (partner, eventId), so a replay at any age is
+still recognised and changes nothing (G3): it is answered from the reservations, which
+carry the eventId that released them (`release.decide_pruned_replay`). A tombstone is
+the row without its results, about 150 bytes with the index entry for short ids.
 """
 
 from __future__ import annotations
@@ -22,16 +24,16 @@ PRUNE_BATCH = 5000
 
 
 async def prune_once(pool: asyncpg.Pool, settings: Settings) -> int:
-    """Delete every inbox row past the retention, batch by batch; return how many."""
+    """Prune every inbox row past the retention, batch by batch; return how many."""
     total = 0
     while True:
         async for attempt in transient_retrying(settings):
             with attempt:
-                deleted = await store.prune_inbox(
+                pruned = await store.prune_inbox(
                     pool, settings.inbox_retention_hours * 3600, PRUNE_BATCH
                 )
-        total += deleted
-        if deleted < PRUNE_BATCH:
+        total += pruned
+        if pruned < PRUNE_BATCH:
             return total
 
 

@@ -9,7 +9,7 @@ the expiry sweeper and confirmations serialise instead of deadlocking.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +40,7 @@ class Reservation:
     location_id: str
     quantity: int
     status: str
+    release_event_id: str | None = None  # the eventId that released it, if one did
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,12 @@ class ReleaseStore(Protocol):
         """Lock the partitions' offset rows; return the next offset to apply (absent: any)."""
         ...
 
-    async def stored_results(self, keys: Sequence[EventKey]) -> dict[EventKey, list[bytes]]: ...
+    async def stored_results(
+        self, keys: Sequence[EventKey]
+    ) -> Mapping[EventKey, list[bytes] | None]:
+        """The inbox's results of the events recorded among `keys`; None for an event whose
+        results were pruned past the retention (only its key is kept)."""
+        ...
 
     async def lock_reservations(
         self, explicit: Sequence[tuple[str, str]], carts: Sequence[tuple[str, str]]
@@ -172,17 +178,56 @@ def decide(
     for item in command.items:
         rid = item.item_reservation_id
         row = found.get(rid)
-        if (
-            row is not None
-            and row.partner_id == partner_id
-            and row.cart_id == command.cart_id
-            and row.cart_item_id == item.cart_item_id
-        ):
+        if row is not None and _names(row, partner_id, command.cart_id, item.cart_item_id):
             decisions.append(_decide_item(row, status))
             continue
         # Another partner's reservation is reported exactly like a missing one.
         is_foreign = rid in foreign or (row is not None and row.partner_id != partner_id)
         decisions.append(ItemDecision(item.cart_item_id, rid, Outcome.NOT_FOUND, 0, is_foreign))
+    return decisions
+
+
+def _names(row: Reservation, partner_id: str, cart_id: str, cart_item_id: str) -> bool:
+    """Whether an item of this partner's cart names this reservation."""
+    return (row.partner_id, row.cart_id, row.cart_item_id) == (partner_id, cart_id, cart_item_id)
+
+
+def decide_pruned_replay(
+    command: ReleaseCommand,
+    partner_id: str,
+    found: dict[str, Reservation],
+    cart_rows: Sequence[Reservation],
+    status: dict[str, str],
+) -> list[ItemDecision]:
+    """Outcomes reported again for a replay whose stored results were pruned; it releases
+    nothing, whatever was added to the cart since (G3 at any age).
+
+    The event was applied when it first came: what it released carries its eventId
+    (`release_event_id`) and is reported `released` again. A whole-cart event reports only
+    those. An explicit one reports each named item as it stands now, and an item still
+    `reserved` is `not_found`, as it was then: the event would have released it otherwise.
+    """
+
+    def released_by_it(row: Reservation) -> bool:
+        return row.status == "released" and row.release_event_id == command.event_id
+
+    def released(row: Reservation) -> ItemDecision:
+        return ItemDecision(row.cart_item_id, row.reservation_id, Outcome.RELEASED, row.quantity)
+
+    if command.items is None:
+        return [released(row) for row in cart_rows if released_by_it(row)]
+    decisions = []
+    for item in command.items:
+        rid = item.item_reservation_id
+        row = found.get(rid)
+        if row is None or not _names(row, partner_id, command.cart_id, item.cart_item_id):
+            decisions.append(ItemDecision(item.cart_item_id, rid, Outcome.NOT_FOUND, 0))
+        elif released_by_it(row):
+            decisions.append(released(row))
+        elif status.get(rid, row.status) == "reserved":
+            decisions.append(ItemDecision(item.cart_item_id, rid, Outcome.NOT_FOUND, 0))
+        else:
+            decisions.append(_decide_item(row, status))
     return decisions
 
 
@@ -232,11 +277,16 @@ async def apply_batch(
         if key not in first_seen:
             first_seen.add(key)
             to_apply.append(w)
+    # Replays whose stored results were pruned are answered from their reservations.
+    pruned = [
+        w for w, key in zip(commands, keys, strict=True) if key in stored and stored[key] is None
+    ]
+    looked_up = to_apply + pruned
 
     explicit = sorted(
         {
             (item.item_reservation_id, w.partner_id or "")
-            for w in to_apply
+            for w in looked_up
             if w.command and w.command.items
             for item in w.command.items
         }
@@ -244,7 +294,7 @@ async def apply_batch(
     carts = sorted(
         {
             (w.partner_id or "", w.command.cart_id)
-            for w in to_apply
+            for w in looked_up
             if w.command and not w.command.items
         }
     )
@@ -259,7 +309,7 @@ async def apply_batch(
     status: dict[str, str] = {}
     releases: list[tuple[str, str, str]] = []  # (reservation_id, partner_id, event_id)
     inbox: list[InboxEntry] = []
-    produced: dict[EventKey, list[bytes]] = dict(stored)
+    produced: dict[EventKey, list[bytes] | None] = dict(stored)
     messages: list[OutboxMessage] = []
     applying = {id(w) for w in to_apply}
 
@@ -274,6 +324,11 @@ async def apply_batch(
         if id(w) not in applying:
             report.replays += 1
             payloads = produced[key]
+            if payloads is None:  # pruned: the reservations tell what the event did
+                cart_rows = by_cart.get((partner_id, command.cart_id), [])
+                replayed = decide_pruned_replay(command, partner_id, found, cart_rows, status)
+                payloads = [_item_payload(command, d, processed_at) for d in replayed]
+                produced[key] = payloads
             headers = result_headers(command.event_id, w.record)
             key_bytes = command.cart_id.encode()
             messages.extend(
@@ -293,18 +348,7 @@ async def apply_batch(
                 report.cross_partner.append((partner_id, command.event_id, d.reservation_id))
             if d.outcome is Outcome.RELEASED:
                 releases.append((d.reservation_id, partner_id, command.event_id))
-            payloads.append(
-                item_result_payload(
-                    event_id=command.event_id,
-                    trigger=Trigger.RELEASE_REQUEST,
-                    cart_id=command.cart_id,
-                    cart_item_id=d.cart_item_id,
-                    reservation_id=d.reservation_id,
-                    outcome=d.outcome,
-                    quantity=d.quantity,
-                    processed_at=processed_at,
-                )
-            )
+            payloads.append(_item_payload(command, d, processed_at))
         produced[key] = payloads
         inbox.append(InboxEntry(partner_id, command.event_id, command.cart_id, w.record, payloads))
         headers = result_headers(command.event_id, w.record)
@@ -328,6 +372,19 @@ async def apply_batch(
     report.messages = await store.enqueue(messages) if messages else []
     await store.advance_offsets(report.next_offsets)
     return report
+
+
+def _item_payload(command: ReleaseCommand, d: ItemDecision, processed_at: datetime) -> bytes:
+    return item_result_payload(
+        event_id=command.event_id,
+        trigger=Trigger.RELEASE_REQUEST,
+        cart_id=command.cart_id,
+        cart_item_id=d.cart_item_id,
+        reservation_id=d.reservation_id,
+        outcome=d.outcome,
+        quantity=d.quantity,
+        processed_at=processed_at,
+    )
 
 
 def stock_deltas(rows: Sequence[Reservation]) -> list[tuple[str, str, int]]:

@@ -24,14 +24,15 @@ from worker.release import EventKey, InboxEntry, Reservation, TopicPartition
 from worker.retry import closed_connection_is_transient
 
 # The newest migration this code needs; `run` refuses an older schema.
-SCHEMA_VERSION = "20261127170000"
+SCHEMA_VERSION = "20261129190500"
 
 # A connection, from a pool or not; `Db` also admits the pool itself (one-statement calls).
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 Db: TypeAlias = "Conn | asyncpg.Pool[asyncpg.Record]"
 
 _RESERVATION_COLUMNS = (
-    "reservation_id, partner_id, cart_id, cart_item_id, sku, location_id, quantity, status"
+    "reservation_id, partner_id, cart_id, cart_item_id, sku, location_id, quantity, status, "
+    "release_event_id"
 )
 _R_COLUMNS = ", ".join("r." + c for c in _RESERVATION_COLUMNS.split(", "))  # alias `r`
 
@@ -90,7 +91,7 @@ class PgReleaseStore:
         )
         return {(r[0], r[1]): r[2] for r in rows if r[2] is not None}
 
-    async def stored_results(self, keys: Sequence[EventKey]) -> dict[EventKey, list[bytes]]:
+    async def stored_results(self, keys: Sequence[EventKey]) -> dict[EventKey, list[bytes] | None]:
         rows = await self._conn.fetch(
             """
             SELECT i.partner_id, i.event_id, i.results FROM inbox i
@@ -100,7 +101,7 @@ class PgReleaseStore:
             [k[0] for k in keys],
             [k[1] for k in keys],
         )
-        return {(r[0], r[1]): list(r[2]) for r in rows}
+        return {(r[0], r[1]): None if r[2] is None else list(r[2]) for r in rows}
 
     async def lock_reservations(
         self, explicit: Sequence[tuple[str, str]], carts: Sequence[tuple[str, str]]
@@ -361,7 +362,7 @@ async def check_schema(conn: Db) -> None:
 
 
 # What the worker's login must be allowed, as granted to the `release_worker` role by
-# the migrations (..._release_worker_role.sql, ..._inbox_retention.sql): (object, privilege,
+# the migrations (..._release_worker_role.sql, ..._inbox_tombstones.sql): (object, privilege,
 # column or None).
 WORKER_PRIVILEGES: tuple[tuple[str, str, str | None], ...] = (
     ("schema_migrations", "SELECT", None),
@@ -370,7 +371,8 @@ WORKER_PRIVILEGES: tuple[tuple[str, str, str | None], ...] = (
     *(("reservations", "UPDATE", c) for c in ("status", "released_at", "release_event_id")),
     ("stock", "SELECT", None),
     ("stock", "UPDATE", "reserved"),
-    *(("inbox", p, None) for p in ("SELECT", "INSERT", "DELETE")),
+    *(("inbox", p, None) for p in ("SELECT", "INSERT")),
+    ("inbox", "UPDATE", "results"),
     *(("outbox", p, None) for p in ("SELECT", "INSERT", "DELETE")),
     ("outbox", "UPDATE", "created_at"),
     ("outbox_id_seq", "USAGE", None),
@@ -407,12 +409,13 @@ async def missing_privileges(conn: Db) -> tuple[str, bool, list[str]]:
 
 
 async def prune_inbox(conn: Db, older_than_s: float, limit: int) -> int:
-    """Delete up to `limit` inbox rows processed more than `older_than_s` ago; return how many."""
+    """Drop the results of up to `limit` inbox rows processed more than `older_than_s` ago,
+    keeping each row's key as a tombstone; return how many were pruned."""
     status = await conn.execute(
         """
-        DELETE FROM inbox WHERE ctid IN (
+        UPDATE inbox SET results = NULL WHERE ctid IN (
             SELECT ctid FROM inbox
-            WHERE processed_at < now() - make_interval(secs => $1)
+            WHERE processed_at < now() - make_interval(secs => $1) AND results IS NOT NULL
             LIMIT $2)
         """,
         older_than_s,

@@ -17,14 +17,14 @@ class FakeStore:
             if r.status == "reserved":
                 key = (r.sku, r.location_id)
                 self.reserved[key] = self.reserved.get(key, 0) + r.quantity
-        self.inbox: dict[EventKey, list[bytes]] = {}
+        self.inbox: dict[EventKey, list[bytes] | None] = {}  # None: pruned to a tombstone
         self.outbox: list[OutboxMessage] = []
         self.offsets: dict[TopicPartition, int] = {}
 
     async def lock_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         return {tp: self.offsets[tp] for tp in partitions if tp in self.offsets}
 
-    async def stored_results(self, keys: Sequence[EventKey]) -> dict[EventKey, list[bytes]]:
+    async def stored_results(self, keys: Sequence[EventKey]) -> dict[EventKey, list[bytes] | None]:
         return {k: self.inbox[k] for k in keys if k in self.inbox}
 
     async def lock_reservations(
@@ -51,10 +51,10 @@ class FakeStore:
 
     async def release(self, releases: Sequence[tuple[str, str, str]]) -> list[Reservation]:
         moved = []
-        for rid, partner_id, _ in releases:
+        for rid, partner_id, event_id in releases:
             row = self.reservations[rid]
             if row.status == "reserved" and row.partner_id == partner_id:
-                self.reservations[rid] = replace(row, status="released")
+                self.reservations[rid] = replace(row, status="released", release_event_id=event_id)
                 moved.append(row)
         return moved
 

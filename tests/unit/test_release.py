@@ -103,6 +103,43 @@ async def test_a_replayed_event_gets_the_stored_bytes_and_changes_nothing() -> N
     assert store.reserved[("s1", "default")] == 0
 
 
+async def test_a_whole_cart_replay_after_pruning_releases_nothing_added_since() -> None:
+    store = FakeStore([reservation("r1"), reservation("r2", "confirmed")])
+    await apply_batch(store, [work(0, "c1", None, "e1")], TOPICS)
+    store.inbox[("p1", "e1")] = None  # pruned past the retention: only the key is kept
+    added = reservation("r3", quantity=5)
+    store.reservations["r3"] = added
+    store.reserved[("s1", "default")] += added.quantity
+    # Replayed alone, then twice in one batch.
+    for offsets in ([1], [2, 3]):
+        before = len(store.outbox)
+        report = await apply_batch(store, [work(n, "c1", None, "e1") for n in offsets], TOPICS)
+        assert (report.replays, report.released_quantity) == (len(offsets), 0)
+        # What the event released is reported again; nothing about r3.
+        assert outcomes(store)[before:] == [("r1", "released", 2)] * len(offsets)
+    assert store.reservations["r3"].status == "reserved"
+    assert store.reserved[("s1", "default")] == 5
+
+
+async def test_an_explicit_replay_after_pruning_reports_each_item_as_it_stands() -> None:
+    store = FakeStore([reservation("r1"), reservation("r2", "confirmed")])
+    items = [("i-r1", "r1"), ("i-r2", "r2"), ("i-r9", "r9")]
+    await apply_batch(store, [work(0, "c1", items, "e1")], TOPICS)
+    store.inbox[("p1", "e1")] = None
+    # r9 did not exist when the event ran; it does now, in this cart.
+    store.reservations["r9"] = reservation("r9", quantity=4)
+    store.reserved[("s1", "default")] += 4
+    report = await apply_batch(store, [work(1, "c1", items, "e1")], TOPICS)
+    assert report.replays == 1
+    assert outcomes(store)[3:] == [
+        ("r1", "released", 2),
+        ("r2", "confirmed", 0),
+        ("r9", "not_found", 0),
+    ]
+    assert store.reservations["r9"].status == "reserved"
+    assert store.reserved[("s1", "default")] == 4
+
+
 async def test_records_below_the_stored_offset_are_skipped() -> None:
     store = FakeStore([reservation("r1")])
     store.offsets[("in", 0)] = 5
