@@ -200,16 +200,20 @@ class ReleaseConsumer:
         lanes = [asyncio.create_task(self._run_lane(lane)) for lane in self._lanes]
         committer = asyncio.create_task(self._run_committer())
         fetcher = asyncio.create_task(self._fetch_loop())
+        stopping = asyncio.create_task(self._stopping.wait())
         try:
-            # The fetcher ends on stop(); a lane or the committer ending means it failed.
+            # stop() ends the wait at once: during a rebalance the fetcher may be waiting in
+            # `getmany` for the next assignment, without a timeout, and cancelling that
+            # fetch loses nothing. A lane or the committer ending means it failed.
             done, _ = await asyncio.wait(
-                [fetcher, *lanes, committer], return_when=asyncio.FIRST_COMPLETED
+                [stopping, fetcher, *lanes, committer], return_when=asyncio.FIRST_COMPLETED
             )
             for task in done:
                 task.result()
-            if fetcher not in done:
+            if stopping not in done and fetcher not in done:
                 raise RuntimeError("a worker task ended unexpectedly")
         finally:
+            stopping.cancel()
             fetcher.cancel()
             for lane in self._lanes:
                 lane.drop(None)
@@ -220,7 +224,7 @@ class ReleaseConsumer:
             finally:
                 for task in [fetcher, *lanes, committer]:
                     task.cancel()
-                await asyncio.gather(fetcher, *lanes, committer, return_exceptions=True)
+                await asyncio.gather(stopping, fetcher, *lanes, committer, return_exceptions=True)
 
     def stop(self) -> None:
         self._stopping.set()
