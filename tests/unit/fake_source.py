@@ -44,8 +44,9 @@ class FakeSource:
     assigned: set[TopicPartition] = field(default_factory=set)
     paused_set: set[TopicPartition] = field(default_factory=set)
     commits: list[dict[TopicPartition, int]] = field(default_factory=list)
-    rebalancing: asyncio.Event = field(default_factory=asyncio.Event)
-    fetches: int = 0
+    rebalancing: bool = False
+    fetching: asyncio.Event = field(default_factory=asyncio.Event)  # getmany was called
+    _rebalanced: asyncio.Event = field(default_factory=asyncio.Event)
 
     def append(self, partition: int, *batches: list[FakeRecord]) -> None:
         self.log.setdefault(partition, []).extend(batches)
@@ -61,9 +62,9 @@ class FakeSource:
     async def getmany(
         self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
     ) -> Mapping[TopicPartition, Sequence[FakeRecord]]:
-        self.fetches += 1
-        while self.rebalancing.is_set():
-            await asyncio.sleep(3600)  # aiokafka waits for the assignment without a timeout
+        self.fetching.set()
+        if self.rebalancing:
+            await self._rebalanced.wait()  # aiokafka waits for the assignment, no timeout
         await asyncio.sleep(0)
         budget = max_records or 1_000_000
         out: dict[TopicPartition, list[FakeRecord]] = {}

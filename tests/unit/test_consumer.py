@@ -66,10 +66,9 @@ async def test_stop_ends_run_while_the_fetch_waits_for_a_rebalance() -> None:
     source.append(0, _records(0, range(5)))
     consumer, processor = _consumer(source)
     await consumer.on_assigned(source.assign({0}))
-    source.rebalancing.set()  # getmany now waits for the next assignment, without end
+    source.rebalancing = True  # getmany now waits for the next assignment, without end
     running = asyncio.create_task(consumer.run())
-    while source.fetches == 0:
-        await asyncio.sleep(0)
+    await source.fetching.wait()
     consumer.stop()
     async with asyncio.timeout(5):
         await running
