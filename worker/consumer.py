@@ -300,14 +300,70 @@ class ReleaseConsumer:
             if not fetched.get(tp):
                 return  # not reached in time; the next round carries on from here
             self._take(fetched)
-        offset = self._offsets.rewind_point(tp)
-        assert offset is not None  # set on assignment
+        start = self._offsets.rewind_point(tp)
+        assert start is not None  # set on assignment
+        end = await self._unreadable_span_end(tp, start)
+        if end is None:
+            self._rewind(tp)
+            return  # not reached in time; the next round carries on from here
         log.error(
-            "record_unreadable_dead_lettered", topic=tp.topic, partition=tp.partition, offset=offset
+            "record_unreadable_dead_lettered",
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=start,
+            end_offset=end,
         )
-        self._lane(tp).add([RawRecord(tp.topic, tp.partition, offset, None, None, unreadable=True)])
-        self._offsets.handed(tp, offset)
-        self._consumer.seek(tp, offset + 1)
+        self._lane(tp).add(
+            [RawRecord(tp.topic, tp.partition, start, None, None, unreadable=True, span_end=end)]
+        )
+        self._offsets.handed(tp, end - 1)
+        self._consumer.seek(tp, end)
+
+    async def _unreadable_span_end(self, tp: TopicPartition, start: int) -> int | None:
+        """The first offset past `start` from which a record can be read again (None: the
+        broker did not answer in time).
+
+        Every record before the unreadable one was handed over, so no offset from `start`
+        up to it holds a readable record, but how many offsets that is, is unknown:
+        compaction and transaction markers leave gaps. And aiokafka parses a record batch
+        from its first record, so a fetch from any offset of the unreadable record's batch
+        fails alike: the records after it in its batch cannot be read either. So probe at
+        doubling distances until a fetch succeeds (or the log ends), then bisect back to
+        the first offset that does. One unreadable record then stands for the whole span.
+        """
+        failed, step = start, 1
+        while True:
+            probe = failed + step
+            high = self._consumer.highwater(tp)
+            if high is not None and probe >= high:
+                readable_at = max(high, failed + 1)
+                break
+            readable = await self._readable_from(tp, probe)
+            if readable is None:
+                return None
+            if readable:
+                readable_at = probe
+                break
+            failed, step = probe, step * 2
+        while readable_at - failed > 1:
+            middle = (failed + readable_at) // 2
+            readable = await self._readable_from(tp, middle)
+            if readable is None:
+                return None
+            if readable:
+                readable_at = middle
+            else:
+                failed = middle
+        return readable_at
+
+    async def _readable_from(self, tp: TopicPartition, offset: int) -> bool | None:
+        """Whether a fetch from `offset` returns a record (None: nothing came in time)."""
+        self._consumer.seek(tp, offset)
+        try:
+            fetched = await self._consumer.getmany(tp, timeout_ms=1000, max_records=1)
+        except UnicodeDecodeError:
+            return False
+        return True if fetched.get(tp) else None
 
     def _rewind(self, tp: TopicPartition) -> None:
         offset = self._offsets.rewind_point(tp)

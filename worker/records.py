@@ -23,6 +23,14 @@ class RawRecord:
     # The client could not decode it (e.g. a header name that is not UTF-8): only its
     # position is known, its bytes are not.
     unreadable: bool = False
+    # An unreadable record stands for the offsets up to this one (exclusive): where it sits
+    # among them is unknown (see `ReleaseConsumer._skip_unreadable`). None: offset + 1.
+    span_end: int | None = None
+
+    @property
+    def next_offset(self) -> int:
+        """The offset to resume from once this record is applied."""
+        return self.offset + 1 if self.span_end is None else self.span_end
 
     @property
     def position(self) -> str:

@@ -263,7 +263,7 @@ async def apply_batch(
     report.skipped = len(works) - len(fresh)
     for w in works:
         tp = (w.record.topic, w.record.partition)
-        report.next_offsets[tp] = max(report.next_offsets.get(tp, 0), w.record.offset + 1)
+        report.next_offsets[tp] = max(report.next_offsets.get(tp, 0), w.record.next_offset)
 
     commands = [w for w in fresh if w.command is not None and w.partner_id is not None]
     keys = [(w.partner_id or "", w.command.event_id) for w in commands if w.command]

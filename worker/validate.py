@@ -148,10 +148,15 @@ def _unreadable(record: RawRecord, code: str, message: str, value: Any = None) -
 
 def _check_framing(record: RawRecord, limits: Limits) -> Rejection | None:
     if record.unreadable:
+        where = (
+            "this record"
+            if record.next_offset == record.offset + 1
+            else f"a record at offsets {record.offset}-{record.next_offset - 1} of this partition"
+        )
         return _unreadable(
             record,
             "unreadable_record",
-            "The Kafka client could not decode this record (for example a header name that is "
+            f"The Kafka client could not decode {where} (for example a header name that is "
             "not UTF-8), so its bytes are not available; re-send it with UTF-8 header names.",
         )
     value = record.value

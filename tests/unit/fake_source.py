@@ -46,6 +46,7 @@ class FakeSource:
     commits: list[dict[TopicPartition, int]] = field(default_factory=list)
     rebalancing: bool = False
     fetching: asyncio.Event = field(default_factory=asyncio.Event)  # getmany was called
+    fetch_count: int = 0
     _rebalanced: asyncio.Event = field(default_factory=asyncio.Event)
 
     def append(self, partition: int, *batches: list[FakeRecord]) -> None:
@@ -63,6 +64,7 @@ class FakeSource:
         self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
     ) -> Mapping[TopicPartition, Sequence[FakeRecord]]:
         self.fetching.set()
+        self.fetch_count += 1
         if self.rebalancing:
             await self._rebalanced.wait()  # aiokafka waits for the assignment, no timeout
         await asyncio.sleep(0)
@@ -79,6 +81,8 @@ class FakeSource:
                 budget -= len(records)
             if failed:
                 raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        if not out:
+            await asyncio.sleep(timeout_ms / 1000)  # the broker's long poll
         return out
 
     def _read(self, tp: TopicPartition, budget: int) -> tuple[list[FakeRecord], bool]:

@@ -21,14 +21,20 @@ class RecordingProcessor:
 
     def __init__(self) -> None:
         self.records: list[RawRecord] = []
+        self.reached: dict[int, asyncio.Event] = {}  # next offset -> set once committed
 
     async def process(self, records: Sequence[RawRecord]) -> BatchReport:
         self.records.extend(records)
         report = BatchReport(records=len(records))
         for r in records:
             tp = TopicPartition(r.topic, r.partition)
-            report.next_offsets[tp] = max(report.next_offsets.get(tp, 0), r.offset + 1)
+            report.next_offsets[tp] = max(report.next_offsets.get(tp, 0), r.next_offset)
+            self.reached.setdefault(r.next_offset, asyncio.Event()).set()
         return report
+
+    def seen(self) -> list[tuple[int, int, bool]]:
+        """(offset, next offset, unreadable) of every record, in the order processed."""
+        return [(r.offset, r.next_offset, r.unreadable) for r in self.records]
 
 
 class NullPublisher:
@@ -73,3 +79,62 @@ async def test_stop_ends_run_while_the_fetch_waits_for_a_rebalance() -> None:
     async with asyncio.timeout(5):
         await running
     assert processor.records == []
+
+
+async def _consume_up_to(source: FakeSource, next_offset: int) -> RecordingProcessor:
+    consumer, processor = _consumer(source)
+    await consumer.on_assigned(source.assign({0}))
+    reached = processor.reached.setdefault(next_offset, asyncio.Event())
+    running = asyncio.create_task(consumer.run())
+    try:
+        async with asyncio.timeout(10):
+            await reached.wait()
+    finally:
+        consumer.stop()
+        async with asyncio.timeout(5):
+            await running
+    return processor
+
+
+async def test_an_unreadable_record_after_a_gap_is_dead_lettered_once() -> None:
+    # Offsets 3 and 4 are gone (a transaction marker, compaction); 5 cannot be decoded.
+    source = FakeSource(TOPIC)
+    source.append(0, _records(0, [0, 1, 2]), _records(0, [5], bad=5), _records(0, [6, 7]))
+    processor = await _consume_up_to(source, 8)
+    assert processor.seen() == [
+        (0, 1, False),
+        (1, 2, False),
+        (2, 3, False),
+        (3, 6, True),  # one record for offsets 3-5 (it was three: 3, 4 and 5)
+        (6, 7, False),
+        (7, 8, False),
+    ]
+
+
+async def test_an_unreadable_record_inside_a_batch_takes_only_its_batch_with_it() -> None:
+    # aiokafka parses a batch from its first record: 3 and 4 cannot be read past 2.
+    source = FakeSource(TOPIC)
+    source.append(0, _records(0, [0, 1, 2, 3, 4], bad=2), _records(0, [5, 6]))
+    processor = await _consume_up_to(source, 7)
+    assert processor.seen() == [
+        (0, 1, False),
+        (1, 2, False),
+        (2, 5, True),
+        (5, 6, False),
+        (6, 7, False),
+    ]
+
+
+async def test_an_unreadable_record_at_the_end_of_the_log_spans_to_the_high_watermark() -> None:
+    source = FakeSource(TOPIC)
+    source.append(0, _records(0, [0]), _records(0, [10], bad=10))
+    processor = await _consume_up_to(source, 11)
+    assert processor.seen() == [(0, 1, False), (1, 11, True)]
+
+
+async def test_a_long_compacted_gap_costs_few_fetches() -> None:
+    source = FakeSource(TOPIC)
+    source.append(0, _records(0, [0]), _records(0, [100_000], bad=100_000), _records(0, [100_001]))
+    processor = await _consume_up_to(source, 100_002)
+    assert processor.seen() == [(0, 1, False), (1, 100_001, True), (100_001, 100_002, False)]
+    assert source.fetch_count < 100
