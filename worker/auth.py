@@ -91,7 +91,17 @@ class Authenticator:
 
     def _decide(self, command: ReleaseCommand, partner: Partner | None) -> Partner | Rejection:
         def reject(status: int, code: str, message: str, value: object = None) -> Rejection:
-            return Rejection(status, code, message, value, command.event_id, command.cart_id)
+            # A 403 knows its partner (its result names it); a 401 has none.
+            partner_id = partner.partner_id if status == 403 and partner else None
+            return Rejection(
+                status,
+                code,
+                message,
+                value,
+                command.event_id,
+                command.cart_id,
+                partner_id=partner_id,
+            )
 
         digest = command.api_key_sha256
         if not digest:

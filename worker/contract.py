@@ -5,6 +5,7 @@ Field names on the wire are camelCase; Python code uses snake_case.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -32,6 +33,27 @@ def _storable(value: str) -> str:
 Id128 = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_storable)]
 Id256 = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_storable)]
 
+# eventIds the worker gives itself (DESIGN.md §7): the sweeper's `expiry:<reservationId>`,
+# and `<topic>/<partition>/<offset>` for a record without one. A sender may claim neither.
+EXPIRY_EVENT_PREFIX = "expiry:"
+_RECORD_POSITION = re.compile(r"[A-Za-z0-9._-]+/[0-9]+/[0-9]+")
+
+
+def is_reserved_event_id(value: str) -> bool:
+    return value.startswith(EXPIRY_EVENT_PREFIX) or _RECORD_POSITION.fullmatch(value) is not None
+
+
+def _not_reserved(value: str) -> str:
+    if is_reserved_event_id(value):
+        raise ValueError(
+            f"is reserved: it must not start with {EXPIRY_EVENT_PREFIX!r} or look like a record "
+            "position <topic>/<partition>/<offset>"
+        )
+    return value
+
+
+EventId = Annotated[Id128, AfterValidator(_not_reserved)]
+
 
 class _WireModel(BaseModel):
     model_config = ConfigDict(
@@ -57,7 +79,7 @@ class ReleaseItem(_InputModel):
 class ReleaseRequest(_InputModel):
     """The value of a `cart.abandoned` record (the API's request body)."""
 
-    event_id: Id128 | None = None
+    event_id: EventId | None = None
     cart_id: Id128
     items: list[ReleaseItem] | None = None
     attributes: dict[str, str] | None = None
@@ -119,5 +141,14 @@ API_KEY_HEADER = "rokt-api-key"
 SESSION_HEADER = "rokt-session-id"
 TAG_HEADER = "rokt-tag-id"
 CONTENT_TYPE_HEADER = "content-type"
+ACCEPT_LANGUAGE_HEADER = "accept-language"
 EVENT_ID_HEADER = "event-id"
+PARTNER_ID_HEADER = "partner-id"
 COPIED_HEADERS = (SESSION_HEADER, TAG_HEADER)
+
+# Header limits (DESIGN.md §7): nothing a sender controls is multiplied into results beyond
+# these. Each of LIMITED_HEADERS at most MAX_HEADER_BYTES, free of control characters; all
+# headers of a record (names and values) at most MAX_HEADERS_BYTES together.
+LIMITED_HEADERS = (SESSION_HEADER, TAG_HEADER, ACCEPT_LANGUAGE_HEADER)
+MAX_HEADER_BYTES = 1_024
+MAX_HEADERS_BYTES = 16_384

@@ -16,11 +16,11 @@ import structlog
 
 from worker import metrics, store
 from worker.config import Settings
-from worker.contract import Outcome, Trigger
+from worker.contract import EXPIRY_EVENT_PREFIX, Outcome, Trigger
 from worker.messages import item_result_payload, result_headers
 from worker.publisher import Publisher
 from worker.records import OutboxMessage
-from worker.release import stock_deltas
+from worker.release import Reservation, stock_deltas
 from worker.retry import transient_retrying
 
 log = structlog.get_logger("worker.expiry")
@@ -34,32 +34,29 @@ async def sweep_once(pool: asyncpg.Pool, settings: Settings) -> list[OutboxMessa
             return []
         await store.PgReleaseStore(conn, settings.group_id).return_stock(stock_deltas(rows))
         now = datetime.now(UTC)
-        messages = []
-        for r in rows:
-            event_id = f"expiry:{r.reservation_id}"
-            payload = item_result_payload(
-                event_id=event_id,
-                trigger=Trigger.EXPIRY,
-                cart_id=r.cart_id,
-                cart_item_id=r.cart_item_id,
-                reservation_id=r.reservation_id,
-                outcome=Outcome.EXPIRED,
-                quantity=r.quantity,
-                processed_at=now,
-            )
-            messages.append(
-                OutboxMessage(
-                    settings.results_topic,
-                    r.cart_id.encode(),
-                    payload,
-                    result_headers(event_id, None),
-                )
-            )
+        messages = [expiry_result(r, settings.results_topic, now) for r in rows]
         enqueued = await store.enqueue(conn, messages)
     metrics.EXPIRED.inc(len(rows))
     metrics.ITEMS.labels(outcome=Outcome.EXPIRED.value).inc(len(rows))
     metrics.RELEASED_QUANTITY.inc(sum(r.quantity for r in rows))
     return enqueued
+
+
+def expiry_result(row: Reservation, topic: str, now: datetime) -> OutboxMessage:
+    """The `item_result` of an expired reservation; it names the reservation's partner."""
+    event_id = f"{EXPIRY_EVENT_PREFIX}{row.reservation_id}"
+    payload = item_result_payload(
+        event_id=event_id,
+        trigger=Trigger.EXPIRY,
+        cart_id=row.cart_id,
+        cart_item_id=row.cart_item_id,
+        reservation_id=row.reservation_id,
+        outcome=Outcome.EXPIRED,
+        quantity=row.quantity,
+        processed_at=now,
+    )
+    headers = result_headers(event_id, row.partner_id, None)
+    return OutboxMessage(topic, row.cart_id.encode(), payload, headers)
 
 
 async def run_sweeper(pool: asyncpg.Pool, settings: Settings, publisher: Publisher) -> None:

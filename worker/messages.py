@@ -16,6 +16,7 @@ from worker.contract import (
     API_KEY_HEADER,
     COPIED_HEADERS,
     EVENT_ID_HEADER,
+    PARTNER_ID_HEADER,
     ErrorDetail,
     EventRejected,
     Outcome,
@@ -23,7 +24,7 @@ from worker.contract import (
     format_timestamp,
 )
 from worker.records import Headers, OutboxMessage, RawRecord
-from worker.validate import Rejection
+from worker.validate import Rejection, acceptable_header
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,9 +33,18 @@ class Topics:
     dlq: str
 
 
-def result_headers(event_id: str, record: RawRecord | None) -> Headers:
-    copied = [] if record is None else [(n, v) for n in COPIED_HEADERS if (v := record.header(n))]
-    return ((EVENT_ID_HEADER, event_id.encode()), *copied)
+def result_headers(event_id: str, partner_id: str | None, record: RawRecord | None) -> Headers:
+    """`event-id`, `partner-id` when the partner was identified (consumers dedupe on both with
+    `itemReservationId`), and the session and tag headers copied from the record, but only
+    values within the header limits: a rejection for an oversized header does not carry it."""
+    own: Headers = ((EVENT_ID_HEADER, event_id.encode()),)
+    if partner_id is not None:
+        own += ((PARTNER_ID_HEADER, partner_id.encode()),)
+    if record is None:
+        return own
+    return own + tuple(
+        (n, v) for n in COPIED_HEADERS if (v := record.header(n)) and acceptable_header(v)
+    )
 
 
 def item_result_payload(
@@ -96,14 +106,18 @@ def rejection_payload(rejection: Rejection, processed_at: datetime) -> bytes:
 def rejection_messages(
     record: RawRecord, rejection: Rejection, topics: Topics, processed_at: datetime
 ) -> list[OutboxMessage]:
-    """The `event_rejected` result, and the dead letter where the rejection calls for one."""
-    key = rejection.cart_id.encode() if rejection.cart_id else record.key
+    """The `event_rejected` result, and the dead letter where the rejection calls for one.
+
+    Keyed by cartId once the partner is known; before that (400, 401) by the record's own
+    key, so an unauthenticated body cannot steer a rejection onto a cart it names."""
+    identified = rejection.partner_id is not None and rejection.cart_id
+    key = rejection.cart_id.encode() if identified and rejection.cart_id else record.key
     messages = [
         OutboxMessage(
             topics.results,
             key,
             rejection_payload(rejection, processed_at),
-            result_headers(rejection.event_id, record),
+            result_headers(rejection.event_id, rejection.partner_id, record),
             source_ts_ms=record.timestamp_ms,  # a rejection is a result: it has a latency too
         )
     ]

@@ -128,7 +128,15 @@ class BatchProcessor:
             )
         )
         rejection = Rejection(
-            status, code, message, None, event_id, cart_id, dead_letter=True, attempts=attempt
+            status,
+            code,
+            message,
+            None,
+            event_id,
+            cart_id,
+            dead_letter=True,
+            attempts=attempt,
+            partner_id=work.partner_id,  # an authenticated command's result names its partner
         )
         log.error("record_dead_lettered", status=status, error=repr(error)[:300])
         return await self._apply(

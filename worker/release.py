@@ -23,7 +23,7 @@ from worker.messages import (
     rejection_messages,
     result_headers,
 )
-from worker.records import OutboxMessage, RawRecord
+from worker.records import Headers, OutboxMessage, RawRecord
 from worker.validate import Rejection, ReleaseCommand
 
 TopicPartition = tuple[str, int]
@@ -50,6 +50,17 @@ class InboxEntry:
     cart_id: str
     record: RawRecord
     results: list[bytes]
+    headers: Headers  # of the results, so a replay carries the same (G2)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResults:
+    """How an event's results were first published; a replay publishes exactly this (G2)."""
+
+    cart_id: str  # their key
+    results: list[bytes] | None  # None: pruned past the retention (a tombstone)
+    # None: pruned, or recorded before headers were kept; rebuilt from the replaying record.
+    headers: Headers | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,11 +80,9 @@ class ReleaseStore(Protocol):
         """Lock the partitions' offset rows; return the next offset to apply (absent: any)."""
         ...
 
-    async def stored_results(
-        self, keys: Sequence[EventKey]
-    ) -> Mapping[EventKey, list[bytes] | None]:
-        """The inbox's results of the events recorded among `keys`; None for an event whose
-        results were pruned past the retention (only its key is kept)."""
+    async def stored_results(self, keys: Sequence[EventKey]) -> Mapping[EventKey, StoredResults]:
+        """The inbox's results of the events recorded among `keys` (their `results` None for
+        an event whose results were pruned past the retention: only its key is kept)."""
         ...
 
     async def lock_reservations(
@@ -172,6 +181,7 @@ def decide(
                 command.cart_id,
                 command.event_id,
                 command.cart_id,
+                partner_id=partner_id,
             )
         return [_decide_item(row, status) for row in cart_rows]
     decisions: list[ItemDecision] = []
@@ -279,7 +289,9 @@ async def apply_batch(
             to_apply.append(w)
     # Replays whose stored results were pruned are answered from their reservations.
     pruned = [
-        w for w, key in zip(commands, keys, strict=True) if key in stored and stored[key] is None
+        w
+        for w, key in zip(commands, keys, strict=True)
+        if key in stored and stored[key].results is None
     ]
     looked_up = to_apply + pruned
 
@@ -309,7 +321,7 @@ async def apply_batch(
     status: dict[str, str] = {}
     releases: list[tuple[str, str, str]] = []  # (reservation_id, partner_id, event_id)
     inbox: list[InboxEntry] = []
-    produced: dict[EventKey, list[bytes] | None] = dict(stored)
+    produced: dict[EventKey, StoredResults] = dict(stored)
     messages: list[OutboxMessage] = []
     applying = {id(w) for w in to_apply}
 
@@ -323,14 +335,15 @@ async def apply_batch(
         key = (partner_id, command.event_id)
         if id(w) not in applying:
             report.replays += 1
-            payloads = produced[key]
+            first = produced[key]
+            payloads = first.results
             if payloads is None:  # pruned: the reservations tell what the event did
                 cart_rows = by_cart.get((partner_id, command.cart_id), [])
                 replayed = decide_pruned_replay(command, partner_id, found, cart_rows, status)
                 payloads = [_item_payload(command, d, processed_at) for d in replayed]
-                produced[key] = payloads
-            headers = result_headers(command.event_id, w.record)
-            key_bytes = command.cart_id.encode()
+                first = produced[key] = StoredResults(command.cart_id, payloads, None)
+            headers = first.headers or result_headers(command.event_id, partner_id, w.record)
+            key_bytes = first.cart_id.encode()
             messages.extend(
                 OutboxMessage(topics.results, key_bytes, p, headers, None, w.record.timestamp_ms)
                 for p in payloads
@@ -349,9 +362,11 @@ async def apply_batch(
             if d.outcome is Outcome.RELEASED:
                 releases.append((d.reservation_id, partner_id, command.event_id))
             payloads.append(_item_payload(command, d, processed_at))
-        produced[key] = payloads
-        inbox.append(InboxEntry(partner_id, command.event_id, command.cart_id, w.record, payloads))
-        headers = result_headers(command.event_id, w.record)
+        headers = result_headers(command.event_id, partner_id, w.record)
+        produced[key] = StoredResults(command.cart_id, payloads, headers)
+        inbox.append(
+            InboxEntry(partner_id, command.event_id, command.cart_id, w.record, payloads, headers)
+        )
         messages.extend(
             OutboxMessage(
                 topics.results, command.cart_id.encode(), p, headers, None, w.record.timestamp_ms

@@ -20,11 +20,11 @@ from asyncpg.pool import PoolConnectionProxy
 from worker.auth import Partner
 from worker.errors import SchemaNotReady
 from worker.records import Headers, OutboxMessage
-from worker.release import EventKey, InboxEntry, Reservation, TopicPartition
+from worker.release import EventKey, InboxEntry, Reservation, StoredResults, TopicPartition
 from worker.retry import closed_connection_is_transient
 
 # The newest migration this code needs; `run` refuses an older schema.
-SCHEMA_VERSION = "20261129190500"
+SCHEMA_VERSION = "20261129191500"
 
 # A connection, from a pool or not; `Db` also admits the pool itself (one-statement calls).
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
@@ -91,17 +91,22 @@ class PgReleaseStore:
         )
         return {(r[0], r[1]): r[2] for r in rows if r[2] is not None}
 
-    async def stored_results(self, keys: Sequence[EventKey]) -> dict[EventKey, list[bytes] | None]:
+    async def stored_results(self, keys: Sequence[EventKey]) -> dict[EventKey, StoredResults]:
         rows = await self._conn.fetch(
             """
-            SELECT i.partner_id, i.event_id, i.results FROM inbox i
+            SELECT i.partner_id, i.event_id, i.cart_id, i.results, i.result_headers FROM inbox i
             JOIN unnest($1::text[], $2::text[]) AS u(p, e)
               ON i.partner_id = u.p AND i.event_id = u.e
             """,
             [k[0] for k in keys],
             [k[1] for k in keys],
         )
-        return {(r[0], r[1]): None if r[2] is None else list(r[2]) for r in rows}
+        return {
+            (r[0], r[1]): StoredResults(
+                r[2], None if r[3] is None else list(r[3]), r[4] and decode_headers(r[4])
+            )
+            for r in rows
+        }
 
     async def lock_reservations(
         self, explicit: Sequence[tuple[str, str]], carts: Sequence[tuple[str, str]]
@@ -197,15 +202,16 @@ class PgReleaseStore:
         rows = await self._conn.fetch(
             """
             INSERT INTO inbox (partner_id, event_id, cart_id, source_topic, source_partition,
-                               source_offset, results)
+                               source_offset, results, result_headers)
             SELECT u.p, u.e, u.c, u.t, u.part, u.o,
                    coalesce(array_agg(f.payload ORDER BY f.i) FILTER (WHERE f.i IS NOT NULL),
-                            '{}')
+                            '{}'),
+                   u.h
               FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[],
-                          $6::bigint[]) WITH ORDINALITY AS u(p, e, c, t, part, o, n)
+                          $6::bigint[], $9::bytea[]) WITH ORDINALITY AS u(p, e, c, t, part, o, h, n)
               LEFT JOIN unnest($7::bytea[], $8::int[]) WITH ORDINALITY AS f(payload, owner, i)
                 ON f.owner = u.n
-             GROUP BY u.n, u.p, u.e, u.c, u.t, u.part, u.o
+             GROUP BY u.n, u.p, u.e, u.c, u.t, u.part, u.o, u.h
              ORDER BY u.n
             ON CONFLICT DO NOTHING
             RETURNING partner_id, event_id
@@ -218,6 +224,7 @@ class PgReleaseStore:
             [e.record.offset for e in entries],
             payloads,
             owners,
+            [encode_headers(e.headers) for e in entries],
         )
         return {(r[0], r[1]) for r in rows}
 
@@ -373,6 +380,7 @@ WORKER_PRIVILEGES: tuple[tuple[str, str, str | None], ...] = (
     ("stock", "UPDATE", "reserved"),
     *(("inbox", p, None) for p in ("SELECT", "INSERT")),
     ("inbox", "UPDATE", "results"),
+    ("inbox", "UPDATE", "result_headers"),
     *(("outbox", p, None) for p in ("SELECT", "INSERT", "DELETE")),
     ("outbox", "UPDATE", "created_at"),
     ("outbox_id_seq", "USAGE", None),
@@ -413,7 +421,7 @@ async def prune_inbox(conn: Db, older_than_s: float, limit: int) -> int:
     keeping each row's key as a tombstone; return how many were pruned."""
     status = await conn.execute(
         """
-        UPDATE inbox SET results = NULL WHERE ctid IN (
+        UPDATE inbox SET results = NULL, result_headers = NULL WHERE ctid IN (
             SELECT ctid FROM inbox
             WHERE processed_at < now() - make_interval(secs => $1) AND results IS NOT NULL
             LIMIT $2)

@@ -4,8 +4,9 @@ A record is checked in this order; the first failure is the rejection:
 1. framing: value present, within the size limit, `content-type`, UTF-8 JSON object, strict
    JSON: no NaN or Infinity, no key repeated in an object (400; these are dead-lettered too,
    since the body could not be read, or not unambiguously);
-2. body schema and types (400);
-3. required headers `rokt-session-id`, `rokt-tag-id` (400);
+2. body schema and types, reserved eventIds (400);
+3. headers: all together within 16 KiB, `rokt-session-id`, `rokt-tag-id`, `accept-language`
+   each within 1 KiB and free of control characters, the first two present (400);
 4. item rules: attributes, empty list (400), too many items, duplicates (422).
 Credentials (401/403) are checked afterwards by `auth.py`, which needs the database.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,10 +29,14 @@ from pydantic_core import ErrorDetails, from_json
 from worker.contract import (
     API_KEY_HEADER,
     CONTENT_TYPE_HEADER,
+    LIMITED_HEADERS,
+    MAX_HEADER_BYTES,
+    MAX_HEADERS_BYTES,
     SESSION_HEADER,
     TAG_HEADER,
     ReleaseItem,
     ReleaseRequest,
+    is_reserved_event_id,
 )
 from worker.records import RawRecord
 
@@ -57,6 +63,9 @@ class Rejection:
     cart_id: str | None = None
     dead_letter: bool = False
     attempts: int = 1
+    # Known once the record was authenticated (403, 422 cart_not_found, 500/504 of a command):
+    # its result then names the partner. None before that (400, 401, validation's 422).
+    partner_id: str | None = None
 
     @property
     def description(self) -> str:
@@ -112,6 +121,9 @@ def parse_record(record: RawRecord, limits: Limits) -> ReleaseCommand | Rejectio
         return _schema_rejection(record, error)
 
     event_id = request.event_id or record.position
+    header_rule = _check_headers(record)
+    if header_rule is not None:
+        return replace(header_rule, event_id=event_id, cart_id=request.cart_id)
     session_id = _text_header(record, SESSION_HEADER)
     tag_id = _text_header(record, TAG_HEADER)
     for name, value in ((SESSION_HEADER, session_id), (TAG_HEADER, tag_id)):
@@ -280,6 +292,42 @@ def _is_json_media_type(raw: bytes) -> bool:
     return True
 
 
+# Control characters are refused in the limited headers as HTTP refuses them in field values
+# (a tab is allowed): a CR/LF copied into a result could forge a line in a consumer's log.
+_CONTROL_CHARACTER = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def acceptable_header(value: bytes) -> bool:
+    """Whether a limited header's value is within its size and free of control characters."""
+    return len(value) <= MAX_HEADER_BYTES and _CONTROL_CHARACTER.search(value) is None
+
+
+def _check_headers(record: RawRecord) -> Rejection | None:
+    for name in LIMITED_HEADERS:  # the precise complaint first
+        value = record.header(name)
+        if value is None or acceptable_header(value):
+            continue
+        if len(value) > MAX_HEADER_BYTES:
+            message = f"Header {name} is {len(value)} bytes; the limit is {MAX_HEADER_BYTES}."
+            return Rejection(400, "header_too_large", message, name)
+        return Rejection(
+            400,
+            "invalid_header",
+            f"Header {name} contains a control character; send printable text only.",
+            name,
+        )
+    total = sum(len(n.encode("utf-8", "surrogatepass")) + len(v or b"") for n, v in record.headers)
+    if total > MAX_HEADERS_BYTES:
+        return Rejection(
+            400,
+            "headers_too_large",
+            f"The record's headers take {total} bytes together (names and values); the limit "
+            f"is {MAX_HEADERS_BYTES}.",
+            total,
+        )
+    return None
+
+
 def _text_header(record: RawRecord, name: str) -> str | None:
     raw = record.header(name)
     if raw is None:
@@ -381,7 +429,9 @@ def _salvage_identity(record: RawRecord) -> tuple[str, str | None]:
         return record.position, None
     event_id = body.get("eventId") if isinstance(body, dict) else None
     cart_id = body.get("cartId") if isinstance(body, dict) else None
-    if not (isinstance(event_id, str) and 0 < len(event_id) <= 128):
+    if not (isinstance(event_id, str) and 0 < len(event_id) <= 128) or is_reserved_event_id(
+        event_id
+    ):
         event_id = record.position
     if not (isinstance(cart_id, str) and 0 < len(cart_id) <= 128):
         cart_id = None

@@ -119,6 +119,7 @@ EXPECTED_GRANTS = {
     ("inbox", "SELECT", None),
     ("inbox", "INSERT", None),
     ("inbox", "UPDATE", "results"),  # pruned to a tombstone after the retention
+    ("inbox", "UPDATE", "result_headers"),  # pruned with the results
     ("outbox", "SELECT", None),
     ("outbox", "INSERT", None),
     ("outbox", "DELETE", None),

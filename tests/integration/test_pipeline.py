@@ -163,3 +163,36 @@ async def committed_offset(settings: Settings, partition: int) -> int | None:
         return value
     finally:
         await consumer.stop()
+
+
+async def test_results_name_their_partner_and_a_later_replay_repeats_key_and_headers(
+    db: asyncpg.Pool, world: World
+) -> None:
+    p = world.prefix
+    await reserve(db, world, f"{p}-r1", f"{p}-c", "a", 3)
+    items = [("a", f"{p}-r1")]
+    mine = abandon_event(f"{p}-c", items, world.api_key, event_id=f"{p}-e1")
+    # The other partner reuses the eventId and names the same reservation (finding 5).
+    theirs = abandon_event(f"{p}-c", items, world.other_api_key, event_id=f"{p}-e1")
+    # A replay of mine in a later batch, from another session and naming another cart: the
+    # stored results come back with the key and headers of their first publication (G2).
+    replay = abandon_event(f"{p}-elsewhere", items, world.api_key, event_id=f"{p}-e1")
+    async with running_worker(world.settings):
+        await produce(world.settings, [mine, theirs])
+        await read_results(world.settings, 2)
+        await produce(world.settings, [replay])
+        records = await read_results(world.settings, 3)
+    by_partner = {r.headers.get("partner-id"): r for r in records[:2]}
+    assert set(by_partner) == {world.partner_id.encode(), world.other_partner_id.encode()}
+    released = by_partner[world.partner_id.encode()]
+    refused = by_partner[world.other_partner_id.encode()]
+    assert (released.body["outcome"], refused.body["outcome"]) == ("released", "not_found")
+    for result in (released, refused):
+        assert (result.body["eventId"], result.body["itemReservationId"]) == (f"{p}-e1", f"{p}-r1")
+    again = records[2]
+    assert (again.key, again.value, again.headers) == (
+        released.key,
+        released.value,
+        released.headers,
+    )
+    assert released.headers["rokt-session-id"] == dict(mine.headers)["rokt-session-id"]

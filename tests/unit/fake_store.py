@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from worker.records import OutboxMessage
-from worker.release import EventKey, InboxEntry, Reservation, TopicPartition
+from worker.release import EventKey, InboxEntry, Reservation, StoredResults, TopicPartition
 
 
 class FakeStore:
@@ -17,15 +17,19 @@ class FakeStore:
             if r.status == "reserved":
                 key = (r.sku, r.location_id)
                 self.reserved[key] = self.reserved.get(key, 0) + r.quantity
-        self.inbox: dict[EventKey, list[bytes] | None] = {}  # None: pruned to a tombstone
+        self.inbox: dict[EventKey, StoredResults] = {}
         self.outbox: list[OutboxMessage] = []
         self.offsets: dict[TopicPartition, int] = {}
 
     async def lock_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         return {tp: self.offsets[tp] for tp in partitions if tp in self.offsets}
 
-    async def stored_results(self, keys: Sequence[EventKey]) -> dict[EventKey, list[bytes] | None]:
+    async def stored_results(self, keys: Sequence[EventKey]) -> dict[EventKey, StoredResults]:
         return {k: self.inbox[k] for k in keys if k in self.inbox}
+
+    def prune(self, key: EventKey) -> None:
+        """What `store.prune_inbox` does past the retention: only the key is kept."""
+        self.inbox[key] = StoredResults(self.inbox[key].cart_id, None, None)
 
     async def lock_reservations(
         self, explicit: Sequence[tuple[str, str]], carts: Sequence[tuple[str, str]]
@@ -68,7 +72,7 @@ class FakeStore:
         for e in entries:
             key = (e.partner_id, e.event_id)
             if key not in self.inbox:
-                self.inbox[key] = e.results
+                self.inbox[key] = StoredResults(e.cart_id, e.results, e.headers)
                 inserted.add(key)
         return inserted
 

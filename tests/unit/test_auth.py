@@ -85,6 +85,8 @@ async def test_credentials_rules(cmd: ReleaseCommand, expected: str) -> None:
     assert isinstance(verdict, Rejection)
     assert (verdict.event_id, verdict.cart_id, verdict.dead_letter) == ("e1", "c1", False)
     assert KEY not in repr(verdict)
+    # A 403 knows its partner, and its result will name it; a 401 knows none.
+    assert verdict.partner_id == ("p1" if verdict.status == 403 else None)
 
 
 async def test_a_tag_not_allowed_echoes_the_tag_and_an_empty_tag_list_allows_any() -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from tests.unit.fake_store import FakeStore
 from worker.messages import Topics
-from worker.records import RawRecord
+from worker.records import OutboxMessage, RawRecord
 from worker.release import Reservation, Work, apply_batch
 from worker.scenario import abandon_event
 from worker.validate import Limits, Rejection, ReleaseCommand, parse_record
@@ -106,7 +106,7 @@ async def test_a_replayed_event_gets_the_stored_bytes_and_changes_nothing() -> N
 async def test_a_whole_cart_replay_after_pruning_releases_nothing_added_since() -> None:
     store = FakeStore([reservation("r1"), reservation("r2", "confirmed")])
     await apply_batch(store, [work(0, "c1", None, "e1")], TOPICS)
-    store.inbox[("p1", "e1")] = None  # pruned past the retention: only the key is kept
+    store.prune(("p1", "e1"))  # pruned past the retention: only the key is kept
     added = reservation("r3", quantity=5)
     store.reservations["r3"] = added
     store.reserved[("s1", "default")] += added.quantity
@@ -125,7 +125,7 @@ async def test_an_explicit_replay_after_pruning_reports_each_item_as_it_stands()
     store = FakeStore([reservation("r1"), reservation("r2", "confirmed")])
     items = [("i-r1", "r1"), ("i-r2", "r2"), ("i-r9", "r9")]
     await apply_batch(store, [work(0, "c1", items, "e1")], TOPICS)
-    store.inbox[("p1", "e1")] = None
+    store.prune(("p1", "e1"))
     # r9 did not exist when the event ran; it does now, in this cart.
     store.reservations["r9"] = reservation("r9", quantity=4)
     store.reserved[("s1", "default")] += 4
@@ -186,3 +186,56 @@ async def test_a_rejection_is_published_and_its_offset_advances(dead_letter: boo
     await apply_batch(store, [Work(record, rejection=rejection)], TOPICS)
     assert [m.topic for m in store.outbox] == ["results", "dlq"][: 1 + dead_letter]
     assert store.offsets == {("in", 3): 8}
+
+
+def headers_of(message: OutboxMessage) -> dict[str, bytes | None]:
+    return dict(message.headers)
+
+
+async def test_another_partner_reusing_an_eventid_gets_results_named_for_it() -> None:
+    # Finding 5: B's not_found had the same (eventId, itemReservationId) as A's released,
+    # so a consumer deduplicating on those two dropped one of them.
+    store = FakeStore([reservation("r1", partner="pA")])
+    a = work(0, "c1", [("i-r1", "r1")], "e1", partner="pA")
+    b = work(1, "c1", [("i-r1", "r1")], "e1", partner="pB")
+    await apply_batch(store, [a, b], TOPICS)
+    assert outcomes(store) == [("r1", "released", 2), ("r1", "not_found", 0)]
+    assert [headers_of(m)["partner-id"] for m in store.outbox] == [b"pA", b"pB"]
+    assert [headers_of(m)["event-id"] for m in store.outbox] == [b"e1", b"e1"]
+
+
+@pytest.mark.parametrize("same_batch", [True, False], ids=["same_batch", "later_batch"])
+async def test_a_replay_is_the_first_publication_byte_for_byte(same_batch: bool) -> None:
+    store = FakeStore([reservation("r1")])
+    first = work(0, "c1", [("i-r1", "r1")], "e1")
+    # Same partner and eventId, from another session (work() draws one) and naming another
+    # cart: a replay, answered with what was published the first time, key and headers too.
+    again = work(1, "c2", [("i-r1", "r1")], "e1")
+    for batch in [[first, again]] if same_batch else [[first], [again]]:
+        await apply_batch(store, batch, TOPICS)
+    original, replay = store.outbox
+    assert (replay.key, replay.payload, replay.headers) == (
+        original.key,
+        original.payload,
+        original.headers,
+    )
+    assert headers_of(original)["partner-id"] == b"p1"
+
+
+async def test_a_rejection_decided_after_authentication_names_the_partner() -> None:
+    store = FakeStore()
+    await apply_batch(store, [work(0, "c9", None, "e1")], TOPICS)
+    (result,) = store.outbox
+    assert bodies(store)[0]["errors"][0]["code"] == "cart_not_found"
+    assert (result.key, headers_of(result)["partner-id"]) == (b"c9", b"p1")
+
+
+async def test_a_rejection_before_the_partner_is_known_is_keyed_by_the_record() -> None:
+    # A 401 names no partner, and is not steered onto the cart its body names.
+    store = FakeStore()
+    record = RawRecord("in", 0, 1, b"record-key", b"{}", (("rokt-session-id", b"s"),))
+    rejection = Rejection(401, "unknown_api_key", "unknown", None, "e1", "someone-elses-cart")
+    await apply_batch(store, [Work(record, rejection=rejection)], TOPICS)
+    (result,) = store.outbox
+    assert result.key == b"record-key"
+    assert headers_of(result) == {"event-id": b"e1", "rokt-session-id": b"s"}

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from worker.messages import Topics, rejection_messages
 from worker.records import RawRecord
 from worker.validate import (
     DESCRIPTIONS,
@@ -18,6 +20,7 @@ from worker.validate import (
     parse_record,
 )
 
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 LIMITS = Limits(max_record_bytes=16_384, max_items=3, max_attributes=2)
 API_KEY = "rk_unit_secret_key"
 HEADERS = (
@@ -324,3 +327,85 @@ def test_a_snake_case_eventid_is_an_unknown_field() -> None:
     command = parse({"cartId": "c1", "event_id": "e1"})
     assert isinstance(command, ReleaseCommand)
     assert command.event_id == "in/2/7"
+
+
+def header_bytes(headers: tuple[tuple[str, bytes | None], ...]) -> int:
+    """All headers of a record together: names and values."""
+    return sum(len(name.encode()) + len(value or b"") for name, value in headers)
+
+
+PADDED = (*HEADERS, ("x-padding", b"p" * (16_385 - header_bytes(HEADERS) - 9)))
+
+
+def with_header(name: str, value: bytes) -> tuple[tuple[str, bytes | None], ...]:
+    return (*without(name), (name, value))
+
+
+@pytest.mark.parametrize(
+    ("headers", "code", "value"),
+    [
+        (with_header("rokt-session-id", b"s" * 1025), "header_too_large", "rokt-session-id"),
+        (with_header("rokt-tag-id", b"t" * 1025), "header_too_large", "rokt-tag-id"),
+        (with_header("accept-language", b"e" * 1025), "header_too_large", "accept-language"),
+        (
+            with_header("rokt-session-id", b"s-1\r\nx-injected: 1"),
+            "invalid_header",
+            "rokt-session-id",
+        ),
+        (with_header("rokt-tag-id", b"tag\x00"), "invalid_header", "rokt-tag-id"),
+        (with_header("Accept-Language", b"en\x7f"), "invalid_header", "accept-language"),
+        (PADDED, "headers_too_large", header_bytes(PADDED)),
+    ],
+)
+def test_oversized_or_control_character_headers_are_400(
+    headers: tuple[tuple[str, bytes | None], ...], code: str, value: Any
+) -> None:
+    rejection = rejected(BODY, headers=headers)
+    assert (rejection.status, rejection.code, rejection.value) == (400, code, value)
+    assert (rejection.event_id, rejection.cart_id, rejection.dead_letter) == ("e1", "c1", False)
+
+
+def test_headers_at_their_limits_are_accepted() -> None:
+    headers = (
+        ("rokt-session-id", b"s\t" * 512),  # a tab is not a control character in HTTP
+        ("rokt-tag-id", b"t" * 1024),
+        ("accept-language", "é".encode() * 512),
+        ("content-type", b"application/json"),
+        ("rokt-api-key", API_KEY.encode()),
+    )
+    padded = (*headers, ("x-padding", b"p" * (16_384 - header_bytes(headers) - 9)))
+    assert header_bytes(padded) == 16_384
+    assert isinstance(parse(BODY, headers=padded), ReleaseCommand)
+
+
+def test_a_64_kib_session_header_is_refused_and_not_copied_into_the_rejection() -> None:
+    # Finding 4: it used to be copied onto each of the record's item results.
+    items = [{"cartItemId": f"i{n}", "itemReservationId": f"r{n}"} for n in range(100)]
+    record = RawRecord(
+        "in",
+        2,
+        7,
+        b"c1",
+        json.dumps({**BODY, "items": items}).encode(),
+        with_header("rokt-session-id", b"s" * 65_536),
+    )
+    rejection = parse_record(record, Limits())
+    assert isinstance(rejection, Rejection)
+    assert rejection.code == "header_too_large"
+    (result,) = rejection_messages(record, rejection, Topics("results", "dlq"), NOW)
+    assert dict(result.headers) == {"event-id": b"e1", "rokt-tag-id": b"tag-1"}
+
+
+@pytest.mark.parametrize("event_id", ["expiry:r1", "expiry:", "cart.abandoned/0/12", "in/2/7"])
+def test_reserved_event_ids_are_400_invalid_value(event_id: str) -> None:
+    rejection = rejected({**BODY, "eventId": event_id})
+    assert (rejection.status, rejection.code, rejection.value) == (400, "invalid_value", event_id)
+    # The rejection does not answer under the reserved identity either.
+    assert (rejection.event_id, rejection.cart_id) == ("in/2/7", "c1")
+
+
+@pytest.mark.parametrize("event_id", ["expiry-r1", "Expiry", "order/12", "in/2/x", "a b/1/2"])
+def test_event_ids_that_only_resemble_reserved_ones_are_accepted(event_id: str) -> None:
+    command = parse({**BODY, "eventId": event_id})
+    assert isinstance(command, ReleaseCommand)
+    assert command.event_id == event_id
