@@ -117,6 +117,7 @@ class Case:
     cart: bool = True  # the body's cartId is valid, so the rejection carries it
     value: Any = UNSET  # the echoed `value`, where the test pins it
     dead_letter: bool = False
+    partner: str | None = None  # identified before the rejection: its result names it
 
     @property
     def event_id(self) -> str:
@@ -141,6 +142,13 @@ CASES = [
     unreadable("deep_nesting", "invalid_json", b"[" * 5000 + b"]" * 5000),
     unreadable("huge_bare_number", "invalid_json", b"9" * 5000),
     unreadable("byte_order_mark", "invalid_json", b'\xef\xbb\xbf{"cartId": "c"}'),
+    # Strict JSON (DESIGN.md §7): a repeated key used to make this a whole-cart release.
+    unreadable(
+        "repeated_key",
+        "invalid_json",
+        orjson.dumps({"cartId": f"{P}-repeated_key", **items(f"{P}-x")})[:-1] + b',"items":null}',
+    ),
+    unreadable("nan", "invalid_json", b'{"cartId": "c", "extra": NaN}'),
     unreadable("array", "not_an_object", b"[1, 2]"),
     unreadable("json_null", "not_an_object", b"null"),
     Case(
@@ -195,6 +203,51 @@ CASES = [
         value="rokt-session-id",
     ),
     Case("blank_tag", 400, "missing_header", record("blank_tag", tag=b"  "), value="rokt-tag-id"),
+    # Header limits (DESIGN.md §7): the oversized or forged value is not copied to the result.
+    Case(
+        "long_session",
+        400,
+        "header_too_large",
+        record("long_session", session=b"s" * 65_536),
+        value="rokt-session-id",
+    ),
+    Case(
+        "long_language",
+        400,
+        "header_too_large",
+        record("long_language", extra=(("accept-language", b"e" * 1_025),)),
+        value="accept-language",
+    ),
+    Case(
+        "forged_tag",
+        400,
+        "invalid_header",
+        record("forged_tag", tag=b"tag-1\r\nrokt-partner: someone"),
+        value="rokt-tag-id",
+    ),
+    Case(
+        "many_headers",
+        400,
+        "headers_too_large",
+        record("many_headers", extra=tuple((f"x-h{n}", b"v" * 1_000) for n in range(17))),
+    ),
+    # Reserved identities: the rejection answers under the record's position instead.
+    Case(
+        "expiry_event_id",
+        400,
+        "invalid_value",
+        record("expiry_event_id", {"eventId": f"expiry:{P}-r1"}),
+        readable=False,
+        value=f"expiry:{P}-r1",
+    ),
+    Case(
+        "position_event_id",
+        400,
+        "invalid_value",
+        record("position_event_id", {"eventId": "cart.abandoned/0/1"}),
+        readable=False,
+        value="cart.abandoned/0/1",
+    ),
     Case("empty_items", 400, "empty_items", record("empty_items", {"items": []})),
     Case(
         "attributes",
@@ -210,9 +263,20 @@ CASES = [
     ),
     Case("binary_key", 401, "unknown_api_key", record("binary_key", api_key=b"\xff\xfe\x00")),
     Case(
-        "suspended", 403, "partner_suspended", record("suspended", api_key=SUSPENDED_KEY.encode())
+        "suspended",
+        403,
+        "partner_suspended",
+        record("suspended", api_key=SUSPENDED_KEY.encode()),
+        partner=f"{P}-suspended",
     ),
-    Case("foreign_tag", 403, "tag_not_allowed", record("foreign_tag", tag=b"tag-9"), value="tag-9"),
+    Case(
+        "foreign_tag",
+        403,
+        "tag_not_allowed",
+        record("foreign_tag", tag=b"tag-9"),
+        value="tag-9",
+        partner=f"{P}-active",
+    ),
     Case(
         "too_many_items",
         422,
@@ -227,13 +291,20 @@ CASES = [
         record("duplicate", items(f"{P}-dup", f"{P}-dup")),
         value=f"{P}-dup",
     ),
-    Case("empty_cart", 422, "cart_not_found", record("empty_cart", {"items": None})),
+    Case(
+        "empty_cart",
+        422,
+        "cart_not_found",
+        record("empty_cart", {"items": None}),
+        partner=f"{P}-active",
+    ),
     Case(
         "poison",
         500,
         "internal_error",
         record("poison", items(POISON_RESERVATION), key=f"{P}-poison-cart".encode()),
         dead_letter=True,
+        partner=f"{P}-active",
     ),
 ]
 # Accepted records around the rejected ones: a null or empty Kafka key is not an error
@@ -384,12 +455,16 @@ async def test_each_cause_gets_one_rejection_with_its_status_and_code(
     key, _, headers = case.input
     cart_id = f"{P}-{case.name}" if case.cart else None
     assert body["cartId"] == cart_id
-    assert result.key == (cart_id.encode() if cart_id else key)
+    # Keyed by cartId once the partner is known, else by the record's own key (finding 5).
+    assert result.key == (cart_id.encode() if cart_id and case.partner else key)
     sent = dict(headers)
-    assert result.headers == {
-        "event-id": event_id.encode(),
-        **{n: v for n, v in sent.items() if n in ("rokt-session-id", "rokt-tag-id") and v},
+    copied = {
+        n: v
+        for n, v in sent.items()
+        if n in ("rokt-session-id", "rokt-tag-id") and v and len(v) <= 1_024 and b"\r" not in v
     }
+    partner = {"partner-id": case.partner.encode()} if case.partner else {}
+    assert result.headers == {"event-id": event_id.encode(), **partner, **copied}
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[c.name for c in CASES])
