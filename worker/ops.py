@@ -1,9 +1,10 @@
 """Operations endpoints: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (ready).
 
-The endpoints are served from threads with the standard library's WSGI server, so
-they answer even when the event loop does not, and can tell a blocked loop from a
-live one. The loop side is `watch`: every half second it beats the heartbeat and
-samples the consumer's progress into `Health`; the HTTP threads only read it.
+The endpoints are served by `OpsServer` from a thread of their own, running its own
+event loop, so they answer even when the worker's event loop does not, and can tell a
+blocked loop from a live one. The worker's side is `watch`: every half second it beats
+the heartbeat and samples the consumer's progress into `Health`; the HTTP thread only
+reads it. Clients cannot exhaust the server: see `OpsServer` for its bounds.
 
 Alive means making progress, not merely running (a consumer can sit alive and
 stuck, aiokafka #1154). `/healthz` fails when the event loop stopped ticking, or
@@ -20,14 +21,13 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from socketserver import ThreadingMixIn
-from typing import Any, Protocol
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from typing import Protocol
 
 from aiokafka import TopicPartition
-from prometheus_client import make_wsgi_app
+from prometheus_client import REGISTRY
+from prometheus_client.exposition import choose_encoder
 
 from worker import metrics
 from worker.errors import StartupError
@@ -180,52 +180,127 @@ def _forget_partitions(labelled: set[str], assigned: Iterable[TopicPartition]) -
     return current
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+# The HTTP server's bounds (DESIGN §7: no number of idle clients silences /healthz).
+MAX_CONNECTIONS = 64
+REQUEST_TIMEOUT_S = 5.0  # to send the request and take the whole answer
+MAX_REQUEST_HEAD = 16 * 1024
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 503: "Service Unavailable"}
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    """One thread per request: a slow scrape never holds up a probe."""
+class OpsServer:
+    """`/metrics`, `/healthz` and `/readyz` over HTTP/1.1, one request per connection.
 
-    daemon_threads = True
+    Bounds, whatever clients do: one thread (its event loop holds every connection, so
+    an idle client costs a socket, not a thread); at most `MAX_CONNECTIONS` connections,
+    and when one more arrives, the oldest that has not sent its request yet is dropped,
+    so a probe that sends its request at once is served however many clients sit idle;
+    `REQUEST_TIMEOUT_S` per connection to send the request and read the answer, then it
+    is closed. A request head over `MAX_REQUEST_HEAD` bytes is dropped unanswered.
 
+    The standard library's WSGI server (one thread per connection, no timeout) grew a
+    thread per idle client. Neither waitress (it stops accepting at its connection limit,
+    so idle clients make probes wait for their timeout) nor uvicorn (no timeout before a
+    connection's first request; 503 to everyone past its concurrency limit) keeps that
+    promise, hence these few lines over asyncio streams.
+    """
 
-def serve(health: Health, host: str, port: int) -> WSGIServer:
-    """Start the endpoints on a daemon thread; `server.shutdown()` stops them."""
-    metrics_app = make_wsgi_app()
+    def __init__(self, health: Health, host: str, port: int) -> None:
+        self._health = health
+        # Connection -> still waiting for its request; in arrival order, oldest first.
+        self._connections: dict[asyncio.StreamWriter, bool] = {}
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="ops-http", daemon=True)
+        self._thread.start()
+        listening = asyncio.start_server(self._serve, host, port, limit=MAX_REQUEST_HEAD)
+        try:
+            self._server = asyncio.run_coroutine_threadsafe(listening, self._loop).result()
+        except OSError as error:
+            self._end_thread()
+            raise StartupError(
+                f"Cannot serve /metrics on {host}:{port} ({error.strerror}): "
+                "set WORKER_METRICS_PORT (or WORKER_METRICS_HOST) to a free one, or 0 for none."
+            ) from error
 
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
+    def close(self) -> None:
+        """Stop listening, drop every connection and end the thread."""
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result()
+        self._end_thread()
+
+    def _end_thread(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    async def _stop(self) -> None:
+        self._server.close()
+        for writer in list(self._connections):
+            writer.transport.abort()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()
+
+    def _make_room(self) -> None:
+        if len(self._connections) < MAX_CONNECTIONS:
+            return
+        idle = next((w for w, waiting in self._connections.items() if waiting), None)
+        if idle is not None:
+            idle.transport.abort()  # its handler sees the end of the stream and returns
+            del self._connections[idle]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._make_room()
+        if len(self._connections) >= MAX_CONNECTIONS:  # every slot is answering: no room
+            writer.transport.abort()
+            return
+        self._connections[writer] = True
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                head = await reader.readuntil(b"\r\n\r\n")
+                self._connections[writer] = False
+                writer.write(self._answer(head))
+                await writer.drain()
+                writer.close()
+                await writer.wait_closed()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass  # idle, too slow, too large or gone: dropped below
+        finally:
+            self._connections.pop(writer, None)
+            self._handlers.discard(handler)
+            if not writer.is_closing():
+                writer.transport.abort()
+
+    def _answer(self, head: bytes) -> bytes:
+        request_line, *header_lines = head.decode("latin-1").split("\r\n")
+        parts = request_line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return _response(400, "text/plain", b"bad request\n")
+        path = parts[1].split("?", 1)[0]
         if path in ("/healthz", "/readyz"):
-            ok, text = health.alive() if path == "/healthz" else health.ready()
-            start_response(
-                "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")]
-            )
-            return [text.encode() + b"\n"]
+            ok, text = self._health.alive() if path == "/healthz" else self._health.ready()
+            return _response(200 if ok else 503, "text/plain", text.encode() + b"\n")
         if path == "/metrics":
-            body: Iterable[bytes] = metrics_app(environ, start_response)
-            return body
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"try /metrics, /healthz or /readyz\n"]
+            headers = dict(line.partition(":")[::2] for line in header_lines if line)
+            accept = next((v for k, v in headers.items() if k.strip().lower() == "accept"), "")
+            encode, content_type = choose_encoder(accept.strip())
+            return _response(200, content_type, encode(REGISTRY))
+        return _response(404, "text/plain", b"try /metrics, /healthz or /readyz\n")
 
-    try:
-        server = make_server(
-            host, port, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler
-        )
-    except OSError as error:
-        raise StartupError(
-            f"Cannot serve /metrics on {host}:{port} ({error.strerror}): "
-            "set WORKER_METRICS_PORT (or WORKER_METRICS_HOST) to a free one, or 0 for none."
-        ) from error
-    threading.Thread(target=server.serve_forever, name="ops-http", daemon=True).start()
-    return server
+
+def _response(status: int, content_type: str, body: bytes) -> bytes:
+    head = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
 
 
 @contextlib.asynccontextmanager
 async def serving(health: Health, host: str, port: int) -> AsyncIterator[None]:
     """The endpoints (unless port is 0) and the `watch` ticker, for the block's duration."""
-    server = serve(health, host, port) if port else None
+    server = OpsServer(health, host, port) if port else None
     ticker = asyncio.create_task(watch(health))
     try:
         yield
@@ -233,5 +308,4 @@ async def serving(health: Health, host: str, port: int) -> AsyncIterator[None]:
         ticker.cancel()
         await asyncio.gather(ticker, return_exceptions=True)
         if server is not None:
-            await asyncio.to_thread(server.shutdown)
-            server.server_close()
+            await asyncio.to_thread(server.close)
