@@ -269,8 +269,9 @@ class OpsServer:
         finally:
             self._connections.pop(writer, None)
             self._handlers.discard(handler)
-            if not writer.is_closing():
-                writer.transport.abort()
+            # A no-op once closed; otherwise (even mid-close, answer unread) it drops the
+            # socket now instead of waiting for a client that may never read.
+            writer.transport.abort()
 
     def _answer(self, head: bytes) -> bytes:
         request_line, *header_lines = head.decode("latin-1").split("\r\n")
