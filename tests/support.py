@@ -57,7 +57,10 @@ class Published:
 
 async def produce(settings: Settings, events: Iterable[Event]) -> list[tuple[int, int]]:
     """Produce events in order; return their (partition, offset)."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5)
+    # Room for records at the worker's input limit with their headers (over 1 MiB).
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, max_request_size=4_194_304
+    )
     await producer.start()
     try:
         futures = [

@@ -35,11 +35,6 @@ from worker.retry import BROKER_ERRORS, DATABASE_ERRORS, transient_retrying
 
 log = structlog.get_logger("worker.app")
 
-# A dead letter forwards the original value however far over max_record_bytes it was, so
-# the producer must not refuse what the broker accepted on the input topic (a refused row
-# would stay in the outbox); the broker's own message size limit still applies.
-MAX_FORWARDED_BYTES = 64 * 1024 * 1024
-
 
 def _required(value: str | None, variable: str) -> str:
     if not value:
@@ -83,7 +78,10 @@ def make_producer(settings: Settings) -> AIOKafkaProducer:
         enable_idempotence=settings.producer_idempotence,
         linger_ms=settings.producer_linger_ms,
         max_batch_size=256 * 1024,
-        max_request_size=max(settings.max_record_bytes + 64 * 1024, MAX_FORWARDED_BYTES),
+        # The broker's limit, enforced here too: a message over it is refused at once, and
+        # so parked (publisher.py), also by a broker that does not enforce one (Tansu).
+        # Dead letters are shrunk below it (messages.dead_letter).
+        max_request_size=settings.max_message_bytes,
         compression_type=None if settings.compression == "none" else settings.compression,
         client_id="cart-release-worker",
     )

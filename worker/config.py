@@ -12,6 +12,9 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Kafka's default `message.max.bytes` (broker) and `max.message.bytes` (topic).
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WORKER_", extra="ignore", frozen=True)
@@ -46,6 +49,13 @@ class Settings(BaseSettings):
 
     max_record_bytes: int = Field(
         1_048_576, ge=1024, description="Largest accepted record value; larger is a 400."
+    )
+    max_message_bytes: int = Field(
+        KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
+        ge=16 * 1024,
+        description="Largest message the results and dead-letter topics accept (their "
+        "`max.message.bytes`): a dead letter is shrunk to fit, and a message still larger "
+        "is parked in the outbox instead of sent.",
     )
     max_items: int = Field(100, ge=1, description="Most items per event; more is a 422.")
     max_attributes: int = Field(50, ge=0, description="Most entries in `attributes`.")

@@ -40,6 +40,9 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    # Works, but wants an operator (shown with `!` and its fix; the exit code stays 0, so
+    # a deployment gate does not stop a worker that can run).
+    attention: bool = False
 
 
 async def run_checks(settings: Settings) -> list[Check]:
@@ -51,13 +54,16 @@ async def run_checks(settings: Settings) -> list[Check]:
 def render(checks: list[Check]) -> str:
     lines = []
     for c in checks:
-        lines.append(f"{'✓' if c.ok else '✗'} {c.name}: {c.detail}")
-        if not c.ok and c.fix:
+        mark = "✗" if not c.ok else "!" if c.attention else "✓"
+        lines.append(f"{mark} {c.name}: {c.detail}")
+        if (not c.ok or c.attention) and c.fix:
             lines.append(f"    fix: {c.fix}")
     problems = sum(not c.ok for c in checks)
+    attention = sum(c.ok and c.attention for c in checks)
     lines.append("")
     lines.append(
-        f"All {len(checks)} checks passed."
+        f"All {len(checks)} checks passed"
+        + (f"; {attention} need(s) attention." if attention else ".")
         if not problems
         else f"{problems} problem(s) found; the worker will not run properly until fixed."
     )
@@ -121,9 +127,31 @@ async def check_database(settings: Settings) -> list[Check]:
                 f"could not be checked: {redact_text(_reason(error), settings.database_url)}",
                 "run `release-worker migrate`; the privilege check follows the migrations",
             )
-        return [reachable, schema, privileges]
+        if not privileges.ok:
+            return [reachable, schema, privileges]
+        return [reachable, schema, privileges, await _parked(conn)]
     finally:
         await conn.close()
+
+
+async def _parked(conn: asyncpg.Connection) -> Check:
+    """Outbox rows the broker refused for good (publisher.py parks them)."""
+    parked = await store.parked_outbox(conn)
+    if not parked.count:
+        return Check("outbox", True, "no parked rows")
+    assert parked.oldest is not None
+    reasons = ", ".join(f"{reason} ×{n}" for reason, n in parked.reasons.items())
+    return Check(
+        "outbox",
+        True,
+        f"{parked.count} row(s) parked: the broker refused them for good ({reasons}); "
+        f"the oldest since {parked.oldest:%Y-%m-%d %H:%M:%S %Z}",
+        "fix the cause (the topic's max.message.bytes, the worker's Write ACL), then as the "
+        "schema owner re-send them (UPDATE outbox SET parked_at = NULL, park_reason = NULL "
+        "WHERE parked_at IS NOT NULL) or drop them; see docs/operations.md, "
+        "'Parked outbox rows'",
+        attention=True,
+    )
 
 
 def _no_grants(login: str, what: str) -> Check:

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import orjson
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from worker.config import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 from worker.contract import (
     API_KEY_HEADER,
     COPIED_HEADERS,
@@ -31,6 +33,8 @@ from worker.validate import Rejection, acceptable_header
 class Topics:
     results: str
     dlq: str
+    # What the DLQ topic accepts (WORKER_MAX_MESSAGE_BYTES): dead letters are shrunk to fit.
+    max_message_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 
 
 def result_headers(event_id: str, partner_id: str | None, record: RawRecord | None) -> Headers:
@@ -122,12 +126,24 @@ def rejection_messages(
         )
     ]
     if rejection.dead_letter:
-        messages.append(dead_letter(record, rejection, topics.dlq))
+        messages.append(dead_letter(record, rejection, topics.dlq, topics.max_message_bytes))
     return messages
 
 
-def dead_letter(record: RawRecord, rejection: Rejection, topic: str) -> OutboxMessage:
-    kept = tuple((n, v) for n, v in record.headers if n.lower() != API_KEY_HEADER)
+def dead_letter(
+    record: RawRecord,
+    rejection: Rejection,
+    topic: str,
+    max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
+) -> OutboxMessage:
+    """The record as it came (its API key header removed), with the `dlq-*` headers.
+
+    A broker refuses a message over its limit, and a refused dead letter would be parked
+    instead of published: one that would not fit is shrunk to `max_bytes`. Its value is
+    cut (`dlq-truncated` says how long it was) and, should its own headers not fit even
+    then, those go too (`dlq-headers-dropped` says how many). Key and `dlq-*` headers stay.
+    """
+    kept: Headers = tuple((n, v) for n, v in record.headers if n.lower() != API_KEY_HEADER)
     added = (
         ("dlq-status", str(rejection.status)),
         ("dlq-code", rejection.code),
@@ -137,9 +153,31 @@ def dead_letter(record: RawRecord, rejection: Rejection, topic: str) -> OutboxMe
         ("dlq-source-offset", str(record.offset)),
         ("dlq-attempts", str(rejection.attempts)),
     )
-    return OutboxMessage(
-        topic,
-        record.key,
-        record.value,
-        kept + tuple((n, v.encode()) for n, v in added),
-    )
+    dlq: Headers = tuple((n, v.encode()) for n, v in added)
+    value = record.value
+    if message_bytes(record.key, value, kept + dlq) > max_bytes:
+        value, kept, dlq = _shrunk(record.key, value or b"", kept, dlq, max_bytes)
+    return OutboxMessage(topic, record.key, value, kept + dlq)
+
+
+def _shrunk(
+    key: bytes | None, value: bytes, kept: Headers, dlq: Headers, max_bytes: int
+) -> tuple[bytes, Headers, Headers]:
+    dlq += (("dlq-truncated", str(len(value)).encode()),)
+    if message_bytes(key, b"", kept + dlq) > max_bytes:
+        dlq += (("dlq-headers-dropped", str(len(kept)).encode()),)
+        kept = ()
+    # Lengths are varints, so a shorter value can also shorten the framing: cut, measure,
+    # and cut the excess again (twice at most).
+    cut = len(value)
+    while cut and (excess := message_bytes(key, value[:cut], kept + dlq) - max_bytes) > 0:
+        cut = max(0, cut - excess)
+    return value[:cut], kept, dlq
+
+
+def message_bytes(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+    """A message's size as the producer measures it against `max_request_size` (one
+    record in its own batch, the framing included), which is what a broker's
+    `max.message.bytes` limits too."""
+    size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers))
+    return size

@@ -1,9 +1,11 @@
 """Prometheus series of the worker (all prefixed `release_worker_`, no per-cart labels).
 
 Labels are bounded sets only: a result, an HTTP-like status, an item outcome, a
-retry cause (a short name of the error class) or a partition number. Labelled
-series whose values are known in advance are created at import, so dashboards
-and alerts see a 0 instead of a missing series before the first occurrence.
+retry cause (a short name of the error class), a park reason
+(`retry.BROKER_REFUSAL_REASONS`) or a partition number. Labelled series whose
+values are known in advance are created at import (park reasons by
+`publisher`, which knows them), so dashboards and alerts see a 0 instead of a
+missing series before the first occurrence.
 `docs/operations.md` lists every series; a test checks they are all exported.
 """
 
@@ -65,7 +67,18 @@ COMMITTED = Gauge(
 )
 OUTBOX_BACKLOG = Gauge(
     "release_worker_outbox_backlog",
-    "Outbox rows not yet acknowledged by the broker (the table is shared by all workers).",
+    "Outbox rows waiting to be acknowledged by the broker, parked rows not included "
+    "(the table is shared by all workers).",
+)
+OUTBOX_PARKED = Gauge(
+    "release_worker_outbox_parked_rows",
+    "Outbox rows parked because the broker refused them for good (too large, not "
+    "authorised, invalid topic); never re-sent. `release-worker doctor` lists them.",
+)
+PARKED = Counter(
+    "release_worker_outbox_parked_total",
+    "Outbox rows this worker parked, by reason.",
+    ["reason"],
 )
 READY = Gauge("release_worker_ready", "1 when the database and broker are connected and joined.")
 ASSIGNED = Gauge("release_worker_assigned_partitions", "Partitions assigned to this worker.")

@@ -44,7 +44,9 @@ class BatchProcessor:
         self._limits = Limits(
             settings.max_record_bytes, settings.max_items, settings.max_attributes
         )
-        self._topics = Topics(settings.results_topic, settings.dlq_topic)
+        self._topics = Topics(
+            settings.results_topic, settings.dlq_topic, settings.max_message_bytes
+        )
         self._on_retry = on_retry
         self._on_success = on_success
 

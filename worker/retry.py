@@ -18,7 +18,8 @@ place that maps foreign errors into it). The modules act on the verdict:
   (57014). Retried `poison_max_attempts` times on that record alone, then a 504.
 - `POISON`: anything else unexpected. Retried like a statement timeout, then a
   500 and a dead letter. For the broker: a refusal that will not go away by
-  itself (too large, not authorised, ...).
+  itself (too large, not authorised, ...); `broker_refusal` names the ones for
+  which the outbox parks the message.
 - `FATAL`: the database refuses the worker itself (schema not migrated, a table,
   column or grant missing, the login refused). No record is at fault, so none is
   rejected: the error stops the process (non-zero exit) for an operator to fix.
@@ -38,10 +39,15 @@ from typing import Protocol
 import asyncpg
 import structlog
 from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidTopicError,
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
     KafkaUnavailableError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAuthorizationFailedError,
 )
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_never
 from tenacity.wait import wait_exponential_jitter
@@ -116,6 +122,32 @@ def classify(error: BaseException) -> Verdict:
     if isinstance(error, OSError | TimeoutError):
         return Verdict.TRANSIENT
     return Verdict.POISON
+
+
+# The broker's refusals of one message that will not go away by itself, and the reason
+# the outbox parks such a message under instead of re-sending it forever (DESIGN §7).
+# A subset of POISON: any other failure of a send (a closed producer included) leaves the
+# row for the next pass. A missing topic is not here: aiokafka reports it as
+# `UnknownTopicOrPartitionError` (retriable), as it does a topic it cannot learn about
+# while the brokers are away, so such rows wait, and go out once the topic exists.
+_BROKER_REFUSALS: tuple[tuple[type[KafkaError], str], ...] = (
+    (MessageSizeTooLargeError, "too_large"),
+    (RecordListTooLargeError, "too_large"),
+    (TopicAuthorizationFailedError, "not_authorized"),
+    (InvalidTopicError, "invalid_topic"),
+    # e.g. a null key on a compacted topic
+    (CorruptRecordException, "invalid_record"),
+)
+BROKER_REFUSAL_REASONS = tuple(dict.fromkeys(reason for _, reason in _BROKER_REFUSALS))
+
+
+def broker_refusal(error: BaseException) -> str | None:
+    """Why the broker will never take this message (a `BROKER_REFUSAL_REASONS` entry), or
+    None when trying again later may succeed."""
+    for kind, reason in _BROKER_REFUSALS:
+        if isinstance(error, kind):
+            return reason
+    return None
 
 
 def cause(error: BaseException) -> str:

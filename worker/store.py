@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeAlias
 
@@ -24,7 +25,7 @@ from worker.release import EventKey, InboxEntry, Reservation, StoredResults, Top
 from worker.retry import closed_connection_is_transient
 
 # The newest migration this code needs; `run` refuses an older schema.
-SCHEMA_VERSION = "20261129191500"
+SCHEMA_VERSION = "20261129192000"
 
 # A connection, from a pool or not; `Db` also admits the pool itself (one-statement calls).
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
@@ -283,11 +284,12 @@ async def enqueue(conn: Conn, messages: Sequence[OutboxMessage]) -> list[OutboxM
 
 
 async def claim_outbox(conn: Conn, older_than_s: float, limit: int) -> list[OutboxMessage]:
-    """Lock leftover outbox rows (skipping rows another worker holds), oldest first."""
+    """Lock leftover outbox rows (skipping rows another worker holds, and parked rows),
+    oldest first."""
     rows = await conn.fetch(
         """
         SELECT id, topic, key, headers, payload FROM outbox
-        WHERE created_at <= now() - make_interval(secs => $1)
+        WHERE created_at <= now() - make_interval(secs => $1) AND parked_at IS NULL
         ORDER BY id LIMIT $2
         FOR UPDATE SKIP LOCKED
         """,
@@ -301,9 +303,49 @@ async def delete_outbox(conn: Db, ids: Sequence[int]) -> None:
     await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", list(ids))
 
 
-async def outbox_backlog(conn: Db) -> int:
-    value = await conn.fetchval("SELECT count(*) FROM outbox")
-    return int(value)
+async def park_outbox(conn: Db, parked: Sequence[tuple[int, str]]) -> None:
+    """Mark rows the broker refused for good, with the reason: the relay skips them."""
+    await conn.execute(
+        """
+        UPDATE outbox o SET parked_at = now(), park_reason = u.reason
+          FROM unnest($1::bigint[], $2::text[]) AS u(id, reason)
+         WHERE o.id = u.id
+        """,
+        [p[0] for p in parked],
+        [p[1] for p in parked],
+    )
+
+
+async def outbox_backlog(conn: Db) -> tuple[int, int]:
+    """Rows waiting to be published, and rows parked (the table is shared by all workers)."""
+    row = await conn.fetchrow(
+        "SELECT count(*) FILTER (WHERE parked_at IS NULL), count(parked_at) FROM outbox"
+    )
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedRows:
+    """What `doctor` shows of the parked rows: how many, since when, and why."""
+
+    count: int
+    oldest: datetime | None
+    reasons: dict[str, int]
+
+
+async def parked_outbox(conn: Db) -> ParkedRows:
+    rows = await conn.fetch(
+        """
+        SELECT park_reason, count(*), min(parked_at) FROM outbox
+        WHERE parked_at IS NOT NULL GROUP BY park_reason ORDER BY count(*) DESC
+        """
+    )
+    return ParkedRows(
+        sum(r[1] for r in rows),
+        min((r[2] for r in rows), default=None),
+        {str(r[0]): int(r[1]) for r in rows},
+    )
 
 
 async def find_partners(pool: Db, digests: list[bytes]) -> list[Partner]:
@@ -369,8 +411,8 @@ async def check_schema(conn: Db) -> None:
 
 
 # What the worker's login must be allowed, as granted to the `release_worker` role by
-# the migrations (..._release_worker_role.sql, ..._inbox_tombstones.sql): (object, privilege,
-# column or None).
+# the migrations (..._release_worker_role.sql, ..._inbox_tombstones.sql,
+# ..._outbox_parking.sql): (object, privilege, column or None).
 WORKER_PRIVILEGES: tuple[tuple[str, str, str | None], ...] = (
     ("schema_migrations", "SELECT", None),
     ("partners", "SELECT", None),
@@ -382,7 +424,7 @@ WORKER_PRIVILEGES: tuple[tuple[str, str, str | None], ...] = (
     ("inbox", "UPDATE", "results"),
     ("inbox", "UPDATE", "result_headers"),
     *(("outbox", p, None) for p in ("SELECT", "INSERT", "DELETE")),
-    ("outbox", "UPDATE", "created_at"),
+    *(("outbox", "UPDATE", c) for c in ("created_at", "parked_at", "park_reason")),
     ("outbox_id_seq", "USAGE", None),
     *(("consumer_offsets", p, None) for p in ("SELECT", "INSERT")),
     *(("consumer_offsets", "UPDATE", c) for c in ("next_offset", "updated_at")),

@@ -124,6 +124,8 @@ EXPECTED_GRANTS = {
     ("outbox", "INSERT", None),
     ("outbox", "DELETE", None),
     ("outbox", "UPDATE", "created_at"),
+    ("outbox", "UPDATE", "parked_at"),  # a message the broker refuses for good is parked
+    ("outbox", "UPDATE", "park_reason"),
     ("consumer_offsets", "SELECT", None),
     ("consumer_offsets", "INSERT", None),
     ("consumer_offsets", "UPDATE", "next_offset"),

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.integration
 T = TypeVar("T")
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 OPERATIONS_DOC = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
-BOUNDED_LABELS = {"result", "status", "outcome", "cause", "partition", "le"}
+BOUNDED_LABELS = {"result", "status", "outcome", "cause", "partition", "le", "reason"}
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:
@@ -293,7 +293,8 @@ async def test_doctor_passes_on_a_migrated_database_with_all_topics(world: World
     assert "has what the worker needs" in output
     assert f"✓ input topic: '{world.settings.input_topic}': 2 partition(s)" in output
     assert "✓ consumer group: joinable" in output
-    assert "All 8 checks passed." in output
+    assert "✓ outbox: no parked rows" in output
+    assert "All 9 checks passed." in output
 
 
 @pytest.mark.parametrize("reachable", [True, False])

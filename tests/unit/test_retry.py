@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncpg
 import pytest
 from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidTopicError,
     KafkaConnectionError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
     NotLeaderForPartitionError,
+    ProducerClosed,
+    RecordListTooLargeError,
+    RequestTimedOutError,
     TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
 )
 
 from worker.config import Settings
@@ -17,6 +23,7 @@ from worker.errors import SchemaNotReady, TransientError
 from worker.retry import (
     ConnectionLost,
     Verdict,
+    broker_refusal,
     cause,
     classify,
     closed_connection_is_transient,
@@ -77,6 +84,34 @@ VERDICTS: list[tuple[BaseException, Verdict]] = [
 )
 def test_each_failure_maps_to_its_verdict(error: BaseException, verdict: Verdict) -> None:
     assert classify(error) is verdict
+
+
+# What the outbox parks a message for (never re-sent), and what leaves it waiting.
+REFUSALS: list[tuple[BaseException, str | None]] = [
+    (MessageSizeTooLargeError(), "too_large"),
+    (RecordListTooLargeError(), "too_large"),
+    (TopicAuthorizationFailedError("results"), "not_authorized"),
+    (InvalidTopicError(), "invalid_topic"),
+    (CorruptRecordException(), "invalid_record"),
+    # Outages, and a topic aiokafka cannot tell from brokers that are away: the row waits.
+    (KafkaConnectionError("broker away"), None),
+    (KafkaTimeoutError(), None),
+    (RequestTimedOutError(), None),
+    (NotLeaderForPartitionError(), None),
+    (UnknownTopicOrPartitionError(), None),
+    # Poison for the worker, but nothing the message did: the row waits for the next pass.
+    (ProducerClosed(), None),
+    (OSError(113, "No route to host"), None),
+]
+
+
+@pytest.mark.parametrize(("error", "reason"), REFUSALS, ids=[type(e).__name__ for e, _ in REFUSALS])
+def test_only_a_refusal_of_the_message_itself_parks_it(
+    error: BaseException, reason: str | None
+) -> None:
+    assert broker_refusal(error) == reason
+    if reason is not None:
+        assert classify(error) is Verdict.POISON
 
 
 def test_causes_name_outages_by_class_and_everything_else_by_verdict() -> None:

@@ -1,0 +1,165 @@
+"""The relay isolates a message the broker refuses for good (DESIGN.md §7, issue 9 finding 2).
+
+Real PostgreSQL (the worker's least-privilege login); the producer is a fake of the
+publisher's own `Producer` Protocol that refuses chosen messages the way aiokafka does:
+in `send` itself (the client's own size check) or in the returned future (the broker's
+answer). Only rows of this test's topics are acknowledged; anything else in the shared
+outbox gets an outage error, which leaves it untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RequestTimedOutError,
+    TopicAuthorizationFailedError,
+)
+
+from tests.conftest import Servers
+from worker import store
+from worker.config import Settings
+from worker.doctor import check_database
+from worker.publisher import Publisher
+from worker.records import OutboxMessage
+
+pytestmark = pytest.mark.integration
+
+
+class RefusingProducer:
+    """Acknowledges every message of `topics`, except the refusals it was given."""
+
+    def __init__(self, topics: set[str], refuse: dict[bytes, KafkaError], in_send: bool) -> None:
+        self.topics = topics
+        self.refuse = refuse
+        self.in_send = in_send
+        self.sent: Counter[bytes] = Counter()
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes | None]] | None = None,
+    ) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if topic not in self.topics:
+            future.set_exception(KafkaConnectionError("not this test's row"))
+            return future
+        assert value is not None
+        self.sent[value] += 1
+        error = self.refuse.get(value)
+        if error is not None and self.in_send:
+            raise error
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(None)
+        return future
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0}
+
+    async def flush(self) -> None:
+        return None
+
+
+@pytest.fixture
+async def worker_pool(servers: Servers) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(servers.worker_database_url, min_size=1, max_size=2)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def topics(db: asyncpg.Pool) -> AsyncIterator[tuple[str, str]]:
+    tag = uuid.uuid4().hex[:8]
+    results, dlq = f"results-{tag}", f"dlq-{tag}"
+    yield results, dlq
+    # Parked rows stay for an operator; a test's own are removed so `doctor` stays clean.
+    await db.execute("DELETE FROM outbox WHERE topic = ANY($1::text[])", [results, dlq])
+
+
+async def left(db: asyncpg.Pool, topics: tuple[str, str]) -> list[tuple[bytes, str | None]]:
+    rows = await db.fetch(
+        "SELECT payload, park_reason FROM outbox WHERE topic = ANY($1::text[]) ORDER BY id",
+        list(topics),
+    )
+    return [(bytes(r[0]), r[1]) for r in rows]
+
+
+async def enqueue(pool: asyncpg.Pool, messages: list[OutboxMessage]) -> None:
+    async with pool.acquire() as conn:
+        await store.enqueue(conn, messages)
+
+
+def rows(topics: tuple[str, str], refused: bytes) -> list[OutboxMessage]:
+    """Good rows, the refused one, and more good rows behind it: results and dead letters."""
+    before = [OutboxMessage(topics[n % 2], b"k", f"before-{n}".encode()) for n in range(20)]
+    after = [OutboxMessage(topics[n % 2], b"k", f"after-{n}".encode()) for n in range(20)]
+    return [*before, OutboxMessage(topics[1], b"k", refused), *after]
+
+
+@pytest.mark.parametrize("in_send", [True, False], ids=["refused_by_client", "refused_by_broker"])
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (MessageSizeTooLargeError(), "too_large"),
+        (TopicAuthorizationFailedError(), "not_authorized"),
+    ],
+)
+async def test_a_refused_row_is_parked_and_the_rows_around_it_are_published(
+    servers: Servers,
+    worker_pool: asyncpg.Pool,
+    db: asyncpg.Pool,
+    topics: tuple[str, str],
+    error: KafkaError,
+    reason: str,
+    in_send: bool,
+) -> None:
+    messages = rows(topics, b"refused")
+    producer = RefusingProducer(set(topics), {b"refused": error}, in_send)
+    await enqueue(worker_pool, messages)
+    publisher = Publisher(producer, worker_pool, relay_interval_s=1, relay_grace_s=0)
+
+    await publisher.relay_once(grace_s=0)
+
+    assert await left(db, topics) == [(b"refused", reason)]
+    good = [m.payload for m in messages if m.payload != b"refused"]
+    assert all(producer.sent[p or b""] == 1 for p in good)
+    attempts = producer.sent[b"refused"]
+    await publisher.relay_once(grace_s=0)
+    assert producer.sent[b"refused"] == attempts, "a parked row is never re-sent"
+    assert await left(db, topics) == [(b"refused", reason)]
+
+    outbox = (await check_database(Settings(database_url=servers.worker_database_url)))[-1]
+    assert outbox.name == "outbox"
+    assert outbox.ok
+    assert outbox.attention
+    assert f"{reason} ×" in outbox.detail
+
+
+async def test_an_outage_parks_nothing_the_row_waits_and_goes_out_later(
+    worker_pool: asyncpg.Pool, db: asyncpg.Pool, topics: tuple[str, str]
+) -> None:
+    messages = rows(topics, b"unlucky")
+    producer = RefusingProducer(set(topics), {b"unlucky": RequestTimedOutError()}, False)
+    await enqueue(worker_pool, messages)
+    publisher = Publisher(producer, worker_pool, relay_interval_s=1, relay_grace_s=0)
+
+    await publisher.relay_once(grace_s=0)
+    assert await left(db, topics) == [(b"unlucky", None)]
+
+    producer.refuse.clear()
+    await publisher.relay_once(grace_s=0)
+    assert await left(db, topics) == []
