@@ -23,6 +23,7 @@ from aiokafka.errors import (
     MessageSizeTooLargeError,
     RequestTimedOutError,
     TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
 )
 
 from tests.conftest import Servers
@@ -43,6 +44,7 @@ class RefusingProducer:
         self.refuse = refuse
         self.in_send = in_send
         self.sent: Counter[bytes] = Counter()
+        self.missing: set[str] = set()
 
     async def send(
         self,
@@ -68,6 +70,8 @@ class RefusingProducer:
         return future
 
     async def partitions_for(self, topic: str) -> set[int]:
+        if topic in self.missing:
+            raise UnknownTopicOrPartitionError()
         return {0}
 
     async def flush(self) -> None:
@@ -161,5 +165,43 @@ async def test_an_outage_parks_nothing_the_row_waits_and_goes_out_later(
     assert await left(db, topics) == [(b"unlucky", None)]
 
     producer.refuse.clear()
+    await publisher.relay_once(grace_s=0)
+    assert await left(db, topics) == []
+
+
+@pytest.mark.parametrize("in_send", [True, False], ids=["refused_by_client", "refused_by_broker"])
+async def test_the_fast_path_sends_past_a_refused_message_and_leaves_it_to_the_relay(
+    worker_pool: asyncpg.Pool, db: asyncpg.Pool, topics: tuple[str, str], in_send: bool
+) -> None:
+    producer = RefusingProducer(set(topics), {b"refused": MessageSizeTooLargeError()}, in_send)
+    async with worker_pool.acquire() as conn:
+        messages = await store.enqueue(conn, rows(topics, b"refused"))
+    publisher = Publisher(producer, worker_pool, relay_interval_s=1, relay_grace_s=0)
+
+    await publisher.publish(messages)
+    await publisher.flush(10)
+
+    assert await left(db, topics) == [(b"refused", None)], "the others are published, once"
+    assert all(producer.sent[m.payload or b""] == 1 for m in messages)
+    assert publisher.healthy, "one message's refusal says nothing about the broker"
+    await publisher.relay_once(grace_s=0)
+    assert await left(db, topics) == [(b"refused", "too_large")]
+
+
+async def test_rows_of_a_missing_topic_wait_without_holding_up_the_others(
+    worker_pool: asyncpg.Pool, db: asyncpg.Pool, topics: tuple[str, str]
+) -> None:
+    producer = RefusingProducer(set(topics), {}, in_send=False)
+    producer.missing = {topics[0]}
+    await enqueue(worker_pool, rows(topics, b"dead letter"))
+    publisher = Publisher(producer, worker_pool, relay_interval_s=1, relay_grace_s=0)
+
+    await publisher.relay_once(grace_s=0)
+    waiting = await left(db, topics)
+    assert len(waiting) == 20, "the results topic's rows wait, unparked"
+    assert all(reason is None for _, reason in waiting)
+    assert producer.sent[b"dead letter"] == 1
+
+    producer.missing.clear()
     await publisher.relay_once(grace_s=0)
     assert await left(db, topics) == []
