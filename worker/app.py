@@ -64,6 +64,9 @@ async def create_pool(settings: Settings, size: int | None = None) -> asyncpg.Po
                 max_size=size or max(settings.db_pool_size, settings.lanes + 3),
                 server_settings={
                     "statement_timeout": str(settings.statement_timeout_ms),
+                    # A lock wait ends well before the statement timeout, as a lock wait
+                    # (55P03), which is retried instead of rejected (worker/retry.py).
+                    "lock_timeout": str(settings.lock_timeout_ms),
                     "application_name": "cart-release-worker",
                 },
             )

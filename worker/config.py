@@ -96,6 +96,13 @@ class Settings(BaseSettings):
     statement_timeout_ms: int = Field(
         5000, ge=0, description="PostgreSQL statement_timeout for the worker's statements."
     )
+    lock_timeout_ms: int = Field(
+        1000,
+        ge=1,
+        description="PostgreSQL lock_timeout: a row lock held elsewhere for longer (a busy stock "
+        "row, DDL) is retried with backoff until it is free, never rejected. Keep it below "
+        "WORKER_STATEMENT_TIMEOUT_MS, which is then left to statements slow on their own work.",
+    )
     poison_max_attempts: int = Field(
         5, ge=1, description="Attempts on one record that fails unexpectedly before a 500/504."
     )
@@ -202,6 +209,15 @@ class Settings(BaseSettings):
         initial = info.data.get("retry_initial_s")
         if initial is not None and value < initial:
             raise ValueError(f"must be at least WORKER_RETRY_INITIAL_S ({initial})")
+        return value
+
+    @field_validator("lock_timeout_ms")
+    @classmethod
+    def _lock_timeout_below_statement_timeout(cls, value: int, info: ValidationInfo) -> int:
+        # Otherwise a lock wait ends as a statement timeout, which is a 504 after retries.
+        statement = info.data.get("statement_timeout_ms")
+        if statement and value >= statement:
+            raise ValueError(f"must be below WORKER_STATEMENT_TIMEOUT_MS ({statement})")
         return value
 
     @field_validator("producer_idempotence")

@@ -1,10 +1,16 @@
 """Turn a batch of consumed records into one committed database transaction.
 
-- transient failures (outages, serialisation failures, deadlocks) retry the whole
+How each failure is handled follows its verdict (`worker/retry.py`):
+- outages (and lost races: serialisation failures, deadlocks) retry the whole
   transaction with capped exponential backoff and jitter, for as long as they last;
-- any other failure splits the batch, so one bad record cannot hold the others back;
-  a single record that keeps failing becomes a 500 (or 504 after statement timeouts)
-  rejection and a dead letter after `poison_max_attempts`.
+- a lock wait (`lock_timeout`) or any other failure splits the batch, so one busy or
+  bad record cannot hold back the records before it;
+- a single record waiting for a lock is retried with backoff until the lock is free,
+  never rejected (DESIGN.md §7); a single record that keeps failing otherwise becomes
+  a 500 (or 504 after statement timeouts) rejection and a dead letter after
+  `poison_max_attempts`;
+- a fatal failure (the database refuses the worker itself) is raised: no record is
+  at fault, so none is rejected, and the process stops.
 """
 
 from __future__ import annotations
@@ -23,10 +29,14 @@ from worker.config import Settings
 from worker.messages import Topics
 from worker.records import RawRecord
 from worker.release import BatchReport, Transactions, Work, apply_batch
-from worker.retry import Verdict, classify, transient_retrying
+from worker.retry import Verdict, classify, note_retry, transient_retrying
 from worker.validate import Limits, Rejection, parse_record
 
 log = structlog.get_logger("worker.processor")
+
+_OUTAGES = frozenset({Verdict.TRANSIENT})
+_OUTAGES_AND_LOCK_WAITS = frozenset({Verdict.TRANSIENT, Verdict.LOCK_WAIT})
+_ALL_BUT_FATAL = frozenset(Verdict) - {Verdict.FATAL}
 
 
 class BatchProcessor:
@@ -81,18 +91,24 @@ class BatchProcessor:
                 works.append(Work(record, command=item, partner_id=verdict.partner_id))
         return works
 
-    async def _apply_isolating(self, works: list[Work], attempt: int = 1) -> BatchReport:
+    async def _apply_isolating(self, works: list[Work]) -> BatchReport:
+        if len(works) == 1:
+            return await self._apply_single(works[0])
         try:
-            return await self._apply(works)
+            return await self._apply(works, retry_on=_OUTAGES)
         except Exception as error:
-            if len(works) > 1:
-                middle = len(works) // 2
-                log.warning("batch_failed_splitting", records=len(works), error=repr(error)[:200])
-                first = await self._apply_isolating(works[:middle])
-                return _merge(first, await self._apply_isolating(works[middle:]))
-            return await self._retry_single(works[0], attempt, error)
+            if classify(error) is Verdict.FATAL:
+                raise
+            # A lock wait or a failure: the halves go apart, so only the record at fault
+            # waits or fails; the others commit (in offset order, so G4 holds).
+            middle = len(works) // 2
+            log.warning("batch_failed_splitting", records=len(works), error=repr(error)[:200])
+            first = await self._apply_isolating(works[:middle])
+            return _merge(first, await self._apply_isolating(works[middle:]))
 
-    async def _retry_single(self, work: Work, attempt: int, error: Exception) -> BatchReport:
+    async def _apply_single(self, work: Work) -> BatchReport:
+        """One record: outages and lock waits are retried for as long as they last; any
+        other failure `poison_max_attempts` times, then it is rejected (504 or 500)."""
         record = work.record
         event_id = work.command.event_id if work.command else record.position
         cart_id = work.command.cart_id if work.command else None
@@ -104,17 +120,23 @@ class BatchProcessor:
             event_id=event_id,
             cart_id=cart_id,
         ):
-            return await self._retry_or_reject(work, attempt, error, event_id, cart_id)
+            attempt = 1
+            while True:
+                try:
+                    return await self._apply([work], retry_on=_OUTAGES_AND_LOCK_WAITS)
+                except Exception as error:
+                    if classify(error) is Verdict.FATAL:
+                        raise
+                    if attempt >= self._settings.poison_max_attempts:
+                        return await self._reject(work, attempt, error, event_id, cart_id)
+                    note_retry(error, attempt=attempt)
+                    await asyncio.sleep(min(self._settings.retry_max_s, 0.1 * 2**attempt))
+                    attempt += 1
 
-    async def _retry_or_reject(
+    async def _reject(
         self, work: Work, attempt: int, error: Exception, event_id: str, cart_id: str | None
     ) -> BatchReport:
         timeout = classify(error) is Verdict.STATEMENT_TIMEOUT
-        metrics.RETRIES.labels(cause="statement_timeout" if timeout else "poison").inc()
-        if attempt < self._settings.poison_max_attempts:
-            log.warning("record_failed_retrying", attempt=attempt, error=repr(error)[:300])
-            await asyncio.sleep(min(self._settings.retry_max_s, 0.1 * 2**attempt))
-            return await self._apply_isolating([work], attempt + 1)
         status, code, message = (
             (
                 504,
@@ -141,14 +163,15 @@ class BatchProcessor:
             partner_id=work.partner_id,  # an authenticated command's result names its partner
         )
         log.error("record_dead_lettered", status=status, error=repr(error)[:300])
+        # Writing the rejection is retried whatever fails (a busy offset row, a slow
+        # statement): raising here would end the lane, and with it every partition it serves.
         return await self._apply(
-            [replace(work, command=None, partner_id=None, rejection=rejection)]
+            [replace(work, command=None, partner_id=None, rejection=rejection)],
+            retry_on=_ALL_BUT_FATAL,
         )
 
-    async def _apply(self, works: list[Work]) -> BatchReport:
-        async for attempt in transient_retrying(
-            self._settings, self._on_retry, retry_on={Verdict.TRANSIENT}
-        ):
+    async def _apply(self, works: list[Work], retry_on: frozenset[Verdict]) -> BatchReport:
+        async for attempt in transient_retrying(self._settings, self._on_retry, retry_on=retry_on):
             with attempt:
                 async with self._transactions.begin() as store:
                     report = await apply_batch(store, works, self._topics)

@@ -43,8 +43,9 @@ async def test_members_joining_and_leaving_mid_stream_lose_and_repeat_nothing(
 async def test_a_batch_that_outlives_the_revoke_deadline_commits_safely_as_a_zombie(
     bed_factory: BedFactory,
 ) -> None:
-    # The test holds every stock row of the bed, so the first worker's batches hang inside
-    # their transactions (holding their partitions' offset rows); a second worker joins, the
+    # The test holds every stock row of the bed, so the first worker's batches wait for the
+    # lock (lock waits are retried until it is free, holding their partitions' offset rows
+    # while they wait; default statement timeout); a second worker joins, the
     # first one's revoke gives up after 1 s, and the new owner starts from the database
     # offsets while the old batches are still open. When the lock goes, both commit: the
     # offset rows serialise them, and what the zombie applied the new owner skips.
@@ -52,7 +53,6 @@ async def test_a_batch_that_outlives_the_revoke_deadline_commits_safely_as_a_zom
         partitions=4,
         batch_max_records=100,
         rebalance_drain_timeout_s=1,
-        statement_timeout_ms=120_000,
         session_timeout_ms=6000,
     ) as bed:
         await bed.seed(carts=800)

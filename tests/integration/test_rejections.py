@@ -551,20 +551,31 @@ async def test_no_api_key_appears_in_results_dead_letters_logs_or_metrics(
 async def test_a_persisting_statement_timeout_becomes_504_and_the_partition_moves_on(
     db: asyncpg.Pool, world: World, servers: Servers
 ) -> None:
-    """A row lock held elsewhere makes every attempt on one record time out."""
+    """A statement slow on its own work (here a trigger that sleeps) times out on every
+    attempt on one record. (A row lock held elsewhere is a lock wait instead, retried
+    until the lock is free: tests/integration/test_busy_rows.py.)"""
     p = world.prefix
     await reserve(db, world, f"{p}-locked", f"{p}-c", "i0", 2)
     await reserve(db, world, f"{p}-free", f"{p}-c", "i0", 3)
     settings = world.settings.model_copy(
-        update={"statement_timeout_ms": 300, "poison_max_attempts": 2}
+        update={"statement_timeout_ms": 300, "lock_timeout_ms": 100, "poison_max_attempts": 2}
     )
     api_key = world.api_key.encode()
     stuck = record("stuck", items(f"{p}-locked"), cart=f"{p}-c", api_key=api_key)
     after = record("after", items(f"{p}-free"), cart=f"{p}-c", api_key=api_key)
-    async with db.acquire() as holder, holder.transaction():
-        await holder.execute(
-            "SELECT 1 FROM reservations WHERE reservation_id = $1 FOR UPDATE", f"{p}-locked"
-        )
+    slow = f"slow_{p}"
+    await db.execute(
+        f"""
+        CREATE FUNCTION {slow}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.reservation_id = '{p}-locked' THEN PERFORM pg_sleep(1); END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER {slow} BEFORE UPDATE ON reservations
+            FOR EACH ROW EXECUTE FUNCTION {slow}();
+        """
+    )
+    try:
         async with running_worker(settings):
             (position, after_position) = await produce_raw(settings, [stuck, after])
             results = await read_topic(
@@ -575,6 +586,8 @@ async def test_a_persisting_statement_timeout_becomes_504_and_the_partition_move
             letters = await read_topic(
                 servers.bootstrap, settings.dlq_topic, lambda seen: len(seen) >= 1
             )
+    finally:
+        await db.execute(f"DROP TRIGGER {slow} ON reservations; DROP FUNCTION {slow}();")
     by_event = {r.body["eventId"]: r.body for r in results}
     rejected = by_event[f"{P}-stuck"]
     assert (rejected["status"], rejected["errors"][0]["code"]) == (504, "database_timeout")

@@ -56,6 +56,7 @@ def test_documented_settings_table_matches_the_settings_class(document: str) -> 
         ("WORKER_RETRY_MAX_S", "0.01", "at least WORKER_RETRY_INITIAL_S"),
         ("WORKER_STALL_TIMEOUT_S", "5", "exceed WORKER_REBALANCE_DRAIN_TIMEOUT_S"),
         ("WORKER_PRODUCER_IDEMPOTENCE", "true", "needs WORKER_PRODUCER_ACKS=all"),
+        ("WORKER_LOCK_TIMEOUT_MS", "5000", "below WORKER_STATEMENT_TIMEOUT_MS"),
     ],
 )
 def test_invalid_setting_stops_start_up_naming_the_variable(
