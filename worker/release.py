@@ -279,21 +279,17 @@ async def apply_batch(
     keys = [(w.partner_id or "", w.command.event_id) for w in commands if w.command]
     stored = await store.stored_results(sorted(set(keys))) if keys else {}
 
-    # Records whose (partner, eventId) was seen before, here or earlier in this batch, are
-    # replays: they get the stored results again and change nothing.
-    first_seen: set[EventKey] = set(stored)
-    to_apply: list[Work] = []
-    for w, key in zip(commands, keys, strict=True):
-        if key not in first_seen:
-            first_seen.add(key)
-            to_apply.append(w)
-    # Replays whose stored results were pruned are answered from their reservations.
-    pruned = [
+    # A record whose (partner, eventId) has results, stored or produced earlier in this
+    # batch, is a replay: it gets those results again and changes nothing. A rejected
+    # event records nothing, so the same eventId again is decided afresh, here as in a
+    # later batch (the same body earns the same rejection). So every record without
+    # stored results has its reservations looked up and locked, and replays whose stored
+    # results were pruned too: the reservations tell what the event did.
+    looked_up = [
         w
         for w, key in zip(commands, keys, strict=True)
-        if key in stored and stored[key].results is None
+        if key not in stored or stored[key].results is None
     ]
-    looked_up = to_apply + pruned
 
     explicit = sorted(
         {
@@ -323,7 +319,6 @@ async def apply_batch(
     inbox: list[InboxEntry] = []
     produced: dict[EventKey, StoredResults] = dict(stored)
     messages: list[OutboxMessage] = []
-    applying = {id(w) for w in to_apply}
 
     for w in fresh:
         if w.rejection is not None or w.command is None or w.partner_id is None:
@@ -333,7 +328,7 @@ async def apply_batch(
             continue
         command, partner_id = w.command, w.partner_id
         key = (partner_id, command.event_id)
-        if id(w) not in applying:
+        if key in produced:
             report.replays += 1
             first = produced[key]
             payloads = first.results

@@ -169,6 +169,33 @@ async def test_whole_cart_without_reservations_is_rejected_422() -> None:
     assert bodies(store)[0]["errors"][0]["code"] == "cart_not_found"
 
 
+async def test_an_event_repeated_after_its_422_in_the_same_batch_is_decided_again() -> None:
+    """A rejected event is not recorded, so sending it again is a new attempt, decided on
+    its own like in a later batch (not a replay): the same body gets the same 422, and a
+    different body is decided on its merits. It raised KeyError (finding 8)."""
+    store = FakeStore([reservation("r1", cart="c1")])
+    batch = [
+        work(0, "c9", None, "e1"),
+        work(1, "c9", None, "e1"),
+        work(2, "c1", None, "e1"),
+    ]
+    report = await apply_batch(store, batch, TOPICS)
+    assert report.rejections == {422: 2}
+    assert [b.get("errors", [{}])[0].get("code") for b in bodies(store)[:2]] == [
+        "cart_not_found",
+        "cart_not_found",
+    ]
+    assert [(b["itemReservationId"], b["outcome"]) for b in bodies(store)[2:]] == [
+        ("r1", "released")
+    ]
+    assert list(store.inbox) == [("p1", "e1")]
+    # Stable on replay: the same 422 again in a later batch (nothing was recorded for it).
+    again = FakeStore()
+    for offset in (0, 1):
+        await apply_batch(again, [work(offset, "c9", None, "e1")], TOPICS)
+    assert [b["status"] for b in bodies(again)] == [422, 422]
+
+
 async def test_stock_is_returned_per_sku_in_sorted_order() -> None:
     store = FakeStore(
         [reservation("r1", sku="b"), reservation("r2", sku="a"), reservation("r3", sku="b")]
