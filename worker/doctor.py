@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import for_code
 
 from worker import store
@@ -209,6 +210,8 @@ async def check_kafka(settings: Settings) -> list[Check]:
         async with _admin(bootstrap) as admin, asyncio.timeout(CONNECT_TIMEOUT_S):
             cluster = await admin.describe_cluster()
             topics = {t["topic"]: t for t in await admin.describe_topics()}
+            outputs = [t for t in (settings.results_topic, settings.dlq_topic) if t in topics]
+            limits = await _message_limits(admin, outputs)
     except BROKER_ERRORS as error:
         return [
             Check(
@@ -230,6 +233,7 @@ async def check_kafka(settings: Settings) -> list[Check]:
         _topic_check(label, name, variable, topics.get(name), bootstrap)
         for label, name, variable in wanted
     ]
+    checks.append(_message_size_check(settings.max_message_bytes, limits))
     if settings.input_topic in topics:
         checks.append(await check_group(settings, bootstrap))
     else:
@@ -242,6 +246,52 @@ async def check_kafka(settings: Settings) -> list[Check]:
             )
         )
     return checks
+
+
+async def _message_limits(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int | str]:
+    """Each topic's `max.message.bytes` as the broker reports it, or why it could not be
+    read; a topic it reports none for (Tansu, for a topic created without one) is left out."""
+    if not topics:
+        return {}
+    try:
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
+        )
+    except BROKER_ERRORS as error:
+        return dict.fromkeys(topics, _reason(error))
+    limits: dict[str, int | str] = {}
+    for response in responses:
+        for error_code, _, _, name, entries, *_ in response.resources:
+            if error_code:
+                limits[name] = for_code(error_code).__name__
+            for entry in entries:
+                if entry[0] == "max.message.bytes" and entry[1] is not None:
+                    limits[name] = int(entry[1])
+    return limits
+
+
+def _message_size_check(setting: int, limits: dict[str, int | str]) -> Check:
+    """WORKER_MAX_MESSAGE_BYTES must not exceed what the results and DLQ topics accept: a
+    dead letter shrunk to the setting would still be refused, and parked."""
+    smaller = {t: v for t, v in limits.items() if isinstance(v, int) and v < setting}
+    unread = {t: v for t, v in limits.items() if isinstance(v, str)}
+    if smaller:
+        least = min(smaller.values())
+        topics = ", ".join(f"{t!r} accepts {v}" for t, v in sorted(smaller.items()))
+        return Check(
+            "message size",
+            False,
+            f"WORKER_MAX_MESSAGE_BYTES is {setting}, but {topics} bytes (max.message.bytes): "
+            "larger results and dead letters would be refused and parked",
+            f"set WORKER_MAX_MESSAGE_BYTES={least}, or raise the topics' max.message.bytes",
+        )
+    known = ", ".join(f"{t!r} {v}" for t, v in sorted(limits.items()) if isinstance(v, int))
+    detail = f"WORKER_MAX_MESSAGE_BYTES {setting} fits " + (
+        f"the topics' max.message.bytes ({known})" if known else "(no topic limit reported)"
+    )
+    if unread:
+        detail += f"; not readable for {', '.join(sorted(unread))} ({next(iter(unread.values()))})"
+    return Check("message size", True, detail)
 
 
 def _topic_check(

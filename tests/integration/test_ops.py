@@ -27,7 +27,7 @@ from tests.integration.conftest import World, reserve
 from tests.support import Published, produce, read_topic, running_worker
 from worker.admin import ensure_topics
 from worker.config import Settings
-from worker.doctor import check_database
+from worker.doctor import check_database, check_kafka
 from worker.embedded import free_port
 from worker.metrics import RETRIES
 from worker.scenario import Event, abandon_event
@@ -294,7 +294,8 @@ async def test_doctor_passes_on_a_migrated_database_with_all_topics(world: World
     assert f"✓ input topic: '{world.settings.input_topic}': 2 partition(s)" in output
     assert "✓ consumer group: joinable" in output
     assert "✓ outbox: no parked rows" in output
-    assert "All 9 checks passed." in output
+    assert "✓ message size: WORKER_MAX_MESSAGE_BYTES 1048588 fits" in output
+    assert "All 10 checks passed." in output
 
 
 @pytest.mark.parametrize("reachable", [True, False])
@@ -379,6 +380,34 @@ async def test_doctor_reports_a_missing_topic_and_an_unmigrated_database(
     assert f"✓ input topic: '{settings.input_topic}': 2 partition(s)" in output
     assert "✓ consumer group: joinable" in output
     assert "2 problem(s) found" in output
+
+
+async def test_doctor_says_when_a_topic_accepts_less_than_worker_max_message_bytes(
+    world: World,
+) -> None:
+    settings = world.settings
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:  # a dead-letter topic that takes at most 100,000 bytes a message
+        await admin.create_topics(
+            [
+                NewTopic(settings.input_topic, 1, 1),
+                NewTopic(settings.results_topic, 1, 1),
+                NewTopic(settings.dlq_topic, 1, 1, topic_configs={"max.message.bytes": "100000"}),
+            ]
+        )
+    finally:
+        await admin.close()
+
+    default = {c.name: c for c in await check_kafka(settings)}["message size"]
+    fitted = settings.model_copy(update={"max_message_bytes": 100_000})
+    fitting = {c.name: c for c in await check_kafka(fitted)}["message size"]
+
+    assert not default.ok
+    assert f"'{settings.dlq_topic}' accepts 100000 bytes" in default.detail
+    assert default.fix.startswith("set WORKER_MAX_MESSAGE_BYTES=100000")
+    assert fitting.ok, fitting.detail
+    assert f"'{settings.dlq_topic}' 100000" in fitting.detail
 
 
 async def test_healthz_fails_while_the_event_loop_is_blocked(world: World) -> None:
