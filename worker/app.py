@@ -32,6 +32,7 @@ from worker.housekeeping import run_inbox_pruner
 from worker.processor import BatchProcessor
 from worker.publisher import Publisher
 from worker.retry import BROKER_ERRORS, DATABASE_ERRORS, transient_retrying
+from worker.supervisor import Supervisor
 
 log = structlog.get_logger("worker.app")
 
@@ -263,26 +264,29 @@ async def _start(
 async def _serve(settings: Settings, health: ops.Health, parts: _Parts, stop: asyncio.Event) -> int:
     """Run until `stop`, then shut down as G5 says; return the exit code."""
     pool, publisher, release_consumer = parts.pool, parts.publisher, parts.release_consumer
-    background = [
-        asyncio.create_task(publisher.run_deleter()),
-        asyncio.create_task(publisher.run_relay()),
-        asyncio.create_task(_watch_health(health, pool, parts.consumer, publisher)),
-    ]
+    # Each background pass only delays work while it is down: restarted with backoff. The
+    # consumer is the work itself: if it ends, the worker stops with exit code 1.
+    tasks = Supervisor(settings.retry_initial_s, settings.retry_max_s)
+    tasks.start("outbox_deleter", publisher.run_deleter)
+    tasks.start("outbox_relay", publisher.run_relay)
+    tasks.start("health_watcher", lambda: _watch_health(health, pool, parts.consumer, publisher))
     if settings.expiry_enabled:
-        background.append(asyncio.create_task(run_sweeper(pool, settings, publisher)))
+        tasks.start("expiry_sweeper", lambda: run_sweeper(pool, settings, publisher))
     if settings.inbox_retention_hours:
-        background.append(asyncio.create_task(run_inbox_pruner(pool, settings)))
+        tasks.start("inbox_pruner", lambda: run_inbox_pruner(pool, settings))
     log.info(
         "worker_started",
         input_topic=settings.input_topic,
         group_id=settings.group_id,
         lanes=settings.lanes,
     )
-    running = asyncio.create_task(release_consumer.run())
+    running = tasks.start("consumer", release_consumer.run, restart=False)
     stopper = asyncio.create_task(stop.wait())
+    failed = asyncio.create_task(tasks.failed.wait())
     exit_code = 0
     try:
-        await asyncio.wait([running, stopper], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([stopper, failed], return_when=asyncio.FIRST_COMPLETED)
+        tasks.draining()
         release_consumer.stop()
         started = time.monotonic()
         try:
@@ -306,12 +310,12 @@ async def _serve(settings: Settings, health: ops.Health, parts: _Parts, stop: as
     finally:
         # After a timeout a lane may still be inside a transaction: cancelling it rolls the
         # transaction back, and the next owner applies those records.
-        running.cancel()
         stopper.cancel()
-        for task in background:
-            task.cancel()
-        await asyncio.gather(running, *background, stopper, return_exceptions=True)
-    return exit_code
+        failed.cancel()
+        await tasks.close()
+        await asyncio.gather(stopper, failed, return_exceptions=True)
+    # A task that failed for good (the consumer, or a fatal error) was logged as it ended.
+    return 1 if tasks.failed.is_set() else exit_code
 
 
 async def _bounded(close: Callable[[], Awaitable[Any]], seconds: float = 5.0) -> None:

@@ -62,21 +62,18 @@ def expiry_result(row: Reservation, topic: str, now: datetime) -> OutboxMessage:
 async def run_sweeper(pool: asyncpg.Pool, settings: Settings, publisher: Publisher) -> None:
     """Sweep every `expiry_interval_s`; a full batch sweeps again at once.
 
-    Outages are retried inside a pass (G6). Any other failure is logged and the sweeper
-    carries on at the next period: a background task that died silently would leave
-    reservations held for ever. Nothing is lost either way: a pass commits fully or not
-    at all, and its results are in the outbox before they are published.
+    Outages and lock waits are retried inside a pass (G6). Any other failure ends the
+    task, which its supervisor logs and restarts with backoff (`worker/supervisor.py`):
+    a sweeper that died silently would leave reservations held for ever. Nothing is lost
+    either way: a pass commits fully or not at all, and its results are in the outbox
+    before they are published.
     """
     while True:
-        messages: list[OutboxMessage] = []
-        try:
-            async for attempt in transient_retrying(settings):
-                with attempt:
-                    messages = await sweep_once(pool, settings)
-            if messages:
-                log.info("reservations_expired", count=len(messages))
-                await publisher.publish(messages)
-        except Exception:
-            log.exception("expiry_pass_failed")
+        async for attempt in transient_retrying(settings):
+            with attempt:
+                messages = await sweep_once(pool, settings)
+        if messages:
+            log.info("reservations_expired", count=len(messages))
+            await publisher.publish(messages)
         if len(messages) < settings.expiry_batch_size:
             await asyncio.sleep(settings.expiry_interval_s)

@@ -38,12 +38,10 @@ async def prune_once(pool: asyncpg.Pool, settings: Settings) -> int:
 
 
 async def run_inbox_pruner(pool: asyncpg.Pool, settings: Settings) -> None:
+    """Prune every `inbox_prune_interval_s`. A failed pass only delays pruning: it ends the
+    task, which its supervisor logs and restarts with backoff (`worker/supervisor.py`)."""
     while True:
-        try:
-            pruned = await prune_once(pool, settings)
-            if pruned:
-                log.info("inbox_pruned", rows=pruned)
-        except Exception:
-            # A failed pass only delays pruning; the next period tries again.
-            log.exception("inbox_prune_failed")
+        pruned = await prune_once(pool, settings)
+        if pruned:
+            log.info("inbox_pruned", rows=pruned)
         await asyncio.sleep(settings.inbox_prune_interval_s)

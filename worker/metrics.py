@@ -42,6 +42,11 @@ LOCK_WAITS = Counter(
     "release_worker_lock_waits_total",
     "Statements that waited for a row lock longer than WORKER_LOCK_TIMEOUT_MS (retried).",
 )
+TASK_FAILURES = Counter(
+    "release_worker_task_failures_total",
+    "Supervised tasks that ended unexpectedly (then restarted, or the worker stopped).",
+    ["task"],
+)
 BATCH_SIZE = Histogram(
     "release_worker_batch_records",
     "Records per database transaction.",

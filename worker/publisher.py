@@ -241,6 +241,8 @@ class Publisher:
                 )
             total += len(done.sent)
             self.published += len(done.sent)
+            # The broker acknowledges again: readiness must not wait for the fast path.
+            self.healthy = self.healthy or bool(done.sent)
             if done.waiting:
                 log.warning(
                     "outbox_relay_failed",

@@ -205,3 +205,21 @@ async def test_rows_of_a_missing_topic_wait_without_holding_up_the_others(
     producer.missing.clear()
     await publisher.relay_once(grace_s=0)
     assert await left(db, topics) == []
+
+
+async def test_readiness_returns_once_the_relay_publishes_after_a_fast_path_outage(
+    worker_pool: asyncpg.Pool, db: asyncpg.Pool, topics: tuple[str, str]
+) -> None:
+    """Finding 7: only a fast-path success reset `healthy`, so without new traffic the
+    worker stayed not ready for ever after one outage."""
+    producer = RefusingProducer(set(), {}, in_send=False)  # every send meets an outage
+    async with worker_pool.acquire() as conn:
+        messages = await store.enqueue(conn, rows(topics, b"refused"))
+    publisher = Publisher(producer, worker_pool, relay_interval_s=1, relay_grace_s=0)
+    await publisher.publish(messages)
+    await publisher.flush(10)
+    assert not publisher.healthy
+    producer.topics = set(topics)  # the broker is back; no new records arrive
+    await publisher.relay_once(grace_s=0)
+    assert await left(db, topics) == []
+    assert publisher.healthy
