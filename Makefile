@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-integration test-faults lint migrate run bench bench-quick doctor clean
+.PHONY: demo test test-unit test-integration test-faults test-memory lint migrate run bench bench-quick doctor clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-integration: $(STAMP)
 
 test-faults: $(STAMP)
 	$(BIN)/pytest tests/faults
+
+# The memory scenario at full size (3,000 records of 1 MiB; `make test` runs 1,000).
+test-memory: $(STAMP)
+	MEMORY_TEST_RECORDS=3000 $(BIN)/pytest tests/faults/test_memory.py -s
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -73,6 +73,20 @@ class Settings(BaseSettings):
     lane_queue_batches: int = Field(
         4, ge=1, description="Batches queued per lane before its partitions are paused."
     )
+    batch_max_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Most bytes of records (value, key, headers) in one database transaction; "
+        "a larger record is a batch of its own.",
+    )
+    lane_queue_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Bytes of records queued per lane before its partitions are paused. "
+        "Records in memory stay below WORKER_LANES × (this + WORKER_BATCH_MAX_BYTES) plus "
+        "the fetch buffers, 2 × (WORKER_MAX_RECORD_BYTES + 64 KiB) per assigned partition "
+        "(README: Memory).",
+    )
     fetch_max_records: int = Field(
         2000, ge=1, description="Most records taken from the consumer per fetch."
     )

@@ -122,24 +122,41 @@ class ResultPublisher(Protocol):
 
 
 class Lane:
-    """Buffered records of the partitions routed to one lane, applied strictly in order."""
+    """Buffered records of the partitions routed to one lane, applied strictly in order.
 
-    def __init__(self, index: int, capacity: int) -> None:
+    Bounded in records and in bytes: `full` pauses the lane's partitions.
+    """
+
+    def __init__(self, index: int, capacity: int, capacity_bytes: int) -> None:
         self.index = index
         self.capacity = capacity
+        self.capacity_bytes = capacity_bytes
         self.buffer: deque[RawRecord] = deque()
+        self.bytes = 0
         self.ready = asyncio.Event()
         self.busy_with: set[TopicPartition] = set()
+        self.busy_bytes = 0  # of the batch being applied
         self.idle = asyncio.Event()
         self.idle.set()
 
     def add(self, records: Iterable[RawRecord]) -> None:
-        self.buffer.extend(records)
+        for record in records:
+            self.buffer.append(record)
+            self.bytes += record.size
         if self.buffer:
             self.ready.set()
 
-    def take(self, limit: int) -> list[RawRecord]:
-        batch = [self.buffer.popleft() for _ in range(min(limit, len(self.buffer)))]
+    def take(self, limit: int, limit_bytes: int) -> list[RawRecord]:
+        """The next batch: at most `limit` records and `limit_bytes` bytes, at least one."""
+        batch: list[RawRecord] = []
+        size = 0
+        while self.buffer and len(batch) < limit:
+            record_size = self.buffer[0].size
+            if batch and size + record_size > limit_bytes:
+                break
+            batch.append(self.buffer.popleft())
+            size += record_size
+        self.bytes -= size
         if not self.buffer:
             self.ready.clear()
         return batch
@@ -152,13 +169,14 @@ class Lane:
             for r in self.buffer
             if partitions is not None and TopicPartition(r.topic, r.partition) not in partitions
         )
+        self.bytes = sum(r.size for r in self.buffer)
         if not self.buffer:
             self.ready.clear()
         return before - len(self.buffer)
 
     @property
     def full(self) -> bool:
-        return len(self.buffer) >= self.capacity
+        return len(self.buffer) >= self.capacity or self.bytes >= self.capacity_bytes
 
 
 class ReleaseConsumer:
@@ -178,7 +196,7 @@ class ReleaseConsumer:
         self._stored_offsets = stored_offsets
         self._on_report = on_report
         capacity = settings.batch_max_records * settings.lane_queue_batches
-        self._lanes = [Lane(i, capacity) for i in range(settings.lanes)]
+        self._lanes = [Lane(i, capacity, settings.lane_queue_bytes) for i in range(settings.lanes)]
         self._offsets = OffsetBook()
         self._paused: set[TopicPartition] = set()
         self._revoking: set[TopicPartition] = set()
@@ -229,6 +247,16 @@ class ReleaseConsumer:
     def stop(self) -> None:
         self._stopping.set()
 
+    @property
+    def records_bytes(self) -> int:
+        """Bytes of the records the lanes hold, queued or being applied (`RawRecord.size`).
+
+        At most `lanes × (lane_queue_bytes + batch_max_bytes)` plus what one fetch returns
+        past a lane's bound: aiokafka holds at most one fetched part per partition, each
+        at most `max_partition_fetch_bytes` (see `app.make_consumer`).
+        """
+        return sum(lane.bytes + lane.busy_bytes for lane in self._lanes)
+
     # ------------------------------------------------------------------ fetching
 
     async def _fetch_loop(self) -> None:
@@ -244,8 +272,8 @@ class ReleaseConsumer:
             except UnicodeDecodeError as error:
                 log.warning("fetch_unreadable_record", error=repr(error)[:200])
                 await self._isolate_unreadable()
-                continue
-            self._take(fetched)
+            else:
+                self._take(fetched)
             self._apply_backpressure()
 
     def _take(self, fetched: Mapping[TopicPartition, Sequence[FetchedRecord]]) -> None:
@@ -275,12 +303,15 @@ class ReleaseConsumer:
         to the first record not yet handed to a lane; then each is read on its own, and
         the failing one record by record up to the unreadable record. That one is handed
         over without key, value or headers (it becomes a 400 rejection and a dead letter
-        with its topic, partition and offset), and reading resumes after it.
+        with its topic, partition and offset), and reading resumes after it. A partition
+        whose lane is full is only rewound, so the memory bound holds here too.
         """
         assigned = sorted(self._consumer.assignment() - self._revoking)
         for tp in assigned:
             self._rewind(tp)
         for tp in assigned:
+            if self._lane(tp).full:
+                continue  # read again once its lane has room (backpressure holds here too)
             try:
                 self._take(
                     await self._consumer.getmany(
@@ -387,11 +418,12 @@ class ReleaseConsumer:
     async def _run_lane(self, lane: Lane) -> None:
         while True:
             await lane.ready.wait()
-            records = lane.take(self._settings.batch_max_records)
+            records = lane.take(self._settings.batch_max_records, self._settings.batch_max_bytes)
             if not records:
                 continue
             lane.idle.clear()
             lane.busy_with = {TopicPartition(r.topic, r.partition) for r in records}
+            lane.busy_bytes = sum(r.size for r in records)
             try:
                 with structlog.contextvars.bound_contextvars(lane=lane.index):
                     report = await self._processor.process(records)
@@ -414,6 +446,7 @@ class ReleaseConsumer:
                     self._on_report(report)
             finally:
                 lane.busy_with = set()
+                lane.busy_bytes = 0
                 lane.idle.set()
 
     # ------------------------------------------------------------------ committing

@@ -28,6 +28,12 @@ class RawRecord:
     span_end: int | None = None
 
     @property
+    def size(self) -> int:
+        """Bytes this record holds in memory, about: what the memory bounds count."""
+        headers = sum(len(k) + len(v or b"") for k, v in self.headers)
+        return len(self.value or b"") + len(self.key or b"") + headers
+
+    @property
     def next_offset(self) -> int:
         """The offset to resume from once this record is applied."""
         return self.offset + 1 if self.span_end is None else self.span_end

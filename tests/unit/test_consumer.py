@@ -9,7 +9,7 @@ from aiokafka.structs import TopicPartition
 
 from tests.unit.fake_source import FakeRecord, FakeSource
 from worker.config import Settings
-from worker.consumer import ReleaseConsumer
+from worker.consumer import Lane, ReleaseConsumer
 from worker.records import OutboxMessage, RawRecord
 from worker.release import BatchReport
 
@@ -138,3 +138,73 @@ async def test_a_long_compacted_gap_costs_few_fetches() -> None:
     processor = await _consume_up_to(source, 100_002)
     assert processor.seen() == [(0, 1, False), (1, 100_001, True), (100_001, 100_002, False)]
     assert source.fetch_count < 100
+
+
+def _sized(offset: int, size: int) -> RawRecord:
+    return RawRecord(TOPIC, 0, offset, b"k", b"x" * (size - 1))
+
+
+def test_a_lane_is_full_by_bytes_before_it_is_full_by_records() -> None:
+    lane = Lane(0, capacity=100, capacity_bytes=3000)
+    lane.add(_sized(o, 1000) for o in range(2))
+    assert not lane.full
+    lane.add([_sized(2, 1000)])
+    assert lane.full
+    assert lane.bytes == 3000
+
+
+def test_a_batch_is_bounded_in_bytes_and_an_oversized_record_is_a_batch_of_its_own() -> None:
+    lane = Lane(0, capacity=100, capacity_bytes=10_000)
+    lane.add([_sized(0, 400), _sized(1, 400), _sized(2, 400), _sized(3, 5000), _sized(4, 10)])
+    assert [r.offset for r in lane.take(10, 1000)] == [0, 1]
+    assert [r.offset for r in lane.take(10, 1000)] == [2]
+    assert [r.offset for r in lane.take(10, 1000)] == [3]
+    assert [r.offset for r in lane.take(10, 1000)] == [4]
+    assert lane.bytes == 0
+
+
+class BlockedProcessor(RecordingProcessor):
+    """Holds every batch until released, so the lanes fill up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def process(self, records: Sequence[RawRecord]) -> BatchReport:
+        await self.release.wait()
+        return await super().process(records)
+
+
+async def test_records_in_memory_stay_within_the_byte_bounds_also_around_an_unreadable_record() -> (
+    None
+):
+    # Four partitions share one lane; the first one starts with an unreadable record, so a
+    # fetch fails and the consumer reads each partition on its own. Before, it read every
+    # partition once, whatever its lane already held.
+    source = FakeSource(TOPIC)
+    for partition in range(4):
+        records = [
+            FakeRecord(TOPIC, partition, o, value=b"x" * 999, unreadable=partition == o == 0)
+            for o in range(40)
+        ]
+        source.append(partition, *([r] for r in records))
+    processor = BlockedProcessor()
+    settings = _settings(lanes=1, fetch_max_records=4, batch_max_bytes=2000, lane_queue_bytes=3000)
+    consumer = ReleaseConsumer(source, processor, NullPublisher(), settings, _no_stored_offsets)
+    await consumer.on_assigned(source.assign({0, 1, 2, 3}))
+    running = asyncio.create_task(consumer.run())
+    peak = 0
+    try:
+        for _ in range(15):
+            await source.fetching.wait()
+            source.fetching.clear()
+            peak = max(peak, consumer.records_bytes)
+        # queued + the batch in flight + one fetch (4 records) past the bound
+        assert peak <= 3000 + 2000 + 4 * 1000
+        processor.release.set()
+        async with asyncio.timeout(10):
+            await processor.reached.setdefault(40, asyncio.Event()).wait()
+    finally:
+        consumer.stop()
+        async with asyncio.timeout(5):
+            await running
