@@ -7,7 +7,8 @@ The API key is never bound or logged; a processor drops it if it ever appears.
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping
+import time
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
@@ -42,6 +43,34 @@ def configure(log_format: str = "json", level: str = "info") -> None:
     # aiokafka logs through the standard library; keep its noise at warning.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
+
+
+class LineBudget:
+    """At most `per_second` lines of one event per second (a fixed one-second window).
+
+    For events a sender can cause in volume: `take()` says whether a line may be
+    written, and how many were held back since the last one written (log that number
+    with it, so nothing is hidden, only aggregated). Metrics stay exact regardless.
+    """
+
+    def __init__(self, per_second: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._per_second = per_second
+        self._clock = clock
+        self._window = float("-inf")
+        self._written = 0
+        self._held_back = 0
+
+    def take(self) -> int | None:
+        """None: do not write this line. Else write it with this many lines held back."""
+        now = self._clock()
+        if now - self._window >= 1.0:
+            self._window, self._written = now, 0
+        if self._written >= self._per_second:
+            self._held_back += 1
+            return None
+        self._written += 1
+        held_back, self._held_back = self._held_back, 0
+        return held_back
 
 
 log = structlog.get_logger("worker")

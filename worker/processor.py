@@ -26,6 +26,7 @@ import structlog
 from worker import metrics
 from worker.auth import Authenticator
 from worker.config import Settings
+from worker.logs import LineBudget
 from worker.messages import Topics
 from worker.records import RawRecord
 from worker.release import BatchReport, Transactions, Work, apply_batch
@@ -37,6 +38,11 @@ log = structlog.get_logger("worker.processor")
 _OUTAGES = frozenset({Verdict.TRANSIENT})
 _OUTAGES_AND_LOCK_WAITS = frozenset({Verdict.TRANSIENT, Verdict.LOCK_WAIT})
 _ALL_BUT_FATAL = frozenset(Verdict) - {Verdict.FATAL}
+# A sender controls how many `security_cross_partner_attempt` lines it causes: one per
+# record, with this many of its reservation ids, and this many lines a second at most.
+CROSS_PARTNER_IDS_LOGGED = 5
+CROSS_PARTNER_LINES_PER_S = 10
+_CROSS_PARTNER_LINES = LineBudget(CROSS_PARTNER_LINES_PER_S)
 
 
 class BatchProcessor:
@@ -194,7 +200,27 @@ def _merge(first: BatchReport, second: BatchReport) -> BatchReport:
     return first
 
 
-def _count(report: BatchReport) -> None:
+def _log_cross_partner(report: BatchReport, budget: LineBudget) -> None:
+    """One line per record naming other partners' reservations (answered not_found, nothing
+    changed), within the budget: a sender can name 50,000 of them in one batch."""
+    by_record: dict[tuple[str, str], list[str]] = {}
+    for partner_id, event_id, reservation_id in report.cross_partner:
+        by_record.setdefault((partner_id, event_id), []).append(reservation_id)
+    for (partner_id, event_id), reservation_ids in by_record.items():
+        held_back = budget.take()
+        if held_back is None:
+            continue
+        log.warning(
+            "security_cross_partner_attempt",
+            partner_id=partner_id,
+            event_id=event_id,
+            items=len(reservation_ids),
+            reservation_ids=reservation_ids[:CROSS_PARTNER_IDS_LOGGED],
+            suppressed=held_back,
+        )
+
+
+def _count(report: BatchReport, cross_partner_lines: LineBudget | None = None) -> None:
     rejected = sum(report.rejections.values())
     metrics.RECORDS.labels(result="skipped").inc(report.skipped)
     metrics.RECORDS.labels(result="replayed").inc(report.replays)
@@ -209,14 +235,7 @@ def _count(report: BatchReport) -> None:
     metrics.DEAD_LETTERS.inc(report.dead_letters)
     metrics.CROSS_PARTNER.inc(report.foreign)
     metrics.RELEASED_QUANTITY.inc(report.released_quantity)
-    for partner_id, event_id, reservation_id in report.cross_partner:
-        # A partner named another partner's reservation: answered not_found, nothing changed.
-        log.warning(
-            "security_cross_partner_attempt",
-            partner_id=partner_id,
-            event_id=event_id,
-            reservation_id=reservation_id,
-        )
+    _log_cross_partner(report, cross_partner_lines or _CROSS_PARTNER_LINES)
     for record, rejection in report.rejected:
         log.info(
             "record_rejected",

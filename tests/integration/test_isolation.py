@@ -96,10 +96,12 @@ async def test_another_partners_reservation_is_not_found_untouched_counted_and_l
     assert await i1_violations(db) == 0
 
     security = [e for e in logs if e["event"] == "security_cross_partner_attempt"]
-    assert {(e["partner_id"], e["event_id"], e["reservation_id"]) for e in security} == {
-        (world.partner_id, f"{p}-e1", f"{p}-theirs"),
-        (world.partner_id, f"{p}-e2", f"{p}-theirs-too"),
-        (other, f"{p}-e2", f"{p}-mine"),
+    assert {
+        (e["partner_id"], e["event_id"], e["items"], *e["reservation_ids"]) for e in security
+    } == {
+        (world.partner_id, f"{p}-e1", 1, f"{p}-theirs"),
+        (world.partner_id, f"{p}-e2", 1, f"{p}-theirs-too"),
+        (other, f"{p}-e2", 1, f"{p}-mine"),
     }
     assert all(e["log_level"] == "warning" for e in security)
     for secret in (world.api_key, world.other_api_key):
