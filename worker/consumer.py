@@ -23,14 +23,14 @@ from typing import Protocol
 
 import structlog
 from aiokafka import ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from worker import metrics
 from worker.config import Settings
 from worker.offsets import OffsetBook
 from worker.records import Headers, OutboxMessage, RawRecord
 from worker.release import BatchReport
-from worker.retry import transient_retrying
+from worker.retry import BROKER_ERRORS, transient_retrying
 
 log = structlog.get_logger("worker.consumer")
 
@@ -265,7 +265,7 @@ class ReleaseConsumer:
                 fetched = await self._consumer.getmany(
                     timeout_ms=200, max_records=self._settings.fetch_max_records
                 )
-            except KafkaError as error:
+            except BROKER_ERRORS as error:
                 log.warning("fetch_failed_retrying", error=repr(error)[:200])
                 await asyncio.sleep(1)
                 continue
@@ -475,7 +475,7 @@ class ReleaseConsumer:
             # seeks to it, so skipping this commit loses and repeats nothing.
             log.info("commit_skipped_rebalance", error=repr(error)[:200])
             return
-        except (KafkaError, TimeoutError) as error:
+        except BROKER_ERRORS as error:
             # The database keeps the offsets; the next commit (or the next owner's seek to
             # the database offsets) makes up for this one.
             log.warning("commit_failed", error=repr(error)[:200])
