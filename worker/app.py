@@ -125,22 +125,28 @@ async def _retry_start(settings: Settings, start: Callable[[], Awaitable[Any]], 
 
 
 async def _watch_health(
-    health: ops.Health, pool: asyncpg.Pool, consumer: AIOKafkaConsumer, publisher: Publisher
+    health: ops.Health,
+    ping_database: Callable[[], Awaitable[object]],
+    ping_broker: Callable[[], Awaitable[object]],
+    publisher_healthy: Callable[[], bool],
+    interval_s: float = 1.0,
 ) -> None:
+    """Keep `/readyz`'s view of both servers current; any failure of theirs only marks
+    that server away (an unexpected one ends the task, which its supervisor restarts)."""
     while True:
         try:
             async with asyncio.timeout(3):
-                await pool.fetchval("SELECT 1")
+                await ping_database()
             health.database_ok = True
         except DATABASE_ERRORS:
             health.database_ok = False
         try:
             async with asyncio.timeout(3):
-                await consumer.topics()
-            health.broker_ok = publisher.healthy
+                await ping_broker()
+            health.broker_ok = publisher_healthy()
         except BROKER_ERRORS:
             health.broker_ok = False
-        await asyncio.sleep(1)
+        await asyncio.sleep(interval_s)
 
 
 async def run_worker(
@@ -269,7 +275,15 @@ async def _serve(settings: Settings, health: ops.Health, parts: _Parts, stop: as
     tasks = Supervisor(settings.retry_initial_s, settings.retry_max_s)
     tasks.start("outbox_deleter", publisher.run_deleter)
     tasks.start("outbox_relay", publisher.run_relay)
-    tasks.start("health_watcher", lambda: _watch_health(health, pool, parts.consumer, publisher))
+    tasks.start(
+        "health_watcher",
+        lambda: _watch_health(
+            health,
+            lambda: pool.fetchval("SELECT 1"),
+            parts.consumer.topics,
+            lambda: publisher.healthy,
+        ),
+    )
     if settings.expiry_enabled:
         tasks.start("expiry_sweeper", lambda: run_sweeper(pool, settings, publisher))
     if settings.inbox_retention_hours:
