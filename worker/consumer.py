@@ -457,6 +457,7 @@ class ReleaseConsumer:
             await asyncio.sleep(interval)
             await self.commit()
             self._report_lag()
+            metrics.RECORD_BYTES.set(self.records_bytes)
 
     async def commit(self, partitions: Iterable[TopicPartition] | None = None) -> None:
         """Commit to Kafka what the database has committed, for assigned partitions."""

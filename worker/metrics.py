@@ -70,6 +70,11 @@ LAG = Gauge(
 COMMITTED = Gauge(
     "release_worker_committed_offset", "Offset committed to Kafka, per partition.", ["partition"]
 )
+RECORD_BYTES = Gauge(
+    "release_worker_buffered_record_bytes",
+    "Bytes of records the lanes hold, queued or being applied; bounded by WORKER_LANES x "
+    "(WORKER_LANE_QUEUE_BYTES + WORKER_BATCH_MAX_BYTES) plus one fetch.",
+)
 OUTBOX_BACKLOG = Gauge(
     "release_worker_outbox_backlog",
     "Outbox rows waiting to be acknowledged by the broker, parked rows not included "
