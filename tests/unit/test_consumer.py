@@ -208,3 +208,56 @@ async def test_records_in_memory_stay_within_the_byte_bounds_also_around_an_unre
         consumer.stop()
         async with asyncio.timeout(5):
             await running
+
+
+async def test_a_new_owner_starts_at_the_database_offset_and_commits_only_what_it_applied() -> None:
+    source = FakeSource(TOPIC)
+    source.append(0, _records(0, range(10)))
+
+    async def stored(topic: str) -> Mapping[int, int]:
+        return {0: 4}  # the previous owner applied 0-3, Kafka's commit may say otherwise
+
+    processor = RecordingProcessor()
+    consumer = ReleaseConsumer(source, processor, NullPublisher(), _settings(), stored)
+    await consumer.on_assigned(source.assign({0}))
+    running = asyncio.create_task(consumer.run())
+    try:
+        async with asyncio.timeout(10):
+            await processor.reached.setdefault(10, asyncio.Event()).wait()
+    finally:
+        consumer.stop()
+        async with asyncio.timeout(5):
+            await running
+    await consumer.commit()
+    assert [r.offset for r in processor.records] == list(range(4, 10))
+    committed = [c[TopicPartition(TOPIC, 0)] for c in source.commits]
+    assert committed == sorted(set(committed))  # never back, never the same twice
+    assert committed[0] >= 4
+    assert committed[-1] == 10
+
+
+async def test_a_revoke_drops_queued_records_and_commits_what_the_database_applied() -> None:
+    source = FakeSource(TOPIC)
+    source.append(0, _records(0, range(30)))
+    processor = BlockedProcessor()
+    consumer = ReleaseConsumer(
+        source, processor, NullPublisher(), _settings(lanes=1), _no_stored_offsets
+    )
+    tps = source.assign({0})
+    await consumer.on_assigned(tps)
+    running = asyncio.create_task(consumer.run())
+    try:
+        while consumer.records_bytes < 30 * len(b"{}" + b"k"):
+            await source.fetching.wait()  # all 30 fetched: 10 in flight, 20 queued
+            source.fetching.clear()
+        revoking = asyncio.create_task(consumer.on_revoked(set(tps)))
+        processor.release.set()
+        async with asyncio.timeout(5):
+            await revoking
+        assert [r.offset for r in processor.records] == list(range(10))
+        assert source.commits[-1] == {TopicPartition(TOPIC, 0): 10}
+        assert consumer.records_bytes == 0
+    finally:
+        consumer.stop()
+        async with asyncio.timeout(5):
+            await running
