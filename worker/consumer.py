@@ -201,6 +201,7 @@ class ReleaseConsumer:
         self._paused: set[TopicPartition] = set()
         self._revoking: set[TopicPartition] = set()
         self._stopping = asyncio.Event()
+        self._epoch = 0  # rebalance callbacks so far; see `_ours`
         self.joined = False
         self.last_progress = time.monotonic()
 
@@ -306,11 +307,12 @@ class ReleaseConsumer:
         with its topic, partition and offset), and reading resumes after it. A partition
         whose lane is full is only rewound, so the memory bound holds here too.
         """
-        assigned = sorted(self._consumer.assignment() - self._revoking)
+        epoch = self._epoch
+        assigned = sorted(tp for tp in self._consumer.assignment() if self._ours(tp, epoch))
         for tp in assigned:
             self._rewind(tp)
         for tp in assigned:
-            if self._lane(tp).full:
+            if not self._ours(tp, epoch) or self._lane(tp).full:
                 continue  # read again once its lane has room (backpressure holds here too)
             try:
                 self._take(
@@ -319,24 +321,28 @@ class ReleaseConsumer:
                     )
                 )
             except UnicodeDecodeError:
-                self._rewind(tp)
-                await self._skip_unreadable(tp)
+                if self._ours(tp, epoch):
+                    self._rewind(tp)
+                    await self._skip_unreadable(tp, epoch)
 
-    async def _skip_unreadable(self, tp: TopicPartition) -> None:
+    async def _skip_unreadable(self, tp: TopicPartition, epoch: int) -> None:
         while True:
             try:
                 fetched = await self._consumer.getmany(tp, timeout_ms=1000, max_records=1)
             except UnicodeDecodeError:
                 break
-            if not fetched.get(tp):
-                return  # not reached in time; the next round carries on from here
+            if not fetched.get(tp) or not self._ours(tp, epoch):
+                return  # not reached in time, or taken away; the next round carries on
             self._take(fetched)
+        if not self._ours(tp, epoch):
+            return
         start = self._offsets.rewind_point(tp)
-        assert start is not None  # set on assignment
-        end = await self._unreadable_span_end(tp, start)
-        if end is None:
-            self._rewind(tp)
-            return  # not reached in time; the next round carries on from here
+        assert start is not None  # `_ours`
+        end = await self._unreadable_span_end(tp, start, epoch)
+        if end is None or not self._ours(tp, epoch):
+            if self._ours(tp, epoch):
+                self._rewind(tp)
+            return  # not reached in time, or taken away; the next round carries on
         log.error(
             "record_unreadable_dead_lettered",
             topic=tp.topic,
@@ -350,9 +356,9 @@ class ReleaseConsumer:
         self._offsets.handed(tp, end - 1)
         self._consumer.seek(tp, end)
 
-    async def _unreadable_span_end(self, tp: TopicPartition, start: int) -> int | None:
+    async def _unreadable_span_end(self, tp: TopicPartition, start: int, epoch: int) -> int | None:
         """The first offset past `start` from which a record can be read again (None: the
-        broker did not answer in time).
+        broker did not answer in time, or the partition was taken away meanwhile).
 
         Every record before the unreadable one was handed over, so no offset from `start`
         up to it holds a readable record, but how many offsets that is, is unknown:
@@ -369,7 +375,7 @@ class ReleaseConsumer:
             if high is not None and probe >= high:
                 readable_at = max(high, failed + 1)
                 break
-            readable = await self._readable_from(tp, probe)
+            readable = await self._readable_from(tp, probe, epoch)
             if readable is None:
                 return None
             if readable:
@@ -378,7 +384,7 @@ class ReleaseConsumer:
             failed, step = probe, step * 2
         while readable_at - failed > 1:
             middle = (failed + readable_at) // 2
-            readable = await self._readable_from(tp, middle)
+            readable = await self._readable_from(tp, middle, epoch)
             if readable is None:
                 return None
             if readable:
@@ -387,14 +393,32 @@ class ReleaseConsumer:
                 failed = middle
         return readable_at
 
-    async def _readable_from(self, tp: TopicPartition, offset: int) -> bool | None:
-        """Whether a fetch from `offset` returns a record (None: nothing came in time)."""
+    async def _readable_from(self, tp: TopicPartition, offset: int, epoch: int) -> bool | None:
+        """Whether a fetch from `offset` returns a record (None: nothing came in time, or
+        the partition is no longer ours)."""
+        if not self._ours(tp, epoch):
+            return None
         self._consumer.seek(tp, offset)
         try:
             fetched = await self._consumer.getmany(tp, timeout_ms=1000, max_records=1)
         except UnicodeDecodeError:
             return False
         return True if fetched.get(tp) else None
+
+    def _ours(self, tp: TopicPartition, epoch: int) -> bool:
+        """Whether `tp` may still be read and sought as it was at `epoch`.
+
+        The rebalance callbacks run between any two awaits of the fetcher: a partition can
+        be revoked, or assigned anew (its books reset to the database's offset, which a
+        reading begun before must not override), or assigned but not yet through
+        `on_assigned`, and aiokafka refuses to seek a partition it does not hold.
+        """
+        return (
+            self._epoch == epoch
+            and tp not in self._revoking
+            and tp in self._consumer.assignment()
+            and self._offsets.rewind_point(tp) is not None
+        )
 
     def _rewind(self, tp: TopicPartition) -> None:
         offset = self._offsets.rewind_point(tp)
@@ -506,6 +530,7 @@ class ReleaseConsumer:
         # A rebalance began: out of the group until the next assignment (readiness and
         # the health stall clock watch this; aiokafka #1154 is a rejoin that never ends).
         self.joined = False
+        self._epoch += 1
         if not revoked:
             return
         # Until the next assignment, records of these partitions that aiokafka still hands
@@ -536,6 +561,7 @@ class ReleaseConsumer:
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         # aiokafka discards fetched records of an older assignment from here on.
         self._revoking.clear()
+        self._epoch += 1
         self.joined = True
         stored: dict[TopicPartition, int] = {}
         for topic in {tp.topic for tp in assigned}:

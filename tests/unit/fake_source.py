@@ -9,7 +9,8 @@
   does not help. A failed fetch keeps what it already returned of other partitions and
   moves their positions (the records are lost to the caller), and moves the failing
   partition's position past the records it parsed before the bad one.
-- `rebalancing` makes `getmany` wait for the next assignment without a timeout.
+- `rebalancing` makes `getmany` wait for the next assignment without a timeout; `seek`
+  refuses a partition not assigned, and `getmany` returns nothing of one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from aiokafka.errors import IllegalStateError
 from aiokafka.structs import TopicPartition
 
 from worker.records import Headers
@@ -70,7 +72,7 @@ class FakeSource:
         await asyncio.sleep(0)
         budget = max_records or 1_000_000
         out: dict[TopicPartition, list[FakeRecord]] = {}
-        wanted = set(partitions) or self.assigned
+        wanted = (set(partitions) or self.assigned) & self.assigned
         for tp in sorted(wanted - self.paused_set):
             if budget == 0:
                 break
@@ -101,7 +103,8 @@ class FakeSource:
         return out, False
 
     def seek(self, partition: TopicPartition, offset: int) -> None:
-        assert partition in self.assigned
+        if partition not in self.assigned:
+            raise IllegalStateError(f"No current assignment for partition {partition}")
         self.positions[partition] = offset
 
     async def position(self, partition: TopicPartition) -> int:

@@ -261,3 +261,54 @@ async def test_a_revoke_drops_queued_records_and_commits_what_the_database_appli
         consumer.stop()
         async with asyncio.timeout(5):
             await running
+
+
+class RebalancingSource(FakeSource):
+    """Runs a rebalance while the consumer probes past offset `at`, as aiokafka's coordinator
+    task does between the consumer's awaits: partition 0 is revoked, and assigned again
+    from the database's offset."""
+
+    def __init__(self, at: int, processor: BlockedProcessor) -> None:
+        super().__init__(TOPIC)
+        self.at = at
+        self.processor = processor
+        self.consumer: ReleaseConsumer | None = None
+        self.rebalanced = False
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> Mapping[TopicPartition, Sequence[FakeRecord]]:
+        tp = TopicPartition(TOPIC, 0)
+        if partitions and not self.rebalanced and self.positions.get(tp, 0) > self.at:
+            self.rebalanced = True
+            assert self.consumer is not None
+            await self.consumer.on_revoked(self.assignment())
+            self.processor.release.set()
+            await self.consumer.on_assigned(self.assign({0}))
+        return await super().getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records)
+
+
+async def test_a_partition_assigned_anew_while_its_span_is_probed_is_read_from_its_new_start() -> (
+    None
+):
+    # The records before the unreadable one are still queued when the rebalance comes (the
+    # processor is held), so the revoke drops them and the new start is offset 0.
+    processor = BlockedProcessor()
+    source = RebalancingSource(at=3, processor=processor)
+    source.append(0, _records(0, [0, 1, 2, 3, 4, 5], bad=3), _records(0, [6, 7]))
+    settings = _settings(lanes=1, rebalance_drain_timeout_s=0.05)
+    consumer = ReleaseConsumer(source, processor, NullPublisher(), settings, _no_stored_offsets)
+    source.consumer = consumer
+    await consumer.on_assigned(source.assign({0}))
+    running = asyncio.create_task(consumer.run())
+    try:
+        async with asyncio.timeout(10):
+            await processor.reached.setdefault(8, asyncio.Event()).wait()
+    finally:
+        consumer.stop()
+        async with asyncio.timeout(5):
+            await running
+    assert source.rebalanced
+    # Before, the probe begun under the old assignment went on after it: two wrong spans.
+    assert [(o, n, u) for o, n, u in processor.seen() if u] == [(3, 6, True)]
+    assert {o for o, _, u in processor.seen() if not u} == {0, 1, 2, 6, 7}
