@@ -21,6 +21,7 @@ from worker.messages import (
     Topics,
     item_result_payload,
     rejection_messages,
+    rejection_payload,
     result_headers,
 )
 from worker.records import Headers, OutboxMessage, RawRecord
@@ -174,15 +175,7 @@ def decide(
     """Outcomes of one command; `status` is the batch's running view and is updated."""
     if command.items is None:
         if not cart_rows:
-            return Rejection(
-                422,
-                "cart_not_found",
-                "No reservation of this partner belongs to this cart.",
-                command.cart_id,
-                command.event_id,
-                command.cart_id,
-                partner_id=partner_id,
-            )
+            return _cart_not_found(command, partner_id)
         return [_decide_item(row, status) for row in cart_rows]
     decisions: list[ItemDecision] = []
     for item in command.items:
@@ -197,6 +190,18 @@ def decide(
     return decisions
 
 
+def _cart_not_found(command: ReleaseCommand, partner_id: str) -> Rejection:
+    return Rejection(
+        422,
+        "cart_not_found",
+        "No reservation of this partner belongs to this cart.",
+        command.cart_id,
+        command.event_id,
+        command.cart_id,
+        partner_id=partner_id,
+    )
+
+
 def _names(row: Reservation, partner_id: str, cart_id: str, cart_item_id: str) -> bool:
     """Whether an item of this partner's cart names this reservation."""
     return (row.partner_id, row.cart_id, row.cart_item_id) == (partner_id, cart_id, cart_item_id)
@@ -208,14 +213,16 @@ def decide_pruned_replay(
     found: dict[str, Reservation],
     cart_rows: Sequence[Reservation],
     status: dict[str, str],
-) -> list[ItemDecision]:
+) -> list[ItemDecision] | Rejection:
     """Outcomes reported again for a replay whose stored results were pruned; it releases
     nothing, whatever was added to the cart since (G3 at any age).
 
     The event was applied when it first came: what it released carries its eventId
-    (`release_event_id`) and is reported `released` again. A whole-cart event reports only
-    those. An explicit one reports each named item as it stands now, and an item still
-    `reserved` is `not_found`, as it was then: the event would have released it otherwise.
+    (`release_event_id`) and is reported `released` again. A whole-cart event reports its
+    cart's other settled items as they stand now, never one still `reserved` (added since:
+    the event would have released it otherwise), and its 422 again when none is left. An
+    explicit one reports each named item as it stands now, and an item still `reserved` is
+    `not_found`, as it was then.
     """
 
     def released_by_it(row: Reservation) -> bool:
@@ -225,7 +232,16 @@ def decide_pruned_replay(
         return ItemDecision(row.cart_item_id, row.reservation_id, Outcome.RELEASED, row.quantity)
 
     if command.items is None:
-        return [released(row) for row in cart_rows if released_by_it(row)]
+        # A row still reserved was not in the cart then (the event would have released it).
+        # If nothing else is left, the event found nothing then either: its 422 again.
+        settled = [
+            row for row in cart_rows if status.get(row.reservation_id, row.status) != "reserved"
+        ]
+        if not settled:
+            return _cart_not_found(command, partner_id)
+        return [
+            released(row) if released_by_it(row) else _decide_item(row, status) for row in settled
+        ]
     decisions = []
     for item in command.items:
         rid = item.item_reservation_id
@@ -335,7 +351,10 @@ async def apply_batch(
             if payloads is None:  # pruned: the reservations tell what the event did
                 cart_rows = by_cart.get((partner_id, command.cart_id), [])
                 replayed = decide_pruned_replay(command, partner_id, found, cart_rows, status)
-                payloads = [_item_payload(command, d, processed_at) for d in replayed]
+                if isinstance(replayed, Rejection):
+                    payloads = [rejection_payload(replayed, processed_at)]
+                else:
+                    payloads = [_item_payload(command, d, processed_at) for d in replayed]
                 first = produced[key] = StoredResults(command.cart_id, payloads, None)
             headers = first.headers or result_headers(command.event_id, partner_id, w.record)
             key_bytes = first.cart_id.encode()
@@ -347,7 +366,23 @@ async def apply_batch(
         cart_rows = by_cart.get((partner_id, command.cart_id), []) if command.whole_cart else []
         decided = decide(command, partner_id, found, cart_rows, foreign, status)
         if isinstance(decided, Rejection):
-            messages.extend(_reject(report, w.record, decided, topics, processed_at))
+            # Recorded like any result: the same eventId again is a replay of this 422,
+            # even once the cart has reservations (a replay never releases anything new).
+            rejected = _reject(report, w.record, decided, topics, processed_at)
+            answer = rejected[0]
+            assert answer.payload is not None
+            produced[key] = StoredResults(command.cart_id, [answer.payload], answer.headers)
+            inbox.append(
+                InboxEntry(
+                    partner_id,
+                    command.event_id,
+                    command.cart_id,
+                    w.record,
+                    [answer.payload],
+                    answer.headers,
+                )
+            )
+            messages.extend(rejected)
             continue
         payloads = []
         for d in decided:

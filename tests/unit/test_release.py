@@ -115,8 +115,11 @@ async def test_a_whole_cart_replay_after_pruning_releases_nothing_added_since() 
         before = len(store.outbox)
         report = await apply_batch(store, [work(n, "c1", None, "e1") for n in offsets], TOPICS)
         assert (report.replays, report.released_quantity) == (len(offsets), 0)
-        # What the event released is reported again; nothing about r3.
-        assert outcomes(store)[before:] == [("r1", "released", 2)] * len(offsets)
+        # What the event released is reported again, and the cart's settled r2 as it
+        # stands; nothing about r3, added since.
+        assert outcomes(store)[before:] == [("r1", "released", 2), ("r2", "confirmed", 0)] * len(
+            offsets
+        )
     assert store.reservations["r3"].status == "reserved"
     assert store.reserved[("s1", "default")] == 5
 
@@ -169,31 +172,47 @@ async def test_whole_cart_without_reservations_is_rejected_422() -> None:
     assert bodies(store)[0]["errors"][0]["code"] == "cart_not_found"
 
 
-async def test_an_event_repeated_after_its_422_in_the_same_batch_is_decided_again() -> None:
-    """A rejected event is not recorded, so sending it again is a new attempt, decided on
-    its own like in a later batch (not a replay): the same body gets the same 422, and a
-    different body is decided on its merits. It raised KeyError (finding 8)."""
-    store = FakeStore([reservation("r1", cart="c1")])
-    batch = [
-        work(0, "c9", None, "e1"),
-        work(1, "c9", None, "e1"),
-        work(2, "c1", None, "e1"),
-    ]
+async def test_a_422_is_recorded_so_its_event_id_again_is_a_replay_that_releases_nothing() -> None:
+    """A whole-cart release that found no reservation is answered 422 and recorded like
+    any result: the same (partner, eventId) again, in the same batch (it raised KeyError,
+    finding 8) or later, after the cart got reservations, gets the same 422 bytes and
+    releases nothing (G3: a replay never releases anything new)."""
+    store = FakeStore()
+    batch = [work(0, "c1", None, "e1"), work(1, "c1", None, "e1")]
     report = await apply_batch(store, batch, TOPICS)
-    assert report.rejections == {422: 2}
-    assert [b.get("errors", [{}])[0].get("code") for b in bodies(store)[:2]] == [
-        "cart_not_found",
-        "cart_not_found",
-    ]
-    assert [(b["itemReservationId"], b["outcome"]) for b in bodies(store)[2:]] == [
-        ("r1", "released")
-    ]
+    assert (report.rejections, report.replays) == ({422: 1}, 1)
     assert list(store.inbox) == [("p1", "e1")]
-    # Stable on replay: the same 422 again in a later batch (nothing was recorded for it).
-    again = FakeStore()
-    for offset in (0, 1):
-        await apply_batch(again, [work(offset, "c9", None, "e1")], TOPICS)
-    assert [b["status"] for b in bodies(again)] == [422, 422]
+    store.reservations["r1"] = reservation("r1", cart="c1")
+    store.reserved[("s1", "default")] = 2
+    report = await apply_batch(store, [work(2, "c1", None, "e1")], TOPICS)
+    assert (report.replays, report.released_quantity) == (1, 0)
+    assert [m.payload for m in store.outbox] == [store.outbox[0].payload] * 3
+    assert bodies(store)[0]["errors"][0]["code"] == "cart_not_found"
+    assert store.reservations["r1"].status == "reserved"
+    assert store.reserved[("s1", "default")] == 2
+
+
+async def test_a_pruned_whole_cart_replay_that_released_nothing_still_answers() -> None:
+    """Past the retention a replay is rebuilt from the reservations; one whose event
+    released nothing still gets an answer (its cart's settled items, or the 422 again),
+    never silence, and never a release of what was added since."""
+    store = FakeStore([reservation("r2", "confirmed", cart="c1")])
+    await apply_batch(store, [work(0, "c1", None, "e1"), work(1, "c9", None, "e9")], TOPICS)
+    store.prune(("p1", "e1"))
+    store.prune(("p1", "e9"))
+    for rid, cart in (("r3", "c1"), ("r4", "c9")):
+        store.reservations[rid] = reservation(rid, cart=cart)
+        store.reserved[("s1", "default")] = store.reserved.get(("s1", "default"), 0) + 2
+    before = len(store.outbox)
+    report = await apply_batch(
+        store, [work(2, "c1", None, "e1"), work(3, "c9", None, "e9")], TOPICS
+    )
+    assert (report.replays, report.released_quantity) == (2, 0)
+    replayed = bodies(store)[before:]
+    assert [(b["itemReservationId"], b["outcome"]) for b in replayed[:1]] == [("r2", "confirmed")]
+    assert (replayed[1]["status"], replayed[1]["errors"][0]["code"]) == (422, "cart_not_found")
+    assert len(replayed) == 2
+    assert {store.reservations[r].status for r in ("r3", "r4")} == {"reserved"}
 
 
 async def test_stock_is_returned_per_sku_in_sorted_order() -> None:
