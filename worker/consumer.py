@@ -4,7 +4,9 @@ Records are fetched in batches (`getmany`) and routed to a fixed lane per partit
 (`partition % lanes`). Each lane applies its batches one at a time, so one
 partition's records (and so one cart's) are applied in offset order, while lanes
 run concurrently on their own connections. A lane with too much buffered work
-pauses its partitions (backpressure by pausing, not sleeping).
+pauses its partitions (backpressure by pausing, not sleeping). A partition whose next
+record waits for a row lock held elsewhere is held back on its own (paused, its
+records kept in order) for a backoff, while the lane goes on with its other partitions.
 
 Offsets: the next offset of every partition is stored in PostgreSQL in the same
 transaction as the work (see `release.apply_batch`); Kafka commits follow the
@@ -16,6 +18,7 @@ database is ever applied twice, whatever Kafka's committed offset says.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -30,7 +33,7 @@ from worker.config import Settings
 from worker.offsets import OffsetBook
 from worker.records import Headers, OutboxMessage, RawRecord
 from worker.release import BatchReport
-from worker.retry import BROKER_ERRORS, transient_retrying
+from worker.retry import BROKER_ERRORS, backoff_s, transient_retrying
 
 log = structlog.get_logger("worker.consumer")
 
@@ -104,6 +107,9 @@ class Processor(Protocol):
     and never raises for a bad record: bad records become rejections in the report. It
     retries outages for as long as they last, so it may block indefinitely; cancelling it
     rolls the open transaction back, and the batch's records are applied again later.
+    It does not wait for a row lock held elsewhere: the waiting record and the later
+    records of its partition come back unapplied (`BatchReport.deferred`), the waiting
+    one with `lock_waits` counted up.
     """
 
     async def process(self, records: Sequence[RawRecord]) -> BatchReport: ...
@@ -124,7 +130,8 @@ class ResultPublisher(Protocol):
 class Lane:
     """Buffered records of the partitions routed to one lane, applied strictly in order.
 
-    Bounded in records and in bytes: `full` pauses the lane's partitions.
+    Bounded in records and in bytes: `full` pauses the lane's partitions. A held partition
+    (`hold`) keeps its records, counted, but none is taken until its hold ends.
     """
 
     def __init__(self, index: int, capacity: int, capacity_bytes: int) -> None:
@@ -138,6 +145,7 @@ class Lane:
         self.busy_bytes = 0  # of the batch being applied
         self.idle = asyncio.Event()
         self.idle.set()
+        self.holds: dict[TopicPartition, float] = {}  # partition -> loop time its hold ends
 
     def add(self, records: Iterable[RawRecord]) -> None:
         for record in records:
@@ -146,16 +154,37 @@ class Lane:
         if self.buffer:
             self.ready.set()
 
+    def hold(self, records: Sequence[RawRecord], until: float) -> None:
+        """Give back deferred records (the first unapplied ones of their partitions, in
+        order) and hold their partitions until loop time `until`."""
+        self.buffer.extendleft(reversed(records))
+        for record in records:
+            self.bytes += record.size
+            self.holds[TopicPartition(record.topic, record.partition)] = until
+        if self.buffer:
+            self.ready.set()  # the other partitions' records are not held
+
+    def end_holds(self, now: float) -> float | None:
+        """End the holds due by `now`; return when the next one ends (None: no hold left)."""
+        self.holds = {tp: until for tp, until in self.holds.items() if until > now}
+        return min(self.holds.values(), default=None)
+
     def take(self, limit: int, limit_bytes: int) -> list[RawRecord]:
-        """The next batch: at most `limit` records and `limit_bytes` bytes, at least one."""
+        """The next batch of partitions not held: at most `limit` records and `limit_bytes`
+        bytes, at least one if any is not held."""
         batch: list[RawRecord] = []
+        held: list[RawRecord] = []
         size = 0
         while self.buffer and len(batch) < limit:
-            record_size = self.buffer[0].size
-            if batch and size + record_size > limit_bytes:
+            record = self.buffer[0]
+            if TopicPartition(record.topic, record.partition) in self.holds:
+                held.append(self.buffer.popleft())
+                continue
+            if batch and size + record.size > limit_bytes:
                 break
             batch.append(self.buffer.popleft())
-            size += record_size
+            size += record.size
+        self.buffer.extendleft(reversed(held))
         self.bytes -= size
         if not self.buffer:
             self.ready.clear()
@@ -170,6 +199,11 @@ class Lane:
             if partitions is not None and TopicPartition(r.topic, r.partition) not in partitions
         )
         self.bytes = sum(r.size for r in self.buffer)
+        self.holds = {
+            tp: until
+            for tp, until in self.holds.items()
+            if partitions is not None and tp not in partitions
+        }
         if not self.buffer:
             self.ready.clear()
         return before - len(self.buffer)
@@ -202,6 +236,7 @@ class ReleaseConsumer:
         self._revoking: set[TopicPartition] = set()
         self._stopping = asyncio.Event()
         self._epoch = 0  # rebalance callbacks so far; see `_ours`
+        self._assigned_at: dict[TopicPartition, int] = {}  # the epoch of its `on_assigned`
         self.joined = False
         self.last_progress = time.monotonic()
 
@@ -427,8 +462,8 @@ class ReleaseConsumer:
 
     def _apply_backpressure(self) -> None:
         assigned = self._consumer.assignment()
-        to_pause = {tp for tp in assigned if self._lane(tp).full} - self._paused
-        to_resume = {tp for tp in self._paused if not self._lane(tp).full and tp in assigned}
+        to_pause = {tp for tp in assigned if self._stalled(tp)} - self._paused
+        to_resume = {tp for tp in self._paused if not self._stalled(tp) and tp in assigned}
         if to_pause:
             self._consumer.pause(*to_pause)
             self._paused |= to_pause
@@ -437,23 +472,43 @@ class ReleaseConsumer:
             self._paused -= to_resume
         self._paused &= assigned
 
+    def _stalled(self, tp: TopicPartition) -> bool:
+        """Whether reading more of `tp` now would only fill memory: its lane is full, or
+        holds it back (reading on would fill the lane and stall its other partitions)."""
+        lane = self._lane(tp)
+        return lane.full or tp in lane.holds
+
     # ------------------------------------------------------------------ applying
 
     async def _run_lane(self, lane: Lane) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await lane.ready.wait()
+            next_hold_end = lane.end_holds(loop.time())
             records = lane.take(self._settings.batch_max_records, self._settings.batch_max_bytes)
             if not records:
+                # Nothing queued, or only held partitions' records: wait for new records
+                # or for the first hold to end.
+                lane.ready.clear()
+                if next_hold_end is not None:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout_at(next_hold_end):
+                            await lane.ready.wait()
+                    lane.ready.set()
                 continue
             lane.idle.clear()
             lane.busy_with = {TopicPartition(r.topic, r.partition) for r in records}
             lane.busy_bytes = sum(r.size for r in records)
+            owners = {tp: self._assigned_at.get(tp) for tp in lane.busy_with}
             try:
                 with structlog.contextvars.bound_contextvars(lane=lane.index):
                     report = await self._processor.process(records)
+                lane.busy_bytes = 0  # applied, or given back to the queue here:
+                self._hold(lane, report.deferred, owners)
                 await self._publisher.publish(report.messages)
                 self._offsets.applied(report.next_offsets)
-                self.last_progress = time.monotonic()
+                if report.next_offsets:  # not when every record waited for a lock
+                    self.last_progress = time.monotonic()
                 log.debug(
                     "batch_applied",
                     lane=lane.index,
@@ -472,6 +527,42 @@ class ReleaseConsumer:
                 lane.busy_with = set()
                 lane.busy_bytes = 0
                 lane.idle.set()
+
+    def _hold(
+        self, lane: Lane, deferred: Sequence[RawRecord], owners: Mapping[TopicPartition, int | None]
+    ) -> None:
+        """Give deferred records back to their lane, their partitions held for a backoff that
+        grows with the waiting record's `lock_waits` (a new record waiting starts again).
+
+        Only while the partition is still ours as it was when the batch began, and the
+        consumer is not stopping: else the records go, like every other buffered record at
+        a revoke or a shutdown, and whoever reads the partition next starts at the
+        database's offset, which stops before them.
+        """
+        by_partition: dict[TopicPartition, list[RawRecord]] = {}
+        for record in deferred:
+            tp = TopicPartition(record.topic, record.partition)
+            by_partition.setdefault(tp, []).append(record)
+        now = asyncio.get_running_loop().time()
+        for tp, records in by_partition.items():
+            ours = (
+                not self._stopping.is_set()
+                and tp not in self._revoking
+                and owners.get(tp) is not None
+                and self._assigned_at.get(tp) == owners.get(tp)
+            )
+            delay = backoff_s(self._settings, records[0].lock_waits)
+            log.info(
+                "partition_held_for_lock",
+                topic=tp.topic,
+                partition=tp.partition,
+                offset=records[0].offset,
+                records=len(records),
+                lock_waits=records[0].lock_waits,
+                retry_in_s=round(delay, 3) if ours else None,
+            )
+            if ours:
+                lane.hold(records, now + delay)
 
     # ------------------------------------------------------------------ committing
 
@@ -555,6 +646,8 @@ class ReleaseConsumer:
         await self._publisher.flush(max(0.0, deadline - loop.time()))
         await self.commit(revoked)
         self._offsets.forget(revoked)
+        for tp in revoked:
+            self._assigned_at.pop(tp, None)
         self._paused -= revoked
         log.info("partitions_revoked", partitions=_names(revoked), dropped_buffered=dropped)
 
@@ -581,6 +674,7 @@ class ReleaseConsumer:
             self._offsets.assigned(
                 tp, position=await self._consumer.position(tp), stored=stored.get(tp)
             )
+            self._assigned_at[tp] = self._epoch
         log.info("partitions_assigned", partitions=_names(assigned))
 
 

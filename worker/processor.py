@@ -5,10 +5,12 @@ How each failure is handled follows its verdict (`worker/retry.py`):
   transaction with capped exponential backoff and jitter, for as long as they last;
 - a lock wait (`lock_timeout`) or any other failure splits the batch, so one busy or
   bad record cannot hold back the records before it;
-- a single record waiting for a lock is retried with backoff until the lock is free,
-  never rejected (DESIGN.md §7); a single record that keeps failing otherwise becomes
-  a 500 (or 504 after statement timeouts) rejection and a dead letter after
-  `poison_max_attempts`;
+- a single record waiting for a lock is deferred, never rejected (DESIGN.md §7): it and
+  the later records of its partition go back to the consumer (`BatchReport.deferred`),
+  which offers them again after a backoff, while the rest of the batch is applied. A
+  record deferred before goes first, alone, so a lock still held costs one wait;
+- a single record that keeps failing otherwise becomes a 500 (or 504 after statement
+  timeouts) rejection and a dead letter after `poison_max_attempts`;
 - a fatal failure (the database refuses the worker itself) is raised: no record is
   at fault, so none is rejected, and the process stops.
 """
@@ -36,7 +38,6 @@ from worker.validate import Limits, Rejection, parse_record
 log = structlog.get_logger("worker.processor")
 
 _OUTAGES = frozenset({Verdict.TRANSIENT})
-_OUTAGES_AND_LOCK_WAITS = frozenset({Verdict.TRANSIENT, Verdict.LOCK_WAIT})
 _ALL_BUT_FATAL = frozenset(Verdict) - {Verdict.FATAL}
 # A sender controls how many `security_cross_partner_attempt` lines it causes: one per
 # record, with this many of its reservation ids, and this many lines a second at most.
@@ -70,7 +71,16 @@ class BatchProcessor:
         """Apply the records (offset order per partition) and return what was committed."""
         started = time.perf_counter()
         works = await self._prepare(records)
-        report = await self._apply_isolating(works)
+        deferral = _Deferral()
+        # A record that waited for a lock before (the head of its partition here) is tried
+        # alone first: if the lock is still held, one wait defers its partition again.
+        report = BatchReport()
+        for work in works:
+            if work.record.lock_waits:
+                report = _merge(report, await self._apply_isolating([work], deferral))
+        fresh = [w for w in works if not w.record.lock_waits]
+        report = _merge(report, await self._apply_isolating(fresh, deferral))
+        report.deferred = deferral.records()
         metrics.BATCH_SIZE.observe(len(records))
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         _count(report)
@@ -97,9 +107,12 @@ class BatchProcessor:
                 works.append(Work(record, command=item, partner_id=verdict.partner_id))
         return works
 
-    async def _apply_isolating(self, works: list[Work]) -> BatchReport:
+    async def _apply_isolating(self, works: list[Work], deferral: _Deferral) -> BatchReport:
+        works = deferral.hold_back(works)
+        if not works:
+            return BatchReport()
         if len(works) == 1:
-            return await self._apply_single(works[0])
+            return await self._apply_single(works[0], deferral)
         try:
             return await self._apply(works, retry_on=_OUTAGES)
         except Exception as error:
@@ -109,12 +122,13 @@ class BatchProcessor:
             # waits or fails; the others commit (in offset order, so G4 holds).
             middle = len(works) // 2
             log.warning("batch_failed_splitting", records=len(works), error=repr(error)[:200])
-            first = await self._apply_isolating(works[:middle])
-            return _merge(first, await self._apply_isolating(works[middle:]))
+            first = await self._apply_isolating(works[:middle], deferral)
+            return _merge(first, await self._apply_isolating(works[middle:], deferral))
 
-    async def _apply_single(self, work: Work) -> BatchReport:
-        """One record: outages and lock waits are retried for as long as they last; any
-        other failure `poison_max_attempts` times, then it is rejected (504 or 500)."""
+    async def _apply_single(self, work: Work, deferral: _Deferral) -> BatchReport:
+        """One record: outages are retried for as long as they last; a lock wait defers it
+        (with its partition); any other failure is retried `poison_max_attempts` times,
+        then it is rejected (504 or 500)."""
         record = work.record
         event_id = work.command.event_id if work.command else record.position
         cart_id = work.command.cart_id if work.command else None
@@ -129,10 +143,15 @@ class BatchProcessor:
             attempt = 1
             while True:
                 try:
-                    return await self._apply([work], retry_on=_OUTAGES_AND_LOCK_WAITS)
+                    return await self._apply([work], retry_on=_OUTAGES)
                 except Exception as error:
-                    if classify(error) is Verdict.FATAL:
+                    verdict = classify(error)
+                    if verdict is Verdict.FATAL:
                         raise
+                    if verdict is Verdict.LOCK_WAIT:
+                        note_retry(error, attempt=record.lock_waits + 1)
+                        deferral.defer(work)
+                        return BatchReport()
                     if attempt >= self._settings.poison_max_attempts:
                         return await self._reject(work, attempt, error, event_id, cart_id)
                     note_retry(error, attempt=attempt)
@@ -186,6 +205,35 @@ class BatchProcessor:
         return report
 
 
+class _Deferral:
+    """The partitions of a batch whose next record waits for a lock, and their records
+    held back from the rest of the batch, in offset order (the batch is applied in order,
+    so every record of such a partition met after the waiting one is a later one)."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, int], list[RawRecord]] = {}
+
+    def defer(self, work: Work) -> None:
+        record = work.record
+        self._held[(record.topic, record.partition)] = [
+            replace(record, lock_waits=record.lock_waits + 1)
+        ]
+
+    def hold_back(self, works: list[Work]) -> list[Work]:
+        """`works` without the records of deferred partitions, which are held back."""
+        kept = []
+        for work in works:
+            held = self._held.get((work.record.topic, work.record.partition))
+            if held is None:
+                kept.append(work)
+            else:
+                held.append(work.record)
+        return kept
+
+    def records(self) -> list[RawRecord]:
+        return [record for held in self._held.values() for record in held]
+
+
 def _merge(first: BatchReport, second: BatchReport) -> BatchReport:
     first.messages.extend(second.messages)
     first.outcomes.update(second.outcomes)
@@ -195,6 +243,7 @@ def _merge(first: BatchReport, second: BatchReport) -> BatchReport:
     first.cross_partner.extend(second.cross_partner)
     first.rejected.extend(second.rejected)
     first.released_quantity += second.released_quantity
+    first.deferred.extend(second.deferred)
     for tp, offset in second.next_offsets.items():
         first.next_offsets[tp] = max(first.next_offsets.get(tp, 0), offset)
     return first

@@ -26,6 +26,9 @@ class RawRecord:
     # An unreadable record stands for the offsets up to this one (exclusive): where it sits
     # among them is unknown (see `ReleaseConsumer._skip_unreadable`). None: offset + 1.
     span_end: int | None = None
+    # How many times this record waited for a row lock held elsewhere and was given back
+    # to its lane (`BatchReport.deferred`): its partition's backoff grows with it.
+    lock_waits: int = field(default=0, compare=False)
 
     @property
     def size(self) -> int:

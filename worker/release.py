@@ -140,6 +140,9 @@ class BatchReport:
     released_quantity: int = 0
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
     rejected: list[tuple[RawRecord, Rejection]] = field(default_factory=list)
+    # Not applied: a record that waited for a row lock held elsewhere and every later
+    # record of its partition in the batch, in offset order; `next_offsets` stops before them.
+    deferred: list[RawRecord] = field(default_factory=list)
 
     @property
     def foreign(self) -> int:

@@ -11,9 +11,10 @@ place that maps foreign errors into it). The modules act on the verdict:
   and jitter for as long as it lasts; never a rejection (G6).
 - `LOCK_WAIT`: a row lock held by another transaction outlasted `lock_timeout`
   (55P03, `WORKER_LOCK_TIMEOUT_MS`): a checkout holding a stock row, a zombie
-  holding an offset row, DDL. Retried with backoff for as long as it lasts, on
-  the waiting record alone, so the rest of its batch goes ahead; never a 504 or
-  a dead letter (DESIGN §7 "A busy row is not poison").
+  holding an offset row, DDL. The waiting record and the later records of its
+  partition are deferred: its lane offers them again after a backoff, for as long
+  as it lasts, while the rest of the batch and the lane's other partitions go
+  ahead; never a 504 or a dead letter (DESIGN §7 "A busy row is not poison").
 - `STATEMENT_TIMEOUT`: a statement ran past `statement_timeout` on its own work
   (57014). Retried `poison_max_attempts` times on that record alone, then a 504.
 - `POISON`: anything else unexpected. Retried like a statement timeout, then a
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import random
 from collections.abc import Callable, Collection, Iterator
 from typing import Protocol
 
@@ -217,6 +219,13 @@ def backoff(settings: Settings) -> wait_exponential_jitter:
         max=settings.retry_max_s,
         jitter=settings.retry_initial_s,
     )
+
+
+def backoff_s(settings: Settings, attempt: int) -> float:
+    """The wait after failed attempt `attempt` (from 1) on the curve of `backoff`, for a
+    retry that is not a loop around one call (a partition its lane holds back)."""
+    exponential = settings.retry_initial_s * 2.0 ** min(attempt - 1, 64)
+    return min(settings.retry_max_s, exponential + random.uniform(0, settings.retry_initial_s))
 
 
 def note_retry(error: BaseException, *, attempt: int) -> str:

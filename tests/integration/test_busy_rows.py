@@ -1,4 +1,5 @@
-"""A busy row is not poison (DESIGN.md §7): lock waits are retried until the lock is free.
+"""A busy row is not poison (DESIGN.md §7): lock waits are retried until the lock is free,
+and hold back only the waiting record's partition.
 
 Another session holds a row the worker needs (a checkout holding a stock row, a zombie
 holding a partition's offset row) for longer than the poison budget of the default
@@ -64,27 +65,32 @@ def released_once(results: list[Published], name: str) -> None:
     assert outcomes == [("item_result", "released")]
 
 
-async def test_a_stock_row_held_past_the_poison_budget_is_released_once_when_free(
+async def test_a_stock_row_held_past_the_poison_budget_holds_back_only_its_partition(
     db: asyncpg.Pool, world: World
 ) -> None:
     p, settings = world.prefix, world.settings
     other_sku = f"{world.sku}-other"
     await db.execute("INSERT INTO stock (sku, on_hand) VALUES ($1, 10)", other_sku)
     await reserve(db, world, f"{p}-busy", f"{p}-c", "i0", 2)
-    await db.execute(
-        """INSERT INTO reservations (reservation_id, partner_id, cart_id, cart_item_id, sku,
-                                     quantity, status, expires_at)
-           VALUES ($1, $2, $3, 'i0', $4, 1, 'reserved', now() + interval '1 hour')""",
-        f"{p}-free",
-        world.partner_id,
-        f"{p}-c",
-        other_sku,
-    )
-    await db.execute("UPDATE stock SET reserved = 1 WHERE sku = $1", other_sku)
+    for name, cart in [("free", f"{p}-c"), ("other", f"{p}-c2")]:
+        await db.execute(
+            """INSERT INTO reservations (reservation_id, partner_id, cart_id, cart_item_id, sku,
+                                         quantity, status, expires_at)
+               VALUES ($1, $2, $3, 'i0', $4, 1, 'reserved', now() + interval '1 hour')""",
+            f"{p}-{name}",
+            world.partner_id,
+            cart,
+            other_sku,
+        )
+    await db.execute("UPDATE stock SET reserved = 2 WHERE sku = $1", other_sku)
     api_key = world.api_key.encode()
-    # One key, so one partition, most likely one batch: the free one first, the busy one next.
+    # One partition, most likely one batch: the free one first, the busy one next. Then
+    # another cart on another partition of the same lane (partition % lanes).
     free = record("free", items(f"{p}-free"), cart=f"{p}-c", api_key=api_key)
     busy = record("busy", items(f"{p}-busy"), cart=f"{p}-c", api_key=api_key)
+    other = record("other", items(f"{p}-other"), cart=f"{p}-c2", api_key=api_key)
+    busy_partition, other_partition = 0, 2
+    assert busy_partition % settings.lanes == other_partition % settings.lanes
     waits, letters, timeouts = (
         metric("release_worker_lock_waits_total"),
         metric("release_worker_dead_letters_total"),
@@ -92,22 +98,30 @@ async def test_a_stock_row_held_past_the_poison_budget_is_released_once_when_fre
     )
     async with running_worker(settings):
         async with held(db, "SELECT 1 FROM stock WHERE sku = $1 FOR UPDATE", world.sku):
-            await produce_raw(settings, [free, busy])
-            # The rest of the batch goes ahead while the busy row is still held; from
-            # here on the busy record is tried alone.
+            await produce_raw(settings, [free, busy], partition=busy_partition)
+            await produce_raw(settings, [other], partition=other_partition)
+            # The rest of the batch goes ahead while the busy row is still held, and so does
+            # the lane's other partition, produced after the busy record. Before, the lane
+            # waited for the lock: "other" was answered only once it was let go.
             released_once(await answered(settings, "free"), "free")
+            released_once(await answered(settings, "other"), "other")
+            assert await status_of(db, f"{p}-busy") == "reserved"
             await asyncio.sleep(HOLD_S)
         results = await answered(settings, "busy")
     released_once(results, "busy")
     assert metric("release_worker_lock_waits_total") > waits
     assert metric("release_worker_dead_letters_total") == letters
     assert metric("release_worker_rejections_total", status="504") == timeouts
-    status = await db.fetchval(
-        "SELECT status FROM reservations WHERE reservation_id = $1", f"{p}-busy"
-    )
-    assert status == "released"
+    assert await status_of(db, f"{p}-busy") == "released"
     assert await db.fetchval("SELECT reserved FROM stock WHERE sku = $1", world.sku) == 0
     assert await i1_violations(db) == 0
+
+
+async def status_of(db: asyncpg.Pool, reservation_id: str) -> str:
+    status: str = await db.fetchval(
+        "SELECT status FROM reservations WHERE reservation_id = $1", reservation_id
+    )
+    return status
 
 
 async def test_an_offset_row_held_by_a_zombie_blocks_its_partition_until_free_then_applies(

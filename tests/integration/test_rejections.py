@@ -351,16 +351,21 @@ class _ListHandler(logging.Handler):
 
 
 async def produce_raw(
-    settings: Settings, records: Sequence[tuple[bytes | None, bytes | None, Headers]]
+    settings: Settings,
+    records: Sequence[tuple[bytes | None, bytes | None, Headers]],
+    partition: int | None = None,
 ) -> list[tuple[int, int]]:
-    """Produce records exactly as given (null values and null header values included)."""
+    """Produce records exactly as given (null values and null header values included), to
+    `partition` if given (else the key's)."""
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, max_request_size=4_194_304
     )
     await producer.start()
     try:
         futures = [
-            await producer.send(settings.input_topic, value, key=key, headers=list(headers))
+            await producer.send(
+                settings.input_topic, value, key=key, headers=list(headers), partition=partition
+            )
             for key, value, headers in records
         ]
         return [(m.partition, m.offset) for m in await asyncio.gather(*futures)]

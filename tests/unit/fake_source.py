@@ -10,7 +10,8 @@
   moves their positions (the records are lost to the caller), and moves the failing
   partition's position past the records it parsed before the bad one.
 - `rebalancing` makes `getmany` wait for the next assignment without a timeout; `seek`
-  refuses a partition not assigned, and `getmany` returns nothing of one.
+  refuses a partition not assigned, and `getmany` returns nothing of one. A new
+  assignment starts with no partition paused.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class FakeSource:
         tps = {TopicPartition(self.topic, p) for p in partitions}
         self.assigned = tps
         self.positions = {tp: start for tp in tps}
+        self.paused_set = set()  # aiokafka's new assignment starts unpaused
         return tps
 
     # ------------------------------------------------------------------ KafkaSource

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from aiokafka.structs import TopicPartition
 
@@ -312,3 +313,120 @@ async def test_a_partition_assigned_anew_while_its_span_is_probed_is_read_from_i
     # Before, the probe begun under the old assignment went on after it: two wrong spans.
     assert [(o, n, u) for o, n, u in processor.seen() if u] == [(3, 6, True)]
     assert {o for o, _, u in processor.seen() if not u} == {0, 1, 2, 6, 7}
+
+
+class LockedProcessor(RecordingProcessor):
+    """Defers the records of the `locked` partitions, as `BatchProcessor` does while a row
+    lock their next record needs is held elsewhere, and applies the others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.locked: set[int] = set()
+        self.deferrals = 0
+        self.deferred = asyncio.Event()
+
+    async def process(self, records: Sequence[RawRecord]) -> BatchReport:
+        deferred = [r for r in records if r.partition in self.locked]
+        report = await super().process([r for r in records if r.partition not in self.locked])
+        if deferred:
+            deferred[0] = replace(deferred[0], lock_waits=deferred[0].lock_waits + 1)
+            self.deferrals += 1
+            self.deferred.set()
+        report.deferred = deferred
+        return report
+
+    def offsets(self, partition: int) -> list[int]:
+        return [r.offset for r in self.records if r.partition == partition]
+
+
+def _two_partitions() -> FakeSource:
+    # One lane for both; partition 0's offsets start at 100 to tell them apart.
+    source = FakeSource(TOPIC)
+    source.append(0, _records(0, range(100, 120)))
+    source.append(1, _records(1, range(20)))
+    return source
+
+
+def _settings_held(**overrides: object) -> Settings:
+    return _settings(lanes=1, batch_max_records=5, retry_initial_s=0.01, retry_max_s=0.05)
+
+
+async def test_a_partition_waiting_for_a_lock_is_held_back_while_its_lane_goes_on() -> None:
+    source = _two_partitions()
+    processor = LockedProcessor()
+    processor.locked = {0}
+    consumer = ReleaseConsumer(
+        source, processor, NullPublisher(), _settings_held(), _no_stored_offsets
+    )
+    await consumer.on_assigned(source.assign({0, 1}))
+    held_bytes = sum(RawRecord(TOPIC, 0, o, b"k", b"{}").size for o in range(100, 120))
+    running = asyncio.create_task(consumer.run())
+    try:
+        async with asyncio.timeout(10):
+            # Before, the records the processor gave back were lost (partition 0 never
+            # reached 120); and a real lock wait held the whole lane until it was free.
+            await processor.reached.setdefault(20, asyncio.Event()).wait()
+            assert processor.offsets(1) == list(range(20))
+            assert processor.offsets(0) == []
+            # Offered again after a backoff, and its records stay counted meanwhile.
+            while processor.deferrals < 3:
+                processor.deferred.clear()
+                await processor.deferred.wait()
+                assert consumer.records_bytes == held_bytes
+            processor.locked = set()  # the lock is let go
+            await processor.reached.setdefault(120, asyncio.Event()).wait()
+    finally:
+        consumer.stop()
+        async with asyncio.timeout(5):
+            await running
+    assert processor.offsets(0) == list(range(100, 120))  # in order, each once
+    await consumer.commit()
+    assert source.commits[-1][TopicPartition(TOPIC, 0)] == 120
+
+
+async def test_a_held_partition_is_dropped_at_a_revoke_and_read_again_from_the_database() -> None:
+    source = _two_partitions()
+    processor = LockedProcessor()
+    processor.locked = {0}
+
+    async def stored(topic: str) -> Mapping[int, int]:
+        return {0: 100}  # nothing of partition 0 was applied
+
+    consumer = ReleaseConsumer(source, processor, NullPublisher(), _settings_held(), stored)
+    tps = source.assign({0, 1})
+    await consumer.on_assigned(tps)
+    running = asyncio.create_task(consumer.run())
+    try:
+        async with asyncio.timeout(10):
+            await processor.reached.setdefault(20, asyncio.Event()).wait()
+            processor.deferred.clear()
+            await processor.deferred.wait()
+            await consumer.on_revoked(tps)
+            assert consumer.records_bytes == 0
+            await consumer.on_assigned(source.assign({0, 1}))
+            processor.locked = set()
+            await processor.reached.setdefault(120, asyncio.Event()).wait()
+    finally:
+        consumer.stop()
+        async with asyncio.timeout(5):
+            await running
+    assert processor.offsets(0) == list(range(100, 120))
+
+
+async def test_stop_does_not_wait_for_a_held_partition() -> None:
+    source = _two_partitions()
+    processor = LockedProcessor()
+    processor.locked = {0}  # never let go
+    consumer = ReleaseConsumer(
+        source, processor, NullPublisher(), _settings_held(), _no_stored_offsets
+    )
+    await consumer.on_assigned(source.assign({0, 1}))
+    running = asyncio.create_task(consumer.run())
+    async with asyncio.timeout(10):
+        await processor.reached.setdefault(20, asyncio.Event()).wait()
+        await processor.deferred.wait()
+    consumer.stop()
+    async with asyncio.timeout(5):
+        await running
+    assert processor.offsets(0) == []
+    assert consumer.records_bytes == 0
