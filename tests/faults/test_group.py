@@ -44,11 +44,14 @@ async def test_a_batch_that_outlives_the_revoke_deadline_commits_safely_as_a_zom
     bed_factory: BedFactory,
 ) -> None:
     # The test holds every stock row of the bed, so the first worker's batches wait for the
-    # lock (lock waits are retried until it is free, holding their partitions' offset rows
-    # while they wait; default statement timeout); a second worker joins, the
-    # first one's revoke gives up after 1 s, and the new owner starts from the database
-    # offsets while the old batches are still open. When the lock goes, both commit: the
-    # offset rows serialise them, and what the zombie applied the new owner skips.
+    # lock (each wait ends after the lock timeout and the batch is split down to the
+    # waiting record, one wait per halving, before its partition is deferred: a lane stays
+    # in its batch transaction, holding its partitions' offset rows, for seconds; default
+    # statement timeout); a second worker joins, the first one's revoke gives up after
+    # 1 s, and the new owner starts from the database offsets while the old batches are
+    # still open. When the lock goes, both commit what they still hold (the old worker's
+    # deferred records of moved partitions are dropped): the offset rows serialise them,
+    # and what the zombie applied the new owner skips.
     async with bed_factory(
         partitions=4,
         batch_max_records=100,
