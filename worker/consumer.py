@@ -39,6 +39,7 @@ log = structlog.get_logger("worker.consumer")
 
 # Longest wait for one Kafka offset commit; `make_consumer` keeps it within the rebalance.
 _COMMIT_TIMEOUT_S = 5.0
+_HOLD_SLACK_S = 0.001
 
 ReportHook = Callable[[BatchReport], None]
 
@@ -232,7 +233,6 @@ class ReleaseConsumer:
         capacity = settings.batch_max_records * settings.lane_queue_batches
         self._lanes = [Lane(i, capacity, settings.lane_queue_bytes) for i in range(settings.lanes)]
         self._offsets = OffsetBook()
-        self._paused: set[TopicPartition] = set()
         self._revoking: set[TopicPartition] = set()
         self._stopping = asyncio.Event()
         self._epoch = 0  # rebalance callbacks so far; see `_ours`
@@ -462,15 +462,15 @@ class ReleaseConsumer:
 
     def _apply_backpressure(self) -> None:
         assigned = self._consumer.assignment()
-        to_pause = {tp for tp in assigned if self._stalled(tp)} - self._paused
-        to_resume = {tp for tp in self._paused if not self._stalled(tp) and tp in assigned}
+        # The source's own view: a partition paused before a rebalance may be paused
+        # still, or not, after it (aiokafka starts a new assignment unpaused).
+        paused = self._consumer.paused() & assigned
+        to_pause = {tp for tp in assigned if self._stalled(tp)} - paused
+        to_resume = {tp for tp in paused if not self._stalled(tp)}
         if to_pause:
             self._consumer.pause(*to_pause)
-            self._paused |= to_pause
         if to_resume:
             self._consumer.resume(*to_resume)
-            self._paused -= to_resume
-        self._paused &= assigned
 
     def _stalled(self, tp: TopicPartition) -> bool:
         """Whether reading more of `tp` now would only fill memory: its lane is full, or
@@ -484,7 +484,9 @@ class ReleaseConsumer:
         loop = asyncio.get_running_loop()
         while True:
             await lane.ready.wait()
-            next_hold_end = lane.end_holds(loop.time())
+            # A timer may fire a little early (asyncio runs it within the clock's
+            # resolution): a hold that ends within _HOLD_SLACK_S counts as ended.
+            next_hold_end = lane.end_holds(loop.time() + _HOLD_SLACK_S)
             records = lane.take(self._settings.batch_max_records, self._settings.batch_max_bytes)
             if not records:
                 # Nothing queued, or only held partitions' records: wait for new records
@@ -648,7 +650,6 @@ class ReleaseConsumer:
         self._offsets.forget(revoked)
         for tp in revoked:
             self._assigned_at.pop(tp, None)
-        self._paused -= revoked
         log.info("partitions_revoked", partitions=_names(revoked), dropped_buffered=dropped)
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
