@@ -5,8 +5,9 @@ Records are fetched in batches (`getmany`) and routed to a fixed lane per partit
 partition's records (and so one cart's) are applied in offset order, while lanes
 run concurrently on their own connections. A lane with too much buffered work
 pauses its partitions (backpressure by pausing, not sleeping). A partition whose next
-record waits for a row lock held elsewhere is held back on its own (paused, its
-records kept in order) for a backoff, while the lane goes on with its other partitions.
+record waits for a row lock held elsewhere is held back on its own for a backoff (paused,
+only that record kept, the later ones read again), while the lane goes on with its
+other partitions.
 
 Offsets: the next offset of every partition is stored in PostgreSQL in the same
 transaction as the work (see `release.apply_batch`); Kafka commits follow the
@@ -132,7 +133,7 @@ class Lane:
     """Buffered records of the partitions routed to one lane, applied strictly in order.
 
     Bounded in records and in bytes: `full` pauses the lane's partitions. A held partition
-    (`hold`) keeps its records, counted, but none is taken until its hold ends.
+    (`hold`) keeps one record queued, not taken until its hold ends.
     """
 
     def __init__(self, index: int, capacity: int, capacity_bytes: int) -> None:
@@ -155,15 +156,19 @@ class Lane:
         if self.buffer:
             self.ready.set()
 
-    def hold(self, records: Sequence[RawRecord], until: float) -> None:
-        """Give back deferred records (the first unapplied ones of their partitions, in
-        order) and hold their partitions until loop time `until`."""
-        self.buffer.extendleft(reversed(records))
-        for record in records:
-            self.bytes += record.size
-            self.holds[TopicPartition(record.topic, record.partition)] = until
-        if self.buffer:
-            self.ready.set()  # the other partitions' records are not held
+    def hold(self, waiting: RawRecord, until: float) -> list[RawRecord]:
+        """Hold `waiting`'s partition until loop time `until`, with `waiting` (its first
+        record not applied) the only one of it queued, at the front. Returns the
+        partition's other queued records, in order: taken out, to be read again."""
+        tp = TopicPartition(waiting.topic, waiting.partition)
+        taken = [r for r in self.buffer if (r.topic, r.partition) == tp]
+        if taken:
+            self.buffer = deque(r for r in self.buffer if (r.topic, r.partition) != tp)
+        self.buffer.appendleft(waiting)
+        self.bytes += waiting.size - sum(r.size for r in taken)
+        self.holds[tp] = until
+        self.ready.set()  # the other partitions' records are not held
+        return taken
 
     def end_holds(self, now: float) -> float | None:
         """End the holds due by `now`; return when the next one ends (None: no hold left)."""
@@ -533,13 +538,16 @@ class ReleaseConsumer:
     def _hold(
         self, lane: Lane, deferred: Sequence[RawRecord], owners: Mapping[TopicPartition, int | None]
     ) -> None:
-        """Give deferred records back to their lane, their partitions held for a backoff that
-        grows with the waiting record's `lock_waits` (a new record waiting starts again).
+        """Hold back the partitions of deferred records for a backoff that grows with the
+        waiting record's `lock_waits` (a new record waiting starts again).
 
-        Only while the partition is still ours as it was when the batch began, and the
-        consumer is not stopping: else the records go, like every other buffered record at
-        a revoke or a shutdown, and whoever reads the partition next starts at the
-        database's offset, which stops before them.
+        The waiting record goes back to the front of its lane; the partition's later
+        records (deferred, or queued) are read again from the source once the hold ends
+        (paused and sought back meanwhile), so a held partition keeps one record in memory
+        and cannot fill its lane. Only while the partition is still ours as it was when
+        the batch began, and the consumer is not stopping: else the records go, like every
+        other buffered record at a revoke or a shutdown, and whoever reads the partition
+        next starts at the database's offset, which stops before them.
         """
         by_partition: dict[TopicPartition, list[RawRecord]] = {}
         for record in deferred:
@@ -550,6 +558,7 @@ class ReleaseConsumer:
             ours = (
                 not self._stopping.is_set()
                 and tp not in self._revoking
+                and tp in self._consumer.assignment()
                 and owners.get(tp) is not None
                 and self._assigned_at.get(tp) == owners.get(tp)
             )
@@ -563,8 +572,14 @@ class ReleaseConsumer:
                 lock_waits=records[0].lock_waits,
                 retry_in_s=round(delay, 3) if ours else None,
             )
-            if ours:
-                lane.hold(records, now + delay)
+            if not ours:
+                continue
+            later = [*records[1:], *lane.hold(records[0], now + delay)]
+            if later:
+                # Paused first: aiokafka then returns nothing it fetched from before the seek.
+                self._consumer.pause(tp)
+                self._consumer.seek(tp, later[0].offset)
+                self._offsets.given_back(tp, later[0].offset)
 
     # ------------------------------------------------------------------ committing
 

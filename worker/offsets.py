@@ -44,6 +44,10 @@ class OffsetBook:
         """Records up to `last_offset` (inclusive) were handed to a lane."""
         self._handed[tp] = last_offset + 1
 
+    def given_back(self, tp: TopicPartition, offset: int) -> None:
+        """Records from `offset` on were taken back from a lane: reading resumes there."""
+        self._handed[tp] = offset
+
     def rewind_point(self, tp: TopicPartition) -> int | None:
         """Where reading must resume so that no record is skipped (None: not known yet)."""
         return self._handed.get(tp)

@@ -53,10 +53,12 @@ def answers(results: list[Published], name: str) -> list[dict[str, Any]]:
     return [r.body for r in results if r.body["eventId"].endswith(f"-{name}")]
 
 
-async def answered(settings: Settings, name: str) -> list[Published]:
+async def answered(settings: Settings, *names: str) -> list[Published]:
     assert settings.kafka_bootstrap
     return await read_topic(
-        settings.kafka_bootstrap, settings.results_topic, lambda seen: bool(answers(seen, name))
+        settings.kafka_bootstrap,
+        settings.results_topic,
+        lambda seen: all(answers(seen, name) for name in names),
     )
 
 
@@ -72,7 +74,7 @@ async def test_a_stock_row_held_past_the_poison_budget_holds_back_only_its_parti
     other_sku = f"{world.sku}-other"
     await db.execute("INSERT INTO stock (sku, on_hand) VALUES ($1, 10)", other_sku)
     await reserve(db, world, f"{p}-busy", f"{p}-c", "i0", 2)
-    for name, cart in [("free", f"{p}-c"), ("other", f"{p}-c2")]:
+    for name, cart in [("free", f"{p}-c"), ("after", f"{p}-c"), ("other", f"{p}-c2")]:
         await db.execute(
             """INSERT INTO reservations (reservation_id, partner_id, cart_id, cart_item_id, sku,
                                          quantity, status, expires_at)
@@ -82,12 +84,14 @@ async def test_a_stock_row_held_past_the_poison_budget_holds_back_only_its_parti
             cart,
             other_sku,
         )
-    await db.execute("UPDATE stock SET reserved = 2 WHERE sku = $1", other_sku)
+    await db.execute("UPDATE stock SET reserved = 3 WHERE sku = $1", other_sku)
     api_key = world.api_key.encode()
-    # One partition, most likely one batch: the free one first, the busy one next. Then
-    # another cart on another partition of the same lane (partition % lanes).
+    # One partition, most likely one batch: the free one first, the busy one next, then
+    # one that needs no busy row but must wait for the busy one (G4). Then another cart
+    # on another partition of the same lane (partition % lanes).
     free = record("free", items(f"{p}-free"), cart=f"{p}-c", api_key=api_key)
     busy = record("busy", items(f"{p}-busy"), cart=f"{p}-c", api_key=api_key)
+    after = record("after", items(f"{p}-after"), cart=f"{p}-c", api_key=api_key)
     other = record("other", items(f"{p}-other"), cart=f"{p}-c2", api_key=api_key)
     busy_partition, other_partition = 0, 2
     assert busy_partition % settings.lanes == other_partition % settings.lanes
@@ -98,7 +102,7 @@ async def test_a_stock_row_held_past_the_poison_budget_holds_back_only_its_parti
     )
     async with running_worker(settings):
         async with held(db, "SELECT 1 FROM stock WHERE sku = $1 FOR UPDATE", world.sku):
-            await produce_raw(settings, [free, busy], partition=busy_partition)
+            await produce_raw(settings, [free, busy, after], partition=busy_partition)
             await produce_raw(settings, [other], partition=other_partition)
             # The rest of the batch goes ahead while the busy row is still held, and so does
             # the lane's other partition, produced after the busy record. Before, the lane
@@ -107,8 +111,10 @@ async def test_a_stock_row_held_past_the_poison_budget_holds_back_only_its_parti
             released_once(await answered(settings, "other"), "other")
             assert await status_of(db, f"{p}-busy") == "reserved"
             await asyncio.sleep(HOLD_S)
-        results = await answered(settings, "busy")
+            assert await status_of(db, f"{p}-after") == "reserved"  # never before "busy"
+        results = await answered(settings, "busy", "after")
     released_once(results, "busy")
+    released_once(results, "after")
     assert metric("release_worker_lock_waits_total") > waits
     assert metric("release_worker_dead_letters_total") == letters
     assert metric("release_worker_rejections_total", status="504") == timeouts

@@ -359,7 +359,7 @@ async def test_a_partition_waiting_for_a_lock_is_held_back_while_its_lane_goes_o
         source, processor, NullPublisher(), _settings_held(), _no_stored_offsets
     )
     await consumer.on_assigned(source.assign({0, 1}))
-    held_bytes = sum(RawRecord(TOPIC, 0, o, b"k", b"{}").size for o in range(100, 120))
+    batch_bytes = 5 * RawRecord(TOPIC, 0, 100, b"k", b"{}").size
     running = asyncio.create_task(consumer.run())
     try:
         async with asyncio.timeout(10):
@@ -368,11 +368,12 @@ async def test_a_partition_waiting_for_a_lock_is_held_back_while_its_lane_goes_o
             await processor.reached.setdefault(20, asyncio.Event()).wait()
             assert processor.offsets(1) == list(range(20))
             assert processor.offsets(0) == []
-            # Offered again after a backoff, and its records stay counted meanwhile.
+            # Offered again after a backoff; meanwhile it keeps at most the batch that is
+            # tried in memory (the waiting record, and the later ones read again).
             while processor.deferrals < 3:
                 processor.deferred.clear()
                 await processor.deferred.wait()
-                assert consumer.records_bytes == held_bytes
+                assert consumer.records_bytes <= batch_bytes
             processor.locked = set()  # the lock is let go
             await processor.reached.setdefault(120, asyncio.Event()).wait()
     finally:
@@ -382,6 +383,38 @@ async def test_a_partition_waiting_for_a_lock_is_held_back_while_its_lane_goes_o
     assert processor.offsets(0) == list(range(100, 120))  # in order, each once
     await consumer.commit()
     assert source.commits[-1][TopicPartition(TOPIC, 0)] == 120
+
+
+async def test_a_held_partition_does_not_fill_its_lane_and_stall_the_others() -> None:
+    # A lane queue of 5 records: partition 0's queued records alone would fill it.
+    source = FakeSource(TOPIC)
+    source.append(0, *([r] for r in _records(0, range(100, 140))))
+    source.append(1, *([r] for r in _records(1, range(40))))
+    processor = LockedProcessor()
+    processor.locked = {0}
+    settings = _settings(
+        lanes=1,
+        batch_max_records=5,
+        lane_queue_batches=1,
+        fetch_max_records=10,
+        retry_initial_s=0.01,
+        retry_max_s=0.05,
+    )
+    consumer = ReleaseConsumer(source, processor, NullPublisher(), settings, _no_stored_offsets)
+    await consumer.on_assigned(source.assign({0, 1}))
+    running = asyncio.create_task(consumer.run())
+    try:
+        async with asyncio.timeout(10):
+            await processor.reached.setdefault(40, asyncio.Event()).wait()
+            assert processor.offsets(0) == []
+            processor.locked = set()
+            await processor.reached.setdefault(140, asyncio.Event()).wait()
+    finally:
+        consumer.stop()
+        async with asyncio.timeout(5):
+            await running
+    assert processor.offsets(1) == list(range(40))
+    assert processor.offsets(0) == list(range(100, 140))  # read again, in order, once each
 
 
 async def test_a_held_partition_is_dropped_at_a_revoke_and_read_again_from_the_database() -> None:
