@@ -451,7 +451,9 @@ class ReleaseConsumer:
         The rebalance callbacks run between any two awaits of the fetcher: a partition can
         be revoked, or assigned anew (its books reset to the database's offset, which a
         reading begun before must not override), or assigned but not yet through
-        `on_assigned`, and aiokafka refuses to seek a partition it does not hold.
+        `on_assigned`, and aiokafka refuses to seek a partition it does not hold. A lane
+        may also pause a held partition and seek it back between them (`_hold`): a probe
+        of it then reads nothing (paused), gives up and rewinds it to the same point.
         """
         return (
             self._epoch == epoch

@@ -463,3 +463,37 @@ async def test_stop_does_not_wait_for_a_held_partition() -> None:
         await running
     assert processor.offsets(0) == []
     assert consumer.records_bytes == 0
+
+
+async def test_a_held_partition_with_an_unreadable_record_is_applied_in_order_once_free() -> None:
+    # Reading partition 0 fails at its unreadable record while its first record waits for a
+    # lock: the probe for the unreadable span and the lane seeking the held partition back
+    # run between each other's awaits; neither may skip or repeat a record.
+    source = FakeSource(TOPIC)
+    source.append(0, _records(0, range(100, 110)), _records(0, [110, 111], bad=110))
+    source.append(0, _records(0, range(112, 116)))
+    source.append(1, *([r] for r in _records(1, range(20))))
+    processor = LockedProcessor()
+    processor.locked = {0}
+    consumer = ReleaseConsumer(
+        source, processor, NullPublisher(), _settings_held(), _no_stored_offsets
+    )
+    await consumer.on_assigned(source.assign({0, 1}))
+    running = asyncio.create_task(consumer.run())
+    try:
+        async with asyncio.timeout(10):
+            await processor.reached.setdefault(20, asyncio.Event()).wait()
+            while processor.deferrals < 3:
+                processor.deferred.clear()
+                await processor.deferred.wait()
+            processor.locked = set()
+            await processor.reached.setdefault(116, asyncio.Event()).wait()
+    finally:
+        consumer.stop()
+        async with asyncio.timeout(5):
+            await running
+    assert [(o, n, u) for o, n, u in processor.seen() if o >= 100] == [
+        *((o, o + 1, False) for o in range(100, 110)),
+        (110, 112, True),
+        *((o, o + 1, False) for o in range(112, 116)),
+    ]
