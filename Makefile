@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-integration test-faults test-memory lint migrate run bench bench-quick doctor clean
+.PHONY: demo test test-unit test-integration test-faults test-memory test-sim lint migrate run bench bench-quick doctor clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-faults: $(STAMP)
 # The memory scenario at full size (3,000 records of 1 MiB; `make test` runs 1,000).
 test-memory: $(STAMP)
 	MEMORY_TEST_RECORDS=3000 $(BIN)/pytest tests/faults/test_memory.py -s
+
+# The deterministic simulation at length: many more examples and steps, a random seed
+# each run (`make test` runs a bounded, derandomized share of it).
+test-sim: $(STAMP)
+	SIM_LONG=1 $(BIN)/pytest tests/simulation
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,12 +1,23 @@
-"""An in-memory `ReleaseStore` (our own Protocol), for unit tests of the domain."""
+"""An in-memory `ReleaseStore` (our own Protocol), for unit tests of the domain.
+
+The simulation (tests/simulation) runs it as the committed state of a fake database: a
+transaction works on a `copy()`, and every awaited method first awaits `checkpoint`,
+where the simulation injects outages, lock waits and crashes.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
 from worker.records import OutboxMessage
 from worker.release import EventKey, InboxEntry, Reservation, StoredResults, TopicPartition
+
+Checkpoint = Callable[[str], Awaitable[None]]
+
+
+async def _no_checkpoint(_: str) -> None:
+    return None
 
 
 class FakeStore:
@@ -19,12 +30,30 @@ class FakeStore:
                 self.reserved[key] = self.reserved.get(key, 0) + r.quantity
         self.inbox: dict[EventKey, StoredResults] = {}
         self.outbox: list[OutboxMessage] = []
+        # Every `enqueue` call's messages, never deleted (a history for the simulation).
+        self.enqueued: list[tuple[OutboxMessage, ...]] = []
+        self.next_outbox_id = 0
         self.offsets: dict[TopicPartition, int] = {}
+        self.checkpoint: Checkpoint = _no_checkpoint
+
+    def copy(self) -> FakeStore:
+        """An independent copy of the state (the rows are immutable), for a transaction."""
+        twin = FakeStore()
+        twin.reservations = dict(self.reservations)
+        twin.reserved = dict(self.reserved)
+        twin.inbox = dict(self.inbox)
+        twin.outbox = list(self.outbox)
+        twin.enqueued = list(self.enqueued)
+        twin.next_outbox_id = self.next_outbox_id
+        twin.offsets = dict(self.offsets)
+        return twin
 
     async def lock_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        await self.checkpoint("lock_offsets")
         return {tp: self.offsets[tp] for tp in partitions if tp in self.offsets}
 
     async def stored_results(self, keys: Sequence[EventKey]) -> dict[EventKey, StoredResults]:
+        await self.checkpoint("stored_results")
         return {k: self.inbox[k] for k in keys if k in self.inbox}
 
     def prune(self, key: EventKey) -> None:
@@ -34,6 +63,7 @@ class FakeStore:
     async def lock_reservations(
         self, explicit: Sequence[tuple[str, str]], carts: Sequence[tuple[str, str]]
     ) -> list[Reservation]:
+        await self.checkpoint("lock_reservations")
         wanted = set(explicit)
         cart_set = set(carts)
         return sorted(
@@ -47,6 +77,7 @@ class FakeStore:
         )
 
     async def foreign_reservations(self, explicit: Sequence[tuple[str, str]]) -> set[str]:
+        await self.checkpoint("foreign_reservations")
         return {
             rid
             for rid, partner in explicit
@@ -54,6 +85,7 @@ class FakeStore:
         }
 
     async def release(self, releases: Sequence[tuple[str, str, str]]) -> list[Reservation]:
+        await self.checkpoint("release")
         moved = []
         for rid, partner_id, event_id in releases:
             row = self.reservations[rid]
@@ -63,11 +95,13 @@ class FakeStore:
         return moved
 
     async def return_stock(self, deltas: Sequence[tuple[str, str, int]]) -> None:
+        await self.checkpoint("return_stock")
         assert list(deltas) == sorted(deltas), "stock must be locked in (sku, location) order"
         for sku, loc, qty in deltas:
             self.reserved[(sku, loc)] -= qty
 
     async def record_inbox(self, entries: Sequence[InboxEntry]) -> set[EventKey]:
+        await self.checkpoint("record_inbox")
         inserted = set()
         for e in entries:
             key = (e.partner_id, e.event_id)
@@ -77,11 +111,19 @@ class FakeStore:
         return inserted
 
     async def enqueue(self, messages: Sequence[OutboxMessage]) -> list[OutboxMessage]:
-        start = len(self.outbox)
+        await self.checkpoint("enqueue")
+        start = self.next_outbox_id
         stored = [replace(m, outbox_id=start + n) for n, m in enumerate(messages)]
+        self.next_outbox_id += len(stored)
         self.outbox.extend(stored)
+        self.enqueued.append(tuple(stored))  # the caller may extend the list it gets
         return stored
 
     async def advance_offsets(self, next_offsets: dict[TopicPartition, int]) -> None:
+        await self.checkpoint("advance_offsets")
         for tp, n in next_offsets.items():
             self.offsets[tp] = max(self.offsets.get(tp, 0), n)
+
+    def delete_outbox(self, ids: Sequence[int]) -> None:
+        gone = set(ids)
+        self.outbox = [m for m in self.outbox if m.outbox_id not in gone]
