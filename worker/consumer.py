@@ -686,6 +686,10 @@ class ReleaseConsumer:
             )
         for tp in sorted(assigned):
             if tp in stored:
+                # aiokafka hands out a new assignment's records (from Kafka's committed
+                # offset) before this callback runs; those taken meanwhile are read again
+                # after the seek, so they go, or a lane would hold them twice.
+                self._lane(tp).drop({tp})
                 self._consumer.seek(tp, stored[tp])
             # Where reading starts (the database's offset, else Kafka's committed one, else
             # the reset policy's): the point `_isolate_unreadable` may rewind to.
