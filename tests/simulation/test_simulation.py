@@ -89,7 +89,7 @@ SIMULATION = settings(
     deadline=None,
     derandomize=not LONG,
     # `make test` explores the same examples everywhere, not failures saved by earlier runs.
-    database=None if not LONG else settings.default.database,
+    database=None if not LONG else settings().database,
     # No "explain" phase: its line tracing makes each step many times slower.
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target]
     + ([Phase.shrink] if os.environ.get("SIM_SHRINK", "1") == "1" else []),
