@@ -240,6 +240,7 @@ class ReleaseConsumer:
         self._offsets = OffsetBook()
         self._revoking: set[TopicPartition] = set()
         self._stopping = asyncio.Event()
+        self._books_set = asyncio.Event()  # clear from a revoke to the end of `on_assigned`
         self._epoch = 0  # rebalance callbacks so far; see `_ours`
         self._assigned_at: dict[TopicPartition, int] = {}  # the epoch of its `on_assigned`
         self.joined = False
@@ -302,6 +303,11 @@ class ReleaseConsumer:
 
     async def _fetch_loop(self) -> None:
         while not self._stopping.is_set():
+            # Not while a rebalance is under way: aiokafka fetches a new assignment before
+            # `on_assigned` has set its books, and a fetch failing on an undecodable record
+            # then moves those partitions past records it drops, which `_isolate_unreadable`
+            # cannot rewind (no rewind point yet), or it fails again at once, in a loop.
+            await self._books_set.wait()
             try:
                 fetched = await self._consumer.getmany(
                     timeout_ms=200, max_records=self._settings.fetch_max_records
@@ -641,6 +647,7 @@ class ReleaseConsumer:
         # the health stall clock watch this; aiokafka #1154 is a rejoin that never ends).
         self.joined = False
         self._epoch += 1
+        self._books_set.clear()
         if not revoked:
             return
         # Until the next assignment, records of these partitions that aiokafka still hands
@@ -670,6 +677,12 @@ class ReleaseConsumer:
         log.info("partitions_revoked", partitions=_names(revoked), dropped_buffered=dropped)
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        try:
+            await self._set_books(assigned)
+        finally:
+            self._books_set.set()  # the fetch loop reads again (also if this failed)
+
+    async def _set_books(self, assigned: set[TopicPartition]) -> None:
         # aiokafka discards fetched records of an older assignment from here on.
         self._revoking.clear()
         self._epoch += 1

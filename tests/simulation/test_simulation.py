@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import pytest
 import structlog
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
@@ -604,21 +603,61 @@ def test_records_fetched_before_the_assignment_callback_ran_are_applied_once() -
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: records lost to an undecodable fetch before on_partitions_assigned ran",
-)
 def test_records_a_failed_fetch_skips_before_the_assignment_callback_are_read_again() -> None:
-    # Not fixed yet. A partition assigned anew, with no database offset: before
-    # `on_partitions_assigned` has set its books, a fetch raises UnicodeDecodeError on
-    # another partition after aiokafka moved this one's position past records it then
-    # dropped; `_isolate_unreadable` cannot rewind a partition without books, and
-    # `on_assigned` takes the moved position as where reading starts: those records are
-    # never applied (and a later record would carry the database offset past them).
+    # A partition assigned anew, with no database offset: before `on_partitions_assigned`
+    # had set its books, a fetch raised UnicodeDecodeError on another partition after
+    # aiokafka moved this one's position past records it then dropped; `_isolate_unreadable`
+    # cannot rewind a partition without books, and `on_assigned` took the moved position as
+    # where reading starts: those records were never applied (and a later record would have
+    # carried the database offset past them). The fetch loop now waits for `on_assigned`.
     replay(FOUND_RECORDS_SKIPPED_BEFORE_THE_ASSIGNMENT_CALLBACK)
 
 
+def test_an_undecodable_record_before_the_assignment_callback_ends_does_not_spin() -> None:
+    # Between aiokafka installing a new assignment and `on_partitions_assigned` ending, a
+    # fetch kept raising UnicodeDecodeError and `_isolate_unreadable` could do nothing
+    # (no books yet): the fetch loop spun without awaiting time, logging
+    # `fetch_unreadable_record` at full CPU for as long as the callback waited.
+    replay(FOUND_SPINNING_BEFORE_THE_ASSIGNMENT_CALLBACK_ENDS)
+
+
 # The steps hypothesis found (not shrunk) for the test above.
+FOUND_SPINNING_BEFORE_THE_ASSIGNMENT_CALLBACK_ENDS: list[Step] = [
+    lambda s: s.database_fault(after_calls=7, kind="serialization_failure", seconds=0.05),
+    lambda s: s.produce_undecodable(gap=2, partition=1),
+    lambda s: s.relay_outbox(),
+    lambda s: s.produce(cart=2, count=4, gap=0, items={1}, kind="items", seconds=0.0),
+    lambda s: s.relay_outbox(),
+    lambda s: s.relay_outbox(),
+    lambda s: s.produce_undecodable(gap=0, partition=1),
+    lambda s: s.database_fault(after_calls=2, kind="outage", seconds=0.0),
+    lambda s: s.relay_outbox(),
+    lambda s: s.produce_undecodable(gap=2, partition=1),
+    lambda s: s.produce(cart=2, count=4, gap=0, items={1}, kind="items", seconds=0.0),
+    lambda s: s.relay_outbox(),
+    lambda s: s.broker_refuses_sends(refusals=5),
+    lambda s: s.relay_outbox(),
+    lambda s: s.database_fault(after_calls=11, kind="lock_timeout", seconds=0.05),
+    lambda s: s.broker_refuses_sends(refusals=1),
+    lambda s: s.produce_undecodable(gap=2, partition=1),
+    lambda s: s.relay_outbox(),
+    lambda s: s.broker_refuses_sends(refusals=1),
+    lambda s: s.rebalance(seconds=0.02),
+    lambda s: s.produce_undecodable(gap=0, partition=1),
+    lambda s: s.rebalance(seconds=0.3),
+    lambda s: s.rebalance(seconds=0.02),
+    lambda s: s.produce_undecodable(gap=2, partition=2),
+    lambda s: s.relay_outbox(),
+    lambda s: s.produce(cart=4, count=3, gap=1, items={0, 2}, kind="oversized", seconds=0.5),
+    lambda s: s.rebalance(seconds=0.02),
+    lambda s: s.produce_undecodable(gap=2, partition=2),
+    lambda s: s.broker_refuses_sends(refusals=5),
+    lambda s: s.database_fault(after_calls=0, kind="outage", seconds=0.05),
+    lambda s: s.rebalance(seconds=0.3),
+]
+
+
+# The steps hypothesis found (not shrunk) for the test above it.
 FOUND_RECORDS_SKIPPED_BEFORE_THE_ASSIGNMENT_CALLBACK: list[Step] = [
     lambda s: s.rebalance(seconds=0.3),
     lambda s: s.kill_worker(after_calls=4, which=0),
