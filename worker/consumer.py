@@ -241,6 +241,7 @@ class ReleaseConsumer:
         self._revoking: set[TopicPartition] = set()
         self._stopping = asyncio.Event()
         self._books_set = asyncio.Event()  # clear from a revoke to the end of `on_assigned`
+        self._untaken: dict[TopicPartition, int] = {}  # first offset passed over, revoking
         self._epoch = 0  # rebalance callbacks so far; see `_ours`
         self._assigned_at: dict[TopicPartition, int] = {}  # the epoch of its `on_assigned`
         self.joined = False
@@ -325,7 +326,13 @@ class ReleaseConsumer:
 
     def _take(self, fetched: Mapping[TopicPartition, Sequence[FetchedRecord]]) -> None:
         for tp, messages in fetched.items():
-            if tp in self._revoking or not messages:
+            if not messages:
+                continue
+            if tp in self._revoking:
+                # Not ours to take now; but they may be the next assignment's, fetched
+                # before `on_assigned` ran, with aiokafka's position moved past them.
+                first = messages[0].offset
+                self._untaken[tp] = min(self._untaken.get(tp, first), first)
                 continue
             self._offsets.handed(tp, messages[-1].offset)
             self._lane(tp).add(
@@ -685,6 +692,7 @@ class ReleaseConsumer:
     async def _set_books(self, assigned: set[TopicPartition]) -> None:
         # aiokafka discards fetched records of an older assignment from here on.
         self._revoking.clear()
+        untaken, self._untaken = self._untaken, {}
         self._epoch += 1
         self.joined = True
         stored: dict[TopicPartition, int] = {}
@@ -698,12 +706,18 @@ class ReleaseConsumer:
                 if tp.topic == topic and tp.partition in by_partition
             )
         for tp in sorted(assigned):
-            if tp in stored:
+            start = stored.get(tp)
+            if start is None and tp in untaken:
+                # Without a database offset, reading starts where aiokafka's does, unless
+                # `_take` passed over records of this partition while it was revoked: they
+                # may be this assignment's, fetched before this callback ran.
+                start = min(untaken[tp], await self._consumer.position(tp))
+            if start is not None:
                 # aiokafka hands out a new assignment's records (from Kafka's committed
                 # offset) before this callback runs; those taken meanwhile are read again
                 # after the seek, so they go, or a lane would hold them twice.
                 self._lane(tp).drop({tp})
-                self._consumer.seek(tp, stored[tp])
+                self._consumer.seek(tp, start)
             # Where reading starts (the database's offset, else Kafka's committed one, else
             # the reset policy's): the point `_isolate_unreadable` may rewind to.
             self._offsets.assigned(

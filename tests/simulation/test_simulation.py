@@ -613,6 +613,24 @@ def test_records_a_failed_fetch_skips_before_the_assignment_callback_are_read_ag
     replay(FOUND_RECORDS_SKIPPED_BEFORE_THE_ASSIGNMENT_CALLBACK)
 
 
+def test_records_of_a_new_assignment_passed_over_as_revoked_are_read_again() -> None:
+    # A `getmany` under way when the revoke began returned the partition's records after
+    # the new assignment was installed but before `on_partitions_assigned` ran: `_take`
+    # passed over them (the partition was still revoking) while aiokafka's position moved
+    # past them, and with no database offset to seek to, reading went on after them:
+    # record 3 was never applied, and the database offset moved past it.
+    replay(
+        [
+            lambda s: s.rebalance(seconds=0.0),
+            lambda s: s.produce(
+                cart=1, count=1, gap=3, items={1, 2}, kind="unknown_key", seconds=0.01
+            ),
+            lambda s: s.produce(cart=1, count=3, gap=0, items={1}, kind="items", seconds=0.1),
+            lambda s: s.wait(seconds=0.2),
+        ]
+    )
+
+
 def test_an_undecodable_record_before_the_assignment_callback_ends_does_not_spin() -> None:
     # Between aiokafka installing a new assignment and `on_partitions_assigned` ending, a
     # fetch kept raising UnicodeDecodeError and `_isolate_unreadable` could do nothing
