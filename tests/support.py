@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -137,3 +138,15 @@ async def running_worker(settings: Settings, partitions: int = 3) -> AsyncIterat
     finally:
         stop.set()
         assert await asyncio.wait_for(task, 60) == 0
+
+
+def http_get(port: int, path: str, timeout_s: float = 10.0) -> tuple[int, str]:
+    """GET http://127.0.0.1:<port><path>, blocking: (status, body). From async code, run it
+    in a thread (`asyncio.to_thread`), as the probes of a blocked loop are."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import http.client
 import os
 import re
 import sys
@@ -25,6 +24,7 @@ from structlog.testing import capture_logs
 from tests.conftest import Servers
 from tests.integration.conftest import World, reserve
 from tests.support import Published, produce, read_topic, running_worker
+from tests.support import http_get as http_get_blocking
 from worker.admin import ensure_topics
 from worker.config import Settings
 from worker.doctor import check_database, check_kafka
@@ -41,16 +41,7 @@ BOUNDED_LABELS = {"result", "status", "outcome", "cause", "partition", "le", "re
 
 
 async def http_get(port: int, path: str) -> tuple[int, str]:
-    def get() -> tuple[int, str]:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        try:
-            connection.request("GET", path)
-            response = connection.getresponse()
-            return response.status, response.read().decode()
-        finally:
-            connection.close()
-
-    return await asyncio.to_thread(get)
+    return await asyncio.to_thread(http_get_blocking, port, path, 5.0)
 
 
 async def eventually(

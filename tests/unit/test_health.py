@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import http.client
 import socket
 import threading
 import time
 
+from tests.support import http_get
 from worker.embedded import free_port
 from worker.ops import Health, Sample, StallClock, serving
 
@@ -88,16 +88,6 @@ def _server_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if not t.name.startswith("asyncio_")}
 
 
-def _get(port: int, path: str) -> tuple[int, str]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        connection.close()
-
-
 def _closed_by_server(sock: socket.socket, within_s: float) -> bool:
     sock.settimeout(within_s)
     try:
@@ -116,11 +106,11 @@ async def test_idle_connections_hold_no_thread_are_timed_out_and_never_silence_h
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(IDLE_CLIENTS)]
         try:
             # Accepted in order: once this is answered, so were the idle ones.
-            assert await asyncio.to_thread(_get, port, "/healthz") == (200, "alive\n")
+            assert await asyncio.to_thread(http_get, port, "/healthz") == (200, "alive\n")
             added = _server_threads() - before
             # The bound ops.py documents: one thread, however many connections.
             assert len(added) <= 1, f"{len(added)} threads for {IDLE_CLIENTS} idle clients"
-            assert (await asyncio.to_thread(_get, port, "/metrics"))[0] == 200
+            assert (await asyncio.to_thread(http_get, port, "/metrics"))[0] == 200
             # Every idle client is let go: past the cap at once, the rest after the timeout
             # (30 s is a generous bound for a 5 s timeout, not a speed target).
             closed = await asyncio.to_thread(lambda: sum(_closed_by_server(s, 30.0) for s in idle))
