@@ -44,6 +44,10 @@ _ALL_BUT_FATAL = frozenset(Verdict) - {Verdict.FATAL}
 CROSS_PARTNER_IDS_LOGGED = 5
 CROSS_PARTNER_LINES_PER_S = 10
 _CROSS_PARTNER_LINES = LineBudget(CROSS_PARTNER_LINES_PER_S)
+# A sender controls how many records are rejected too (a flood of unknown keys is one
+# `record_rejected` line each): at most this many lines a second, the rest counted.
+REJECTION_LINES_PER_S = 100
+_REJECTION_LINES = LineBudget(REJECTION_LINES_PER_S)
 
 
 class BatchProcessor:
@@ -269,7 +273,11 @@ def _log_cross_partner(report: BatchReport, budget: LineBudget) -> None:
         )
 
 
-def _count(report: BatchReport, cross_partner_lines: LineBudget | None = None) -> None:
+def _count(
+    report: BatchReport,
+    cross_partner_lines: LineBudget | None = None,
+    rejection_lines: LineBudget | None = None,
+) -> None:
     rejected = sum(report.rejections.values())
     metrics.RECORDS.labels(result="skipped").inc(report.skipped)
     metrics.RECORDS.labels(result="replayed").inc(report.replays)
@@ -285,7 +293,11 @@ def _count(report: BatchReport, cross_partner_lines: LineBudget | None = None) -
     metrics.CROSS_PARTNER.inc(report.foreign)
     metrics.RELEASED_QUANTITY.inc(report.released_quantity)
     _log_cross_partner(report, cross_partner_lines or _CROSS_PARTNER_LINES)
+    rejection_lines = rejection_lines or _REJECTION_LINES
     for record, rejection in report.rejected:
+        held_back = rejection_lines.take()
+        if held_back is None:
+            continue
         log.info(
             "record_rejected",
             topic=record.topic,
@@ -296,4 +308,5 @@ def _count(report: BatchReport, cross_partner_lines: LineBudget | None = None) -
             status=rejection.status,
             code=rejection.code,
             dead_lettered=rejection.dead_letter,
+            suppressed=held_back,
         )

@@ -15,7 +15,9 @@ from structlog.testing import capture_logs
 
 from worker import processor
 from worker.logs import LineBudget
+from worker.records import RawRecord
 from worker.release import BatchReport
+from worker.validate import Rejection
 
 METRIC = "release_worker_cross_partner_attempts_total"
 
@@ -60,3 +62,28 @@ def test_lines_past_the_budget_are_held_back_and_counted_on_the_next_line() -> N
     assert len(lines) == 11
     assert [line["suppressed"] for line in lines] == [0] * 10 + [490]
     assert REGISTRY.get_sample_value(METRIC) == before + 1001
+
+
+def test_rejection_lines_are_budgeted_too_and_the_held_back_are_counted() -> None:
+    """A flood of bad records (e.g. 100,000 unknown keys) writes at most
+    `REJECTION_LINES_PER_S` `record_rejected` lines a second, not one per record; the next
+    line says how many were held back, and the rejection metric counts every record."""
+    metric = "release_worker_rejections_total"
+    now = [0.0]
+    budget = LineBudget(per_second=100, clock=lambda: now[0])
+    before = REGISTRY.get_sample_value(metric, {"status": "401"}) or 0.0
+    flood = BatchReport(records=1000)
+    flood.rejected = [
+        (RawRecord("in", 0, n, None, b"{}"), Rejection(401, "unknown_api_key", "unknown"))
+        for n in range(1000)
+    ]
+    with capture_logs() as logs:
+        processor._count(flood, rejection_lines=budget)
+        now[0] = 1.5
+        processor._count(
+            BatchReport(records=1, rejected=[flood.rejected[0]]), rejection_lines=budget
+        )
+    lines = [e for e in logs if e["event"] == "record_rejected"]
+    assert len(lines) == 101
+    assert [line["suppressed"] for line in lines] == [0] * 100 + [900]
+    assert REGISTRY.get_sample_value(metric, {"status": "401"}) == before + 1001
