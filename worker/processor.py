@@ -43,11 +43,9 @@ _ALL_BUT_FATAL = frozenset(Verdict) - {Verdict.FATAL}
 # record, with this many of its reservation ids, and this many lines a second at most.
 CROSS_PARTNER_IDS_LOGGED = 5
 CROSS_PARTNER_LINES_PER_S = 10
-_CROSS_PARTNER_LINES = LineBudget(CROSS_PARTNER_LINES_PER_S)
 # A sender controls how many records are rejected too (a flood of unknown keys is one
 # `record_rejected` line each): at most this many lines a second, the rest counted.
 REJECTION_LINES_PER_S = 100
-_REJECTION_LINES = LineBudget(REJECTION_LINES_PER_S)
 
 
 class BatchProcessor:
@@ -70,6 +68,9 @@ class BatchProcessor:
         )
         self._on_retry = on_retry
         self._on_success = on_success
+        # One budget per processor, so per worker process.
+        self._cross_partner_lines = LineBudget(CROSS_PARTNER_LINES_PER_S)
+        self._rejection_lines = LineBudget(REJECTION_LINES_PER_S)
 
     async def process(self, records: Sequence[RawRecord]) -> BatchReport:
         """Apply the records (offset order per partition) and return what was committed."""
@@ -87,7 +88,7 @@ class BatchProcessor:
         report.deferred = deferral.records()
         metrics.BATCH_SIZE.observe(len(records))
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
-        _count(report)
+        _count(report, self._cross_partner_lines, self._rejection_lines)
         return report
 
     async def _prepare(self, records: Sequence[RawRecord]) -> list[Work]:
@@ -292,8 +293,8 @@ def _count(
     metrics.DEAD_LETTERS.inc(report.dead_letters)
     metrics.CROSS_PARTNER.inc(report.foreign)
     metrics.RELEASED_QUANTITY.inc(report.released_quantity)
-    _log_cross_partner(report, cross_partner_lines or _CROSS_PARTNER_LINES)
-    rejection_lines = rejection_lines or _REJECTION_LINES
+    _log_cross_partner(report, cross_partner_lines or LineBudget(CROSS_PARTNER_LINES_PER_S))
+    rejection_lines = rejection_lines or LineBudget(REJECTION_LINES_PER_S)
     for record, rejection in report.rejected:
         held_back = rejection_lines.take()
         if held_back is None:
