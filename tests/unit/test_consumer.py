@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
 
 from aiokafka.structs import TopicPartition
@@ -74,26 +75,30 @@ async def test_stop_ends_run_while_the_fetch_waits_for_a_rebalance() -> None:
     consumer, processor = _consumer(source)
     await consumer.on_assigned(source.assign({0}))
     source.rebalancing = True  # getmany now waits for the next assignment, without end
-    running = asyncio.create_task(consumer.run())
-    await source.fetching.wait()
-    consumer.stop()
-    async with asyncio.timeout(5):
-        await running
+    async with consuming(consumer):
+        await source.fetching.wait()
     assert processor.records == []
+
+
+@asynccontextmanager
+async def consuming(consumer: ReleaseConsumer) -> AsyncIterator[None]:
+    """Run the consumer for the block; then stop it, which must end `run()` within 5 s."""
+    running = asyncio.create_task(consumer.run())
+    try:
+        yield
+    finally:
+        consumer.stop()
+        async with asyncio.timeout(5):
+            await running
 
 
 async def _consume_up_to(source: FakeSource, next_offset: int) -> RecordingProcessor:
     consumer, processor = _consumer(source)
     await consumer.on_assigned(source.assign({0}))
     reached = processor.reached.setdefault(next_offset, asyncio.Event())
-    running = asyncio.create_task(consumer.run())
-    try:
+    async with consuming(consumer):
         async with asyncio.timeout(10):
             await reached.wait()
-    finally:
-        consumer.stop()
-        async with asyncio.timeout(5):
-            await running
     return processor
 
 
@@ -193,9 +198,8 @@ async def test_records_in_memory_stay_within_the_byte_bounds_also_around_an_unre
     settings = _settings(lanes=1, fetch_max_records=4, batch_max_bytes=2000, lane_queue_bytes=3000)
     consumer = ReleaseConsumer(source, processor, NullPublisher(), settings, _no_stored_offsets)
     await consumer.on_assigned(source.assign({0, 1, 2, 3}))
-    running = asyncio.create_task(consumer.run())
     peak = 0
-    try:
+    async with consuming(consumer):
         for _ in range(15):
             await source.fetching.wait()
             source.fetching.clear()
@@ -205,10 +209,6 @@ async def test_records_in_memory_stay_within_the_byte_bounds_also_around_an_unre
         processor.release.set()
         async with asyncio.timeout(10):
             await processor.reached.setdefault(40, asyncio.Event()).wait()
-    finally:
-        consumer.stop()
-        async with asyncio.timeout(5):
-            await running
 
 
 async def test_a_new_owner_starts_at_the_database_offset_and_commits_only_what_it_applied() -> None:
@@ -221,14 +221,9 @@ async def test_a_new_owner_starts_at_the_database_offset_and_commits_only_what_i
     processor = RecordingProcessor()
     consumer = ReleaseConsumer(source, processor, NullPublisher(), _settings(), stored)
     await consumer.on_assigned(source.assign({0}))
-    running = asyncio.create_task(consumer.run())
-    try:
+    async with consuming(consumer):
         async with asyncio.timeout(10):
             await processor.reached.setdefault(10, asyncio.Event()).wait()
-    finally:
-        consumer.stop()
-        async with asyncio.timeout(5):
-            await running
     await consumer.commit()
     assert [r.offset for r in processor.records] == list(range(4, 10))
     committed = [c[TopicPartition(TOPIC, 0)] for c in source.commits]
@@ -246,8 +241,7 @@ async def test_a_revoke_drops_queued_records_and_commits_what_the_database_appli
     )
     tps = source.assign({0})
     await consumer.on_assigned(tps)
-    running = asyncio.create_task(consumer.run())
-    try:
+    async with consuming(consumer):
         while consumer.records_bytes < 30 * len(b"{}" + b"k"):
             await source.fetching.wait()  # all 30 fetched: 10 in flight, 20 queued
             source.fetching.clear()
@@ -258,10 +252,6 @@ async def test_a_revoke_drops_queued_records_and_commits_what_the_database_appli
         assert [r.offset for r in processor.records] == list(range(10))
         assert source.commits[-1] == {TopicPartition(TOPIC, 0): 10}
         assert consumer.records_bytes == 0
-    finally:
-        consumer.stop()
-        async with asyncio.timeout(5):
-            await running
 
 
 class RebalancingSource(FakeSource):
@@ -301,14 +291,9 @@ async def test_a_partition_assigned_anew_while_its_span_is_probed_is_read_from_i
     consumer = ReleaseConsumer(source, processor, NullPublisher(), settings, _no_stored_offsets)
     source.consumer = consumer
     await consumer.on_assigned(source.assign({0}))
-    running = asyncio.create_task(consumer.run())
-    try:
+    async with consuming(consumer):
         async with asyncio.timeout(10):
             await processor.reached.setdefault(8, asyncio.Event()).wait()
-    finally:
-        consumer.stop()
-        async with asyncio.timeout(5):
-            await running
     assert source.rebalanced
     # Before, the probe begun under the old assignment went on after it: two wrong spans.
     assert [(o, n, u) for o, n, u in processor.seen() if u] == [(3, 6, True)]
@@ -360,8 +345,7 @@ async def test_a_partition_waiting_for_a_lock_is_held_back_while_its_lane_goes_o
     )
     await consumer.on_assigned(source.assign({0, 1}))
     batch_bytes = 5 * RawRecord(TOPIC, 0, 100, b"k", b"{}").size
-    running = asyncio.create_task(consumer.run())
-    try:
+    async with consuming(consumer):
         async with asyncio.timeout(10):
             # Before, the records the processor gave back were lost (partition 0 never
             # reached 120); and a real lock wait held the whole lane until it was free.
@@ -376,10 +360,6 @@ async def test_a_partition_waiting_for_a_lock_is_held_back_while_its_lane_goes_o
                 assert consumer.records_bytes <= batch_bytes
             processor.locked = set()  # the lock is let go
             await processor.reached.setdefault(120, asyncio.Event()).wait()
-    finally:
-        consumer.stop()
-        async with asyncio.timeout(5):
-            await running
     assert processor.offsets(0) == list(range(100, 120))  # in order, each once
     await consumer.commit()
     assert source.commits[-1][TopicPartition(TOPIC, 0)] == 120
@@ -402,17 +382,12 @@ async def test_a_held_partition_does_not_fill_its_lane_and_stall_the_others() ->
     )
     consumer = ReleaseConsumer(source, processor, NullPublisher(), settings, _no_stored_offsets)
     await consumer.on_assigned(source.assign({0, 1}))
-    running = asyncio.create_task(consumer.run())
-    try:
+    async with consuming(consumer):
         async with asyncio.timeout(10):
             await processor.reached.setdefault(40, asyncio.Event()).wait()
             assert processor.offsets(0) == []
             processor.locked = set()
             await processor.reached.setdefault(140, asyncio.Event()).wait()
-    finally:
-        consumer.stop()
-        async with asyncio.timeout(5):
-            await running
     assert processor.offsets(1) == list(range(40))
     assert processor.offsets(0) == list(range(100, 140))  # read again, in order, once each
 
@@ -428,8 +403,7 @@ async def test_a_held_partition_is_dropped_at_a_revoke_and_read_again_from_the_d
     consumer = ReleaseConsumer(source, processor, NullPublisher(), _settings_held(), stored)
     tps = source.assign({0, 1})
     await consumer.on_assigned(tps)
-    running = asyncio.create_task(consumer.run())
-    try:
+    async with consuming(consumer):
         async with asyncio.timeout(10):
             await processor.reached.setdefault(20, asyncio.Event()).wait()
             processor.deferred.clear()
@@ -439,10 +413,6 @@ async def test_a_held_partition_is_dropped_at_a_revoke_and_read_again_from_the_d
             await consumer.on_assigned(source.assign({0, 1}))
             processor.locked = set()
             await processor.reached.setdefault(120, asyncio.Event()).wait()
-    finally:
-        consumer.stop()
-        async with asyncio.timeout(5):
-            await running
     assert processor.offsets(0) == list(range(100, 120))
 
 
@@ -454,13 +424,9 @@ async def test_stop_does_not_wait_for_a_held_partition() -> None:
         source, processor, NullPublisher(), _settings_held(), _no_stored_offsets
     )
     await consumer.on_assigned(source.assign({0, 1}))
-    running = asyncio.create_task(consumer.run())
-    async with asyncio.timeout(10):
+    async with consuming(consumer), asyncio.timeout(10):
         await processor.reached.setdefault(20, asyncio.Event()).wait()
         await processor.deferred.wait()
-    consumer.stop()
-    async with asyncio.timeout(5):
-        await running
     assert processor.offsets(0) == []
     assert consumer.records_bytes == 0
 
@@ -479,8 +445,7 @@ async def test_a_held_partition_with_an_unreadable_record_is_applied_in_order_on
         source, processor, NullPublisher(), _settings_held(), _no_stored_offsets
     )
     await consumer.on_assigned(source.assign({0, 1}))
-    running = asyncio.create_task(consumer.run())
-    try:
+    async with consuming(consumer):
         async with asyncio.timeout(10):
             await processor.reached.setdefault(20, asyncio.Event()).wait()
             while processor.deferrals < 3:
@@ -488,10 +453,6 @@ async def test_a_held_partition_with_an_unreadable_record_is_applied_in_order_on
                 await processor.deferred.wait()
             processor.locked = set()
             await processor.reached.setdefault(116, asyncio.Event()).wait()
-    finally:
-        consumer.stop()
-        async with asyncio.timeout(5):
-            await running
     assert [(o, n, u) for o, n, u in processor.seen() if o >= 100] == [
         *((o, o + 1, False) for o in range(100, 110)),
         (110, 112, True),
