@@ -275,9 +275,7 @@ def _log_cross_partner(report: BatchReport, budget: LineBudget) -> None:
 
 
 def _count(
-    report: BatchReport,
-    cross_partner_lines: LineBudget | None = None,
-    rejection_lines: LineBudget | None = None,
+    report: BatchReport, cross_partner_lines: LineBudget, rejection_lines: LineBudget
 ) -> None:
     rejected = sum(report.rejections.values())
     metrics.RECORDS.labels(result="skipped").inc(report.skipped)
@@ -293,8 +291,7 @@ def _count(
     metrics.DEAD_LETTERS.inc(report.dead_letters)
     metrics.CROSS_PARTNER.inc(report.foreign)
     metrics.RELEASED_QUANTITY.inc(report.released_quantity)
-    _log_cross_partner(report, cross_partner_lines or LineBudget(CROSS_PARTNER_LINES_PER_S))
-    rejection_lines = rejection_lines or LineBudget(REJECTION_LINES_PER_S)
+    _log_cross_partner(report, cross_partner_lines)
     for record, rejection in report.rejected:
         held_back = rejection_lines.take()
         if held_back is None:

@@ -40,7 +40,7 @@ def attempts(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, A
 def test_one_line_per_record_however_many_items_and_the_metric_counts_them_all() -> None:
     before = REGISTRY.get_sample_value(METRIC) or 0.0
     with capture_logs() as logs:
-        processor._count(probing(records=1, items=50_000), LineBudget(per_second=10))
+        processor._count(probing(records=1, items=50_000), LineBudget(10), LineBudget(100))
     (line,) = attempts(logs)
     assert line["partner_id"] == "p-b"
     assert line["event_id"] == "e-0"
@@ -55,9 +55,9 @@ def test_lines_past_the_budget_are_held_back_and_counted_on_the_next_line() -> N
     budget = LineBudget(per_second=10, clock=lambda: now[0])
     before = REGISTRY.get_sample_value(METRIC) or 0.0
     with capture_logs() as logs:
-        processor._count(probing(records=500, items=2), budget)
+        processor._count(probing(records=500, items=2), budget, LineBudget(100))
         now[0] = 1.5
-        processor._count(probing(records=1, items=1), budget)
+        processor._count(probing(records=1, items=1), budget, LineBudget(100))
     lines = attempts(logs)
     assert len(lines) == 11
     assert [line["suppressed"] for line in lines] == [0] * 10 + [490]
@@ -78,10 +78,10 @@ def test_rejection_lines_are_budgeted_too_and_the_held_back_are_counted() -> Non
         for n in range(1000)
     ]
     with capture_logs() as logs:
-        processor._count(flood, rejection_lines=budget)
+        processor._count(flood, LineBudget(10), budget)
         now[0] = 1.5
         processor._count(
-            BatchReport(records=1, rejected=[flood.rejected[0]]), rejection_lines=budget
+            BatchReport(records=1, rejected=[flood.rejected[0]]), LineBudget(10), budget
         )
     lines = [e for e in logs if e["event"] == "record_rejected"]
     assert len(lines) == 101
