@@ -40,7 +40,6 @@ _RELAY_SEND_TIMEOUT_S = 30.0
 # request timeout, 40 s, for each send to a missing topic, holding up the rows behind it).
 _TOPIC_WAIT_S = 5.0
 # Failures a background pass outlives: the rows stay in the outbox, the next pass takes them.
-_DB_FAILURES = DATABASE_ERRORS
 _RELAY_FAILURES = (*BROKER_ERRORS, *DATABASE_ERRORS)
 _PARTITIONER = DefaultPartitioner()
 for _reason in BROKER_REFUSAL_REASONS:
@@ -195,7 +194,7 @@ class Publisher:
             ids, self._acked = self._acked, []
             try:
                 await store.delete_outbox(self._pool, ids)
-            except _DB_FAILURES as error:
+            except DATABASE_ERRORS as error:
                 # Not deleting only means the relay may publish them again (identical bytes).
                 self._acked.extend(ids)
                 log.warning("outbox_delete_failed", rows=len(ids), error=repr(error)[:200])
