@@ -8,6 +8,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -15,6 +16,9 @@ import pytest
 from tests.conftest import Servers
 from tests.support import isolated_settings, read_topic
 from worker.admin import ensure_topics
+from worker.store import SCHEMA_VERSION
+
+MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +55,34 @@ async def test_run_refuses_an_unmigrated_database_and_names_the_fix(
     result = cli("run", env=env)
     assert result.returncode == 3
     assert "not migrated" in result.stderr
+    assert "release-worker migrate" in result.stderr
+
+
+async def test_run_refuses_an_older_schema_and_names_both_versions(
+    servers: Servers, empty_database: str
+) -> None:
+    # The database says it was migrated up to the migration before the newest one.
+    versions = sorted(p.name.split("_", 1)[0] for p in MIGRATIONS.glob("*.sql"))
+    assert versions[-1] == SCHEMA_VERSION
+    older = versions[-2]
+    conn = await asyncpg.connect(empty_database)
+    try:
+        await conn.execute("CREATE TABLE schema_migrations (version varchar(128) PRIMARY KEY)")
+        await conn.executemany(
+            "INSERT INTO schema_migrations VALUES ($1)", [(v,) for v in versions[:-1]]
+        )
+    finally:
+        await conn.close()
+    env = {
+        "WORKER_DATABASE_URL": empty_database,
+        "WORKER_KAFKA_BOOTSTRAP": servers.bootstrap,
+        "WORKER_METRICS_PORT": "0",
+    }
+    result = cli("run", env=env)
+    assert result.returncode == 3, result.stderr
+    assert f"The database schema is at {older}; this worker needs {SCHEMA_VERSION}" in (
+        result.stderr
+    )
     assert "release-worker migrate" in result.stderr
 
 

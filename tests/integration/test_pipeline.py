@@ -7,9 +7,12 @@ import asyncio
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from asyncpg.exceptions import SerializationError
+from prometheus_client import REGISTRY
 
 from tests.integration.conftest import World, reserve
 from tests.support import Published, produce, read_results, running_worker
+from worker import retry
 from worker.config import Settings
 from worker.invariants import i1_violations
 from worker.scenario import abandon_event
@@ -106,11 +109,16 @@ async def test_offset_is_not_committed_while_the_database_transaction_fails(
     p = world.prefix
     await reserve(db, world, f"{p}-g1", f"{p}-c", "a", 2)
     function = f"fail_{p}"
+    # The trigger counts its failures in a sequence: nextval is not rolled back with the
+    # transaction, so the count shows each attempt the worker made.
     await db.execute(
         f"""
+        CREATE SEQUENCE {function}_attempts;
+        GRANT USAGE ON SEQUENCE {function}_attempts TO release_worker;
         CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
           IF NEW.reservation_id = '{p}-g1' THEN
+            PERFORM nextval('{function}_attempts');
             RAISE EXCEPTION 'injected' USING ERRCODE = 'serialization_failure';
           END IF;
           RETURN NEW;
@@ -121,10 +129,24 @@ async def test_offset_is_not_committed_while_the_database_transaction_fails(
     )
     settings = world.settings
     event = abandon_event(f"{p}-c", [("a", f"{p}-g1")], world.api_key, event_id=f"{p}-e")
+    label = {"cause": retry.cause(SerializationError("injected"))}
+    retries_before = REGISTRY.get_sample_value("release_worker_retries_total", label) or 0
     try:
         async with running_worker(settings):
             [(partition, offset)] = await produce(settings, [event])
-            await asyncio.sleep(8)  # the group joins and the transaction fails, again and again
+            # Wait for the third failed attempt: the transaction was retried at least twice.
+            for _ in range(600):
+                attempts = await db.fetchval(
+                    f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
+                    f"FROM {function}_attempts"
+                )
+                if attempts >= 3:
+                    break
+                await asyncio.sleep(0.05)
+            assert attempts >= 3, f"the transaction was attempted {attempts} times"
+            retries = REGISTRY.get_sample_value("release_worker_retries_total", label) or 0
+            assert retries - retries_before >= 2, "the retries were not counted"
+            # While it fails, neither offset passes the record, and nothing was released.
             committed = await committed_offset(settings, partition)
             assert committed is None or committed <= offset
             stored = await db.fetchval(
@@ -140,14 +162,28 @@ async def test_offset_is_not_committed_while_the_database_transaction_fails(
             await db.execute(f"DROP TRIGGER {function} ON reservations")
             records = await read_results(settings, 1)
             assert records[0].body["outcome"] == "released"
+            # Once it succeeds, both offsets move past the record.
             for _ in range(100):
                 if (await committed_offset(settings, partition) or 0) > offset:
                     break
                 await asyncio.sleep(0.1)
             assert (await committed_offset(settings, partition) or 0) == offset + 1
+            stored = await db.fetchval(
+                "SELECT next_offset FROM consumer_offsets WHERE group_id = $1 AND partition = $2",
+                settings.group_id,
+                partition,
+            )
+            assert stored == offset + 1
+            assert (
+                await db.fetchval(
+                    "SELECT status FROM reservations WHERE reservation_id = $1", f"{p}-g1"
+                )
+                == "released"
+            )
     finally:
         await db.execute(f"DROP TRIGGER IF EXISTS {function} ON reservations")
         await db.execute(f"DROP FUNCTION IF EXISTS {function}()")
+        await db.execute(f"DROP SEQUENCE IF EXISTS {function}_attempts")
 
 
 async def committed_offset(settings: Settings, partition: int) -> int | None:

@@ -34,6 +34,9 @@ class FakeStore:
         self.enqueued: list[tuple[OutboxMessage, ...]] = []
         self.next_outbox_id = 0
         self.offsets: dict[TopicPartition, int] = {}
+        # Every reservation the code asked `release` to move, moved or not: the fake refuses
+        # another partner's or a settled reservation, so only this shows the code asked.
+        self.asked_to_release: list[str] = []
         self.checkpoint: Checkpoint = _no_checkpoint
 
     def copy(self) -> FakeStore:
@@ -46,6 +49,7 @@ class FakeStore:
         twin.enqueued = list(self.enqueued)
         twin.next_outbox_id = self.next_outbox_id
         twin.offsets = dict(self.offsets)
+        twin.asked_to_release = list(self.asked_to_release)
         return twin
 
     async def lock_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
@@ -88,6 +92,7 @@ class FakeStore:
         await self.checkpoint("release")
         moved = []
         for rid, partner_id, event_id in releases:
+            self.asked_to_release.append(rid)
             row = self.reservations[rid]
             if row.status == "reserved" and row.partner_id == partner_id:
                 self.reservations[rid] = replace(row, status="released", release_event_id=event_id)

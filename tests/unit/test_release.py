@@ -82,6 +82,8 @@ async def test_wrong_cart_item_or_partner_is_not_found_and_counted_as_foreign() 
     )
     assert outcomes(store) == [("r1", "not_found", 0), ("r2", "not_found", 0)]
     assert report.foreign == 1
+    # Never asked: the fake would refuse another partner's row, so its status proves nothing.
+    assert store.asked_to_release == []
     assert store.reservations["r1"].status == "reserved"
 
 
@@ -163,6 +165,8 @@ async def test_whole_cart_reports_every_reservation_of_the_partner_in_that_cart(
     )
     await apply_batch(store, [work(0, "c1", None, "e1")], TOPICS)
     assert outcomes(store) == [("r1", "released", 2), ("r2", "confirmed", 0)]
+    # Only r1 was asked for: not the confirmed r2, another partner's r3 or another cart's r4.
+    assert store.asked_to_release == ["r1"]
 
 
 async def test_whole_cart_without_reservations_is_rejected_422() -> None:
