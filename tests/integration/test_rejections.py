@@ -19,7 +19,7 @@ import random
 import re
 import sys
 import uuid
-from collections.abc import Iterable, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -656,7 +656,10 @@ def test_the_documented_table_is_exactly_what_these_tests_produce() -> None:
     # Two codes come from tests of their own; each must assert exactly that (status, code).
     timeout = test_a_persisting_statement_timeout_becomes_504_and_the_partition_moves_on
     unreadable = test_a_header_name_that_is_not_utf8_does_not_stop_the_worker
-    elsewhere = {(504, "database_timeout"): timeout, (400, "unreadable_record"): unreadable}
+    elsewhere: dict[tuple[int, str], Callable[..., Any]] = {
+        (504, "database_timeout"): timeout,
+        (400, "unreadable_record"): unreadable,
+    }
     for (status, code), test in elsewhere.items():
         assertion = f'errors"][0]["code"]) == ({status}, "{code}")'
         assert assertion in inspect.getsource(test), f"{test.__name__} does not assert {code}"
