@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-integration test-faults test-memory test-sim lint migrate run bench bench-quick doctor clean
+.PHONY: demo test test-unit test-integration test-faults test-memory test-sim lint migrate run bench bench-quick doctor contract clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ run: $(STAMP)
 
 doctor: $(STAMP)
 	$(BIN)/release-worker doctor
+
+# Regenerate docs/contract/ from the models in worker/contract.py (a unit test checks them).
+contract: $(STAMP)
+	$(BIN)/release-worker contract write
 
 bench: $(STAMP)
 	$(BIN)/release-worker bench

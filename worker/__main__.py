@@ -12,6 +12,7 @@ import typer
 from pydantic import ValidationError
 
 from worker import logs
+from worker.cli.contract import contract_app
 from worker.config import Settings
 from worker.errors import SchemaNotReady, StartupError
 
@@ -26,6 +27,7 @@ app = typer.Typer(
 )
 partner_app = typer.Typer(help="Manage partners (API keys are stored only as sha256).")
 app.add_typer(partner_app, name="partner")
+app.add_typer(contract_app, name="contract")
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -1,6 +1,8 @@
-"""The Kafka contract (DESIGN.md §2) as pydantic models: input, results, rejections.
+"""The Kafka contract (DESIGN.md §2) as pydantic models: input, results, rejections, headers.
 
-Field names on the wire are camelCase; Python code uses snake_case.
+Field names on the wire are camelCase; Python code uses snake_case. The JSON Schemas and
+the AsyncAPI document in docs/contract/ are generated from these models
+(`release-worker contract write`), and a test fails when they disagree.
 """
 
 from __future__ import annotations
@@ -10,7 +12,15 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+)
 from pydantic.alias_generators import to_camel
 
 
@@ -19,7 +29,13 @@ def format_timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-Timestamp = Annotated[datetime, PlainSerializer(format_timestamp, return_type=str)]
+Timestamp = Annotated[
+    datetime,
+    PlainSerializer(format_timestamp, return_type=str),
+    WithJsonSchema(
+        {"type": "string", "format": "date-time", "description": "RFC 3339 UTC, milliseconds."}
+    ),
+]
 
 
 def _storable(value: str) -> str:
@@ -29,9 +45,15 @@ def _storable(value: str) -> str:
     return value
 
 
-# Length first (so its error says "characters"), then the NUL check.
-Id128 = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_storable)]
-Id256 = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_storable)]
+# Length first (so its error says "characters"), then the NUL check. The schema states the
+# NUL rule as a pattern, but only the validator enforces it: its error is the worker's 400.
+_NO_NUL = {"pattern": "^[^\\u0000]*$"}
+Id128 = Annotated[
+    str, Field(min_length=1, max_length=128, json_schema_extra=_NO_NUL), AfterValidator(_storable)
+]
+Id256 = Annotated[
+    str, Field(min_length=1, max_length=256, json_schema_extra=_NO_NUL), AfterValidator(_storable)
+]
 
 # eventIds the worker gives itself (DESIGN.md §7): the sweeper's `expiry:<reservationId>`,
 # and `<topic>/<partition>/<offset>` for a record without one. A sender may claim neither.
@@ -52,7 +74,20 @@ def _not_reserved(value: str) -> str:
     return value
 
 
-EventId = Annotated[Id128, AfterValidator(_not_reserved)]
+EventId = Annotated[
+    Id128,
+    AfterValidator(_not_reserved),
+    Field(
+        json_schema_extra={
+            "not": {
+                "anyOf": [
+                    {"pattern": f"^{re.escape(EXPIRY_EVENT_PREFIX)}"},
+                    {"pattern": f"^{_RECORD_POSITION.pattern}$"},
+                ]
+            }
+        }
+    ),
+]
 
 
 class _WireModel(BaseModel):
@@ -62,6 +97,8 @@ class _WireModel(BaseModel):
         validate_by_alias=True,
         serialize_by_alias=True,
         frozen=True,
+        # Every field of a result is always rendered, defaults included: the schema says so.
+        json_schema_serialization_defaults_required=True,
     )
 
 
@@ -72,18 +109,40 @@ class _InputModel(_WireModel):
 
 
 class ReleaseItem(_InputModel):
+    """One item to release: the cart line and the reservation it holds."""
+
     cart_item_id: Id128
-    item_reservation_id: Id256
+    item_reservation_id: Id256 = Field(
+        description="The reservation to release; at most once in one request (else 422)."
+    )
 
 
 class ReleaseRequest(_InputModel):
-    """The value of a `cart.abandoned` record (the API's request body)."""
+    """The value of a `cart.abandoned` record (the API's request body): a UTF-8 JSON object
+    of at most WORKER_MAX_RECORD_BYTES (1 MiB). Unknown fields are ignored; NaN, Infinity
+    and a key repeated in one object are refused (400 invalid_json)."""
 
-    event_id: EventId | None = None
-    cart_id: Id128
-    items: list[ReleaseItem] | None = None
-    attributes: dict[str, str] | None = None
-    occurred_at: AwareDatetime | None = None
+    event_id: EventId | None = Field(
+        None,
+        description="Idempotency key, scoped to the partner: the same eventId again gets the "
+        "same results and releases nothing more. Absent: the record's position "
+        "`<topic>/<partition>/<offset>` is used. Must not start with `expiry:` or look "
+        "like a record position.",
+    )
+    cart_id: Id128 = Field(description="The cart; also the record's key.")
+    items: list[ReleaseItem] | None = Field(
+        None,
+        description="The items to release: 1 to WORKER_MAX_ITEMS (100) entries (an empty list "
+        "is a 400, more than the limit a 422). Absent or null: release the whole cart, every "
+        "reservation of the cart that belongs to the partner.",
+        json_schema_extra={"minItems": 1},
+    )
+    attributes: dict[str, str] | None = Field(
+        None, description="Free string map, at most WORKER_MAX_ATTRIBUTES (50) entries."
+    )
+    occurred_at: AwareDatetime | None = Field(
+        None, description="When the shopper abandoned the cart (RFC 3339, with an offset)."
+    )
 
 
 class Outcome(StrEnum):
@@ -106,32 +165,56 @@ class Trigger(StrEnum):
     EXPIRY = "expiry"
 
 
+# Results are rendered on the worker's own paths (a 500 among them): their schemas state
+# rules (minimum, enum, minItems) that tests check rendered results against, rather than
+# validating each result at run time where a failure would have nowhere to go.
+REJECTION_STATUSES = (400, 401, 403, 422, 500, 504)
+
+
 class ItemResult(_WireModel):
+    """The result of one item (a `cart.release-results` record, key = cartId). Consumers
+    dedupe on the `partner-id` header + eventId + itemReservationId."""
+
     type: Literal["item_result"] = "item_result"
-    event_id: str
+    event_id: str = Field(
+        description="The request's eventId (or its record position); `expiry:<reservationId>` "
+        "for a release by the timeout sweeper."
+    )
     trigger: Trigger
     cart_id: str
     cart_item_id: str
     item_reservation_id: str
-    success: bool
-    outcome: Outcome
-    quantity: int
+    success: bool = Field(description="true for released, already_released and expired.")
+    outcome: Outcome = Field(
+        description="released: was reserved, now released. already_released: nothing to do. "
+        "expired: already released by the timeout. confirmed: purchased, release refused. "
+        "not_found: no such reservation of this partner, cart and cart item."
+    )
+    quantity: int = Field(
+        json_schema_extra={"minimum": 0},
+        description="What this result returned to stock (0 if nothing).",
+    )
     processed_at: Timestamp
 
 
 class ErrorDetail(_WireModel):
-    code: str
-    message: str
-    value: Any = None
+    code: str = Field(description="Machine-readable reason; every code is in docs/errors.md.")
+    message: str = Field(description="What was wrong and how to fix it.")
+    value: Any = Field(None, description="The offending value (shortened), if any.")
 
 
 class EventRejected(_WireModel):
+    """The one result of a record that was refused as a whole (the API page's error body)."""
+
     type: Literal["event_rejected"] = "event_rejected"
-    event_id: str
-    cart_id: str | None
-    status: int
+    event_id: str = Field(
+        description="The request's eventId, or its record position when it had none or its "
+        "body could not be read."
+    )
+    cart_id: str | None = Field(description="null when the body could not be read.")
+    status: int = Field(json_schema_extra={"enum": list(REJECTION_STATUSES)})
     description: str
-    errors: list[ErrorDetail]
+    errors: list[ErrorDetail] = Field(json_schema_extra={"minItems": 1})
     processed_at: Timestamp
 
 
@@ -152,3 +235,132 @@ COPIED_HEADERS = (SESSION_HEADER, TAG_HEADER)
 LIMITED_HEADERS = (SESSION_HEADER, TAG_HEADER, ACCEPT_LANGUAGE_HEADER)
 MAX_HEADER_BYTES = 1_024
 MAX_HEADERS_BYTES = 16_384
+
+
+# The headers as models, for the schemas in docs/contract/ (values are the UTF-8 text of the
+# header bytes). The worker reads and writes headers as raw bytes on its hot path: tests
+# check what it writes against these models' schemas.
+
+_CONTROL_FREE = "^[^\\u0000-\\u0008\\u000a-\\u001f\\u007f]*$"
+_DIGITS = "^[0-9]+$"
+
+
+def _limited(description: str, **extra: Any) -> Any:
+    return Field(
+        max_length=MAX_HEADER_BYTES,
+        pattern=_CONTROL_FREE,
+        description=f"{description} At most {MAX_HEADER_BYTES:,} bytes, no control characters "
+        "(tab allowed).",
+        **extra,
+    )
+
+
+def _absent_not_null(schema: dict[str, Any]) -> None:
+    # A Kafka header is there or not: an optional one is a string when present, never null.
+    for prop in schema.get("properties", {}).values():
+        branches = prop.pop("anyOf", None)
+        if branches is not None:
+            prop.update(next(b for b in branches if b != {"type": "null"}))
+        if prop.get("default", ...) is None:
+            del prop["default"]
+
+
+class _HeadersModel(BaseModel):
+    model_config = ConfigDict(
+        validate_by_name=True,
+        serialize_by_alias=True,
+        frozen=True,
+        json_schema_extra=_absent_not_null,
+    )
+
+
+class InputHeaders(_HeadersModel):
+    """Headers of a `cart.abandoned` record, mirroring the API's HTTP headers. Names are
+    matched case-insensitively; all headers together (names and values) at most 16 KiB.
+    Other headers (tracing, for example) are allowed and kept in dead letters."""
+
+    model_config = ConfigDict(extra="allow")
+
+    # Not in repr: a repr can end up in a log or a trace, and the key never may.
+    api_key: str = Field(
+        alias=API_KEY_HEADER,
+        repr=False,
+        description="The partner's API key (401 when missing, empty or unknown). Never copied "
+        "into results, dead letters, logs or metrics.",
+    )
+    session_id: str = _limited("Required, not blank (else 400).", alias=SESSION_HEADER)
+    tag_id: str = _limited(
+        "Required, not blank (else 400); must be one of the partner's tag ids (else 403).",
+        alias=TAG_HEADER,
+    )
+    accept_language: str | None = _limited("Optional.", default=None, alias=ACCEPT_LANGUAGE_HEADER)
+    content_type: str | None = Field(
+        None,
+        alias=CONTENT_TYPE_HEADER,
+        description="Optional; if present `application/json`, with `charset=utf-8` if any "
+        "(else 400 unsupported_content_type).",
+        examples=["application/json"],
+    )
+
+
+class ResultHeaders(_HeadersModel):
+    """Headers of a `cart.release-results` record (`item_result` and `event_rejected`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: str = Field(alias=EVENT_ID_HEADER, description="The result's eventId.")
+    partner_id: str | None = Field(
+        None,
+        alias=PARTNER_ID_HEADER,
+        description="The partner, once identified; absent from rejections decided before "
+        "(400 before authentication, 401). Dedupe on it + eventId + itemReservationId.",
+    )
+    session_id: str | None = _limited(
+        "Copied from the input record when it was within the limits.",
+        default=None,
+        alias=SESSION_HEADER,
+    )
+    tag_id: str | None = _limited(
+        "Copied from the input record when it was within the limits.",
+        default=None,
+        alias=TAG_HEADER,
+    )
+
+
+def _without_api_key(schema: dict[str, Any]) -> None:
+    _absent_not_null(schema)
+    schema["propertyNames"] = {"not": {"pattern": "^[Rr][Oo][Kk][Tt]-[Aa][Pp][Ii]-[Kk][Ee][Yy]$"}}
+
+
+class DeadLetterHeaders(_HeadersModel):
+    """Headers of a `cart.abandoned.dlq` record: the original record's headers except
+    `rokt-api-key` (under their own names, values as sent), plus these `dlq-*` headers."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra=_without_api_key)
+
+    status: Literal["400", "500", "504"] = Field(
+        alias="dlq-status",
+        description="400: the body could not be read; 500: an unexpected error persisted; "
+        "504: a database statement timeout persisted.",
+    )
+    code: str = Field(alias="dlq-code", description="The rejection's code (docs/errors.md).")
+    error: str = Field(alias="dlq-error", description="The rejection's message.")
+    source_topic: str = Field(alias="dlq-source-topic")
+    source_partition: str = Field(alias="dlq-source-partition", pattern=_DIGITS)
+    source_offset: str = Field(alias="dlq-source-offset", pattern=_DIGITS)
+    attempts: str = Field(
+        alias="dlq-attempts", pattern=_DIGITS, description="Attempts made before giving up."
+    )
+    truncated: str | None = Field(
+        None,
+        alias="dlq-truncated",
+        pattern=_DIGITS,
+        description="Present when the value was cut to fit WORKER_MAX_MESSAGE_BYTES: the "
+        "original value's size in bytes.",
+    )
+    headers_dropped: str | None = Field(
+        None,
+        alias="dlq-headers-dropped",
+        pattern=_DIGITS,
+        description="Present when the original headers were dropped to fit: how many.",
+    )
