@@ -9,11 +9,11 @@ import sys
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
 from worker import logs
+from worker.cli import offsets, outbox
+from worker.cli.common import load_settings
 from worker.cli.contract import contract_app
-from worker.config import Settings
 from worker.errors import SchemaNotReady, StartupError
 
 app = typer.Typer(
@@ -28,20 +28,8 @@ app = typer.Typer(
 partner_app = typer.Typer(help="Manage partners (API keys are stored only as sha256).")
 app.add_typer(partner_app, name="partner")
 app.add_typer(contract_app, name="contract")
-
-
-def load_settings(**overrides: object) -> Settings:
-    try:
-        return Settings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as error:
-        lines = []
-        for e in error.errors():
-            name = "WORKER_" + "_".join(str(p) for p in e["loc"]).upper()
-            # A database URL may carry a password: never echo it.
-            got = "" if "DATABASE_URL" in name else f" (got {e.get('input')!r})"
-            lines.append(f"  {name}: {e['msg']}{got}")
-        typer.echo("Invalid configuration:\n" + "\n".join(lines), err=True)
-        raise typer.Exit(2) from None
+app.command("offsets")(offsets.offsets)
+app.add_typer(outbox.app, name="outbox")
 
 
 @app.command()

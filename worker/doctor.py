@@ -147,10 +147,9 @@ async def _parked(conn: asyncpg.Connection) -> Check:
         True,
         f"{parked.count} row(s) parked: the broker refused them for good ({reasons}); "
         f"the oldest since {parked.oldest:%Y-%m-%d %H:%M:%S %Z}",
-        "fix the cause (the topic's max.message.bytes, the worker's Write ACL), then as the "
-        "schema owner re-send them (UPDATE outbox SET parked_at = NULL, park_reason = NULL "
-        "WHERE parked_at IS NOT NULL) or drop them; see docs/operations.md, "
-        "'Parked outbox rows'",
+        "fix the cause (the topic's max.message.bytes, the worker's Write ACL), then list "
+        "them with `release-worker outbox` and re-send (`outbox retry ID...`) or drop "
+        "(`outbox drop ID... --yes`) them; see docs/operations.md, 'Parked outbox rows'",
         attention=True,
     )
 

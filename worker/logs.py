@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -22,7 +22,9 @@ def _drop_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
     return event
 
 
-def configure(log_format: str = "json", level: str = "info") -> None:
+def configure(log_format: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
+    """`stream`: where the lines go (standard output by default; the operator commands
+    write theirs to standard error, away from their own output)."""
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if log_format == "json"
@@ -38,6 +40,7 @@ def configure(log_format: str = "json", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
     # aiokafka logs through the standard library; keep its noise at warning.

@@ -34,7 +34,7 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tests.support import Published, isolated_settings, produce
+from tests.support import Published, isolated_settings, produce, settings_env
 from worker.admin import ensure_topics
 from worker.config import Settings
 from worker.invariants import i1_violations
@@ -56,12 +56,7 @@ _FINAL_STATUS = {
 def worker_env(settings: Settings) -> dict[str, str]:
     """The process environment that makes `python -m worker run` use these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        text = str(value).lower() if isinstance(value, bool) else str(value)
-        env[f"WORKER_{name.upper()}"] = text
-    return env
+    return env | settings_env(settings)
 
 
 class WorkerProcess:

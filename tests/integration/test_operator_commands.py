@@ -1,0 +1,138 @@
+"""The operator commands (issue 12, DESIGN.md §9) through the real CLI entry (typer's
+CliRunner on `worker.__main__.app`), against the embedded servers and the real worker."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from typer.testing import CliRunner, Result
+
+from tests.integration.conftest import World, reserve
+from tests.support import produce, read_results, running_worker, settings_env
+from worker import store
+from worker.__main__ import app
+from worker.config import Settings
+from worker.records import OutboxMessage
+from worker.scenario import abandon_event
+
+pytestmark = pytest.mark.integration
+
+
+async def cli(settings: Settings, *args: str) -> Result:
+    """`release-worker <args>` with these settings, in a thread (the commands run their own
+    event loop)."""
+    runner = CliRunner()
+    env = settings_env(settings)
+    return await asyncio.to_thread(runner.invoke, app, list(args), env=env)
+
+
+def json_lines(result: Result) -> list[dict[str, Any]]:
+    assert result.exit_code == 0, result.output
+    return [orjson.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+async def kafka_committed(settings: Settings, partitions: int) -> dict[int, int | None]:
+    client = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=settings.group_id
+    )
+    await client.start()
+    try:
+        return {
+            p: await client.committed(TopicPartition(settings.input_topic, p))
+            for p in range(partitions)
+        }
+    finally:
+        await client.stop()
+
+
+async def test_offsets_shows_what_the_worker_committed_in_postgresql_and_kafka(
+    world: World, db: asyncpg.Pool
+) -> None:
+    settings = world.settings
+    for n in range(6):
+        await reserve(db, world, f"{world.prefix}-o{n}", f"{world.prefix}-oc{n}", "i0", 1)
+    events = [
+        abandon_event(f"{world.prefix}-oc{n}", [("i0", f"{world.prefix}-o{n}")], world.api_key)
+        for n in range(6)
+    ]
+    async with running_worker(settings, partitions=3):
+        await produce(settings, events)
+        await read_results(settings, 6)
+    committed = await kafka_committed(settings, 3)
+    stored = await store.stored_offsets(db, settings.group_id, settings.input_topic)
+
+    rows = {r["partition"]: r for r in json_lines(await cli(settings, "offsets", "--json"))}
+
+    assert sorted(rows) == [0, 1, 2]
+    assert sum(r["high_water"] for r in rows.values()) == 6
+    for p, row in rows.items():
+        assert row["kafka"] == committed[p]
+        assert row["database"] == stored.get(p)
+        if row["high_water"]:
+            assert row["database"] == row["high_water"] == row["kafka"]
+            assert (row["lag"], row["note"]) == (0, "caught up")
+    table = await cli(settings, "offsets")
+    assert table.exit_code == 0, table.output
+    assert "high_water" in table.stdout
+    assert settings.input_topic in table.stdout
+
+
+async def test_outbox_lists_parked_rows_and_retries_or_drops_only_them(
+    world: World, db: asyncpg.Pool
+) -> None:
+    settings = world.settings
+    topic = settings.results_topic  # nothing publishes it in this test: the rows stay
+    headers = (("event-id", b"e-1"), ("partner-id", world.partner_id.encode()))
+    async with db.acquire() as conn:
+        messages = [
+            OutboxMessage(topic, f"{world.prefix}-k{n}".encode(), b"{}", headers) for n in range(3)
+        ]
+        parked, also_parked, waiting = (m.outbox_id for m in await store.enqueue(conn, messages))
+    assert parked
+    assert also_parked
+    assert waiting
+    await store.park_outbox(db, [(parked, "too_large"), (also_parked, "not_authorised")])
+    try:
+        listed = {
+            r["id"]: r
+            for r in json_lines(await cli(settings, "outbox", "--json", "--limit", "100000"))
+        }
+        assert listed[parked]["park_reason"] == "too_large"
+        assert listed[parked]["partner_id"] == world.partner_id
+        assert waiting not in listed
+        waiting_rows = json_lines(
+            await cli(settings, "outbox", "--waiting", "--json", "--limit", "100000")
+        )
+        assert waiting in {r["id"] for r in waiting_rows}
+
+        retried = await cli(settings, "outbox", "retry", str(parked), str(waiting))
+        assert retried.exit_code == 0, retried.output
+        assert f"Not parked (or gone), left alone: [{waiting}]" in retried.stdout
+        assert "outbox_rows_retried" in retried.stderr
+        rows = await db.fetch(
+            "SELECT id, parked_at IS NOT NULL FROM outbox WHERE id = ANY($1::bigint[])",
+            [parked, also_parked, waiting],
+        )
+        state = {r[0]: r[1] for r in rows}
+        assert state == {parked: False, also_parked: True, waiting: False}
+
+        unconfirmed = await cli(settings, "outbox", "drop", str(also_parked))
+        assert unconfirmed.exit_code == 0
+        assert "--yes" in unconfirmed.stdout
+        dropped = await cli(settings, "outbox", "drop", str(also_parked), str(waiting), "--yes")
+        assert dropped.exit_code == 0, dropped.output
+        assert "outbox_rows_dropped" in dropped.stderr
+        left = {
+            r[0]
+            for r in await db.fetch(
+                "SELECT id FROM outbox WHERE id = ANY($1::bigint[])", [parked, also_parked, waiting]
+            )
+        }
+        assert left == {parked, waiting}
+    finally:
+        await store.delete_outbox(db, [parked, also_parked, waiting])

@@ -1,0 +1,163 @@
+"""The SQL of the operator commands (`worker/cli/`): reading the worker's books, and the
+two explicit actions on parked outbox rows. The running worker never calls these.
+
+Every statement runs as the worker's own login (`release_worker`'s grants suffice).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from worker.store import Db, decode_headers
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxSummary:
+    waiting: int  # not yet acknowledged by the broker (the relay publishes them)
+    oldest_waiting: datetime | None
+    parked: int  # refused by the broker for good; wait for `outbox retry` or `outbox drop`
+    oldest_parked: datetime | None
+
+
+async def outbox_summary(db: Db) -> OutboxSummary:
+    row = await db.fetchrow(
+        """
+        SELECT count(*) FILTER (WHERE parked_at IS NULL),
+               min(created_at) FILTER (WHERE parked_at IS NULL),
+               count(parked_at), min(parked_at)
+          FROM outbox
+        """
+    )
+    assert row is not None
+    return OutboxSummary(int(row[0]), row[1], int(row[2]), row[3])
+
+
+async def outbox_rows(db: Db, parked: bool, limit: int) -> list[dict[str, Any]]:
+    """Outbox rows, oldest first: the parked ones, or those waiting to be published."""
+    rows = await db.fetch(
+        """
+        SELECT id, topic, key, headers, octet_length(payload) AS payload_bytes,
+               created_at, parked_at, park_reason
+          FROM outbox WHERE (parked_at IS NOT NULL) = $1
+         ORDER BY id LIMIT $2
+        """,
+        parked,
+        limit,
+    )
+    out = []
+    for r in rows:
+        headers = dict(decode_headers(r["headers"]))
+        out.append(
+            {
+                "id": r["id"],
+                "topic": r["topic"],
+                "key": None if r["key"] is None else bytes(r["key"]).decode(errors="replace"),
+                "event_id": _text(headers.get("event-id")),
+                "partner_id": _text(headers.get("partner-id")),
+                "payload_bytes": r["payload_bytes"],
+                "created_at": r["created_at"],
+                "parked_at": r["parked_at"],
+                "park_reason": r["park_reason"],
+            }
+        )
+    return out
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode(errors="replace")
+
+
+async def unpark_outbox(db: Db, ids: Sequence[int]) -> list[int]:
+    """Give parked rows back to the relay (it publishes them on its next pass, or parks
+    them again if the broker still refuses them); return the ids that were parked."""
+    rows = await db.fetch(
+        """
+        UPDATE outbox SET parked_at = NULL, park_reason = NULL
+         WHERE id = ANY($1::bigint[]) AND parked_at IS NOT NULL
+        RETURNING id
+        """,
+        list(ids),
+    )
+    return sorted(r[0] for r in rows)
+
+
+async def drop_parked_outbox(db: Db, ids: Sequence[int]) -> list[int]:
+    """Delete parked rows (never a row still waiting); return the ids deleted."""
+    rows = await db.fetch(
+        "DELETE FROM outbox WHERE id = ANY($1::bigint[]) AND parked_at IS NOT NULL RETURNING id",
+        list(ids),
+    )
+    return sorted(r[0] for r in rows)
+
+
+async def cart_reservations(db: Db, partner_id: str, cart_id: str) -> list[dict[str, Any]]:
+    rows = await db.fetch(
+        """
+        SELECT reservation_id, cart_item_id, sku, location_id, quantity, status, expires_at,
+               released_at, release_event_id
+          FROM reservations WHERE partner_id = $1 AND cart_id = $2
+         ORDER BY cart_item_id, reservation_id
+        """,
+        partner_id,
+        cart_id,
+    )
+    return [dict(r) for r in rows]
+
+
+async def cart_events(db: Db, partner_id: str, cart_id: str) -> list[dict[str, Any]]:
+    """The inbox rows of the cart (events applied to it), in the order they were applied,
+    with their results decoded (None once pruned past the retention: the key alone is kept).
+
+    The inbox is keyed by (partner_id, event_id): this reads the partner's part of the
+    primary key and filters on the cart, which is fine for an operator's occasional look.
+    """
+    rows = await db.fetch(
+        """
+        SELECT event_id, source_topic, source_partition, source_offset, processed_at, results
+          FROM inbox WHERE partner_id = $1 AND cart_id = $2
+         ORDER BY processed_at, source_topic, source_partition, source_offset
+        """,
+        partner_id,
+        cart_id,
+    )
+    return [
+        {
+            "event_id": r["event_id"],
+            "position": f"{r['source_topic']}/{r['source_partition']}/{r['source_offset']}",
+            "processed_at": r["processed_at"],
+            "results": None if r["results"] is None else [orjson.loads(p) for p in r["results"]],
+        }
+        for r in rows
+    ]
+
+
+async def cart_outbox(db: Db, cart_id: str, topic: str) -> list[dict[str, Any]]:
+    """Results of the cart not yet published (waiting or parked)."""
+    rows = await db.fetch(
+        """
+        SELECT id, headers, payload, created_at, parked_at, park_reason FROM outbox
+         WHERE topic = $2 AND key = convert_to($1, 'UTF8') ORDER BY id
+        """,
+        cart_id,
+        topic,
+    )
+    out = []
+    for r in rows:
+        headers = dict(decode_headers(r["headers"]))
+        out.append(
+            {
+                "id": r["id"],
+                "event_id": _text(headers.get("event-id")),
+                "partner_id": _text(headers.get("partner-id")),
+                "result": None if r["payload"] is None else orjson.loads(r["payload"]),
+                "created_at": r["created_at"],
+                "parked_at": r["parked_at"],
+                "park_reason": r["park_reason"],
+            }
+        )
+    return out
