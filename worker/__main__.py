@@ -222,6 +222,11 @@ def doctor() -> None:
         raise typer.Exit(1)
 
 
+from worker.cli.api import API_HELP, api  # noqa: E402  (registered once the app exists)
+
+app.command("api", help=API_HELP)(api)
+
+
 def main() -> None:
     try:
         app()

@@ -181,6 +181,21 @@ class Settings(BaseSettings):
         gt=0,
         description="/healthz fails when the event loop has not run for this long.",
     )
+    api_host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Address `release-worker api` binds to (0.0.0.0 in a container).",
+    )
+    api_port: int = Field(
+        8080, ge=0, le=65535, description="Port of `release-worker api` (0 = any free port)."
+    )
+    api_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="How long `release-worker api` waits for a request's results before it "
+        "answers 504 results_timeout (the release still happens; a retry with the same "
+        "Idempotency-Key then gets its results).",
+    )
     log_format: Literal["json", "console"] = Field(
         "json", description="`json`: one JSON object per line (production); `console`: readable."
     )

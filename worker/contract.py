@@ -227,6 +227,9 @@ CONTENT_TYPE_HEADER = "content-type"
 ACCEPT_LANGUAGE_HEADER = "accept-language"
 EVENT_ID_HEADER = "event-id"
 PARTNER_ID_HEADER = "partner-id"
+# On each `item_result` of a release request: how many item results the event has, so a
+# reader (the HTTP api) knows when a whole-cart release is complete.
+RESULT_COUNT_HEADER = "result-count"
 COPIED_HEADERS = (SESSION_HEADER, TAG_HEADER)
 
 # Header limits (DESIGN.md §7): nothing a sender controls is multiplied into results beyond

@@ -19,6 +19,7 @@ from worker.contract import (
     COPIED_HEADERS,
     EVENT_ID_HEADER,
     PARTNER_ID_HEADER,
+    RESULT_COUNT_HEADER,
     ErrorDetail,
     EventRejected,
     Outcome,
@@ -37,13 +38,18 @@ class Topics:
     max_message_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 
 
-def result_headers(event_id: str, partner_id: str | None, record: RawRecord | None) -> Headers:
+def result_headers(
+    event_id: str, partner_id: str | None, record: RawRecord | None, count: int | None = None
+) -> Headers:
     """`event-id`, `partner-id` when the partner was identified (consumers dedupe on both with
-    `itemReservationId`), and the session and tag headers copied from the record, but only
-    values within the header limits: a rejection for an oversized header does not carry it."""
+    `itemReservationId`), `result-count` on item results (how many the event has), and the
+    session and tag headers copied from the record, but only values within the header
+    limits: a rejection for an oversized header does not carry it."""
     own: Headers = ((EVENT_ID_HEADER, event_id.encode()),)
     if partner_id is not None:
         own += ((PARTNER_ID_HEADER, partner_id.encode()),)
+    if count is not None:
+        own += ((RESULT_COUNT_HEADER, str(count).encode()),)
     if record is None:
         return own
     return own + tuple(

@@ -351,6 +351,7 @@ async def apply_batch(
             report.replays += 1
             first = produced[key]
             payloads = first.results
+            count: int | None = None  # item results the replay has (none for a rejection)
             if payloads is None:  # pruned: the reservations tell what the event did
                 cart_rows = by_cart.get((partner_id, command.cart_id), [])
                 replayed = decide_pruned_replay(command, partner_id, found, cart_rows, status)
@@ -358,8 +359,9 @@ async def apply_batch(
                     payloads = [rejection_payload(replayed, processed_at)]
                 else:
                     payloads = [_item_payload(command, d, processed_at) for d in replayed]
+                    count = len(payloads)
                 first = produced[key] = StoredResults(command.cart_id, payloads, None)
-            headers = first.headers or result_headers(command.event_id, partner_id, w.record)
+            headers = first.headers or result_headers(command.event_id, partner_id, w.record, count)
             key_bytes = first.cart_id.encode()
             messages.extend(
                 OutboxMessage(topics.results, key_bytes, p, headers, None, w.record.timestamp_ms)
@@ -395,7 +397,7 @@ async def apply_batch(
             if d.outcome is Outcome.RELEASED:
                 releases.append((d.reservation_id, partner_id, command.event_id))
             payloads.append(_item_payload(command, d, processed_at))
-        headers = result_headers(command.event_id, partner_id, w.record)
+        headers = result_headers(command.event_id, partner_id, w.record, len(payloads))
         produced[key] = StoredResults(command.cart_id, payloads, headers)
         inbox.append(
             InboxEntry(partner_id, command.event_id, command.cart_id, w.record, payloads, headers)

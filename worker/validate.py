@@ -158,6 +158,17 @@ def _unreadable(record: RawRecord, code: str, message: str, value: Any = None) -
     return Rejection(400, code, message, value, record.position, None, dead_letter=True)
 
 
+def too_large(record: RawRecord, size: int, limits: Limits) -> Rejection:
+    """The 400 of a value over the limit (also what the HTTP api answers to a larger body)."""
+    return _unreadable(
+        record,
+        "too_large",
+        f"The value is {size} bytes; the limit is {limits.max_record_bytes}. "
+        "Split the release into several events.",
+        size,
+    )
+
+
 def _check_framing(record: RawRecord, limits: Limits) -> Rejection | None:
     if record.unreadable:
         where = (
@@ -177,13 +188,7 @@ def _check_framing(record: RawRecord, limits: Limits) -> Rejection | None:
             record, "missing_body", "The record has no value; send the request as a JSON object."
         )
     if len(value) > limits.max_record_bytes:
-        return _unreadable(
-            record,
-            "too_large",
-            f"The value is {len(value)} bytes; the limit is {limits.max_record_bytes}. "
-            "Split the release into several events.",
-            len(value),
-        )
+        return too_large(record, len(value), limits)
     content_type = record.header(CONTENT_TYPE_HEADER)
     if content_type is not None and not _is_json_media_type(content_type):
         return _unreadable(

@@ -1,0 +1,148 @@
+"""The FastAPI app: `POST /v1/cart/release`, `/openapi.json`, `/healthz`, `/readyz`, `/metrics`.
+
+FastAPI does not parse the request: the body and headers are checked by the worker's own
+rules (`service.ReleaseService`), so an HTTP client gets exactly the worker's codes. The
+header parameters are declared for the OpenAPI document only (all optional to FastAPI, so
+it never answers with its own error format), and the request body's schema is the Kafka
+contract's `ReleaseRequest` model, added to the document's components.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import orjson
+from fastapi import FastAPI, Header, Request, Response
+from fastapi.openapi.utils import get_openapi
+from prometheus_client.exposition import choose_encoder
+
+from worker.api import metrics
+from worker.api.models import ErrorBody, ReleaseResponse
+from worker.api.service import HTTP_DESCRIPTIONS, ReleaseService
+from worker.contract import API_KEY_HEADER, SESSION_HEADER, TAG_HEADER, ReleaseRequest
+
+TITLE = "cart-release-worker API"
+VERSION = "1.0.0"
+RELEASE_PATH = "/v1/cart/release"
+# Required by the page; declared optional to FastAPI so that the worker's codes answer a
+# missing one (401 missing_api_key, 400 missing_header), and marked required in the document.
+REQUIRED_HEADERS = (API_KEY_HEADER, SESSION_HEADER, TAG_HEADER)
+
+DESCRIPTION = """\
+The partner API page *POST Release Cart Items* served over HTTP on top of the Kafka
+pipeline of cart-release-worker: each request becomes a record on the input topic, and
+the answer is built from that record's results. The body is the Kafka input record's
+value (`items` absent = release the whole cart). `Idempotency-Key` (1-128 characters)
+becomes the event's `eventId`: a retry with the same key returns the same answer and
+releases nothing twice, also after a 504.
+"""
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": HTTP_DESCRIPTIONS[status]}
+    for status in (400, 401, 403, 406, 422, 500, 503, 504)
+}
+_ERRORS[504]["description"] = (
+    "Gateway timeout: `results_timeout` (no results within WORKER_API_TIMEOUT_S; the "
+    "release is still applied, retry with the same Idempotency-Key), or the worker's "
+    "`database_timeout`."
+)
+
+
+def create_app(
+    service: ReleaseService,
+    alive: Callable[[], bool],
+    ready: Callable[[], bool],
+) -> FastAPI:
+    app = FastAPI(
+        title=TITLE,
+        version=VERSION,
+        description=DESCRIPTION,
+        openapi_url="/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+    )
+
+    @app.post(
+        RELEASE_PATH,
+        summary="Release cart items",
+        operation_id="releaseCartItems",
+        response_model=ReleaseResponse,
+        response_description="Every item's result, in request order (whole cart: "
+        "reservation id order).",
+        responses=_ERRORS,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ReleaseRequest"}}
+                },
+            }
+        },
+    )
+    async def release_cart_items(
+        request: Request,
+        rokt_api_key: Annotated[
+            str | None, Header(alias=API_KEY_HEADER, description="The partner's API key.")
+        ] = None,
+        rokt_session_id: Annotated[
+            str | None, Header(alias=SESSION_HEADER, description="Session id, at most 1 KiB.")
+        ] = None,
+        rokt_tag_id: Annotated[
+            str | None,
+            Header(alias=TAG_HEADER, description="Rokt tag id, one of the partner's tags."),
+        ] = None,
+        accept_language: Annotated[
+            str | None, Header(alias="Accept-Language", description="Locale, at most 1 KiB.")
+        ] = None,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                alias="Idempotency-Key",
+                description="1-128 characters; becomes the eventId (default: a new one).",
+            ),
+        ] = None,
+    ) -> Response:
+        answer = await service.answer(request)
+        return Response(orjson.dumps(answer.body), answer.status, media_type="application/json")
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> Response:
+        return _probe(alive())
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> Response:
+        return _probe(ready())
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_page(request: Request) -> Response:
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encoder(metrics.REGISTRY), media_type=content_type)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(app)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override
+    return app
+
+
+def _probe(ok: bool) -> Response:
+    return Response(b"ok\n" if ok else b"not ok\n", 200 if ok else 503, media_type="text/plain")
+
+
+def build_openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, plus the request body's schema from the Kafka contract's model."""
+    document = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    body = ReleaseRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(body.pop("$defs", {}))
+    schemas["ReleaseRequest"] = body
+    for parameter in document["paths"][RELEASE_PATH]["post"]["parameters"]:
+        if parameter["name"] in REQUIRED_HEADERS:
+            parameter["required"] = True
+            parameter["schema"] = {"type": "string"}
+    return dict(sorted(document.items()))

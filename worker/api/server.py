@@ -1,0 +1,175 @@
+"""Wire the api together (database pool, producer, results reader) and serve it with uvicorn.
+
+Start-up order: the database (partners, for authentication), the producer, the results
+reader positioned at the end of every partition, then the socket. Until then nothing
+listens; once listening, `/readyz` follows the database and the broker. Shutdown stops
+taking connections, lets uvicorn finish the requests in flight, then closes the clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import signal
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import asyncpg
+import structlog
+import uvicorn
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from worker import store
+from worker.api.http import create_app
+from worker.api.results import ResultsReader
+from worker.api.service import MAX_WAITERS, ReleaseService
+from worker.api.waiters import Waiters
+from worker.app import _bounded, _close_pool, create_pool, require_broker
+from worker.auth import Authenticator
+from worker.config import Settings
+from worker.contract import MAX_HEADERS_BYTES
+from worker.retry import BROKER_ERRORS, DATABASE_ERRORS
+from worker.validate import Limits
+
+log = structlog.get_logger("worker.api")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: the caller decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class RunningApi:
+    port: int
+    waiters: Waiters
+
+
+@dataclass
+class _Health:
+    database_ok: bool = True
+    broker_ok: bool = True
+
+
+async def _watch(health: _Health, pool: asyncpg.Pool, consumer: AIOKafkaConsumer) -> None:
+    while True:
+        try:
+            async with asyncio.timeout(3):
+                await pool.fetchval("SELECT 1")
+            health.database_ok = True
+        except DATABASE_ERRORS:
+            health.database_ok = False
+        try:
+            async with asyncio.timeout(3):
+                await consumer.topics()
+            health.broker_ok = True
+        except BROKER_ERRORS:
+            health.broker_ok = False
+        await asyncio.sleep(1.0)
+
+
+@contextlib.asynccontextmanager
+async def running_api(settings: Settings) -> AsyncIterator[RunningApi]:
+    """The api, serving until the block ends (tests and `release-worker api`)."""
+    bootstrap = require_broker(settings)
+    async with contextlib.AsyncExitStack() as resources:
+        pool = await create_pool(settings, size=max(2, settings.db_pool_size))
+        resources.push_async_callback(_close_pool, pool)
+        await store.check_schema(pool)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            acks="all" if settings.producer_acks == "all" else 1,
+            linger_ms=settings.producer_linger_ms,
+            # A body at the record limit with the most headers the worker accepts.
+            max_request_size=settings.max_record_bytes + 2 * MAX_HEADERS_BYTES,
+            client_id="cart-release-api",
+        )
+        resources.push_async_callback(_bounded, producer.stop)
+        await producer.start()
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            client_id="cart-release-api",
+            fetch_max_wait_ms=20,
+        )
+        resources.push_async_callback(_bounded, consumer.stop)
+        await consumer.start()
+        waiters = Waiters(MAX_WAITERS)
+        reader = ResultsReader(consumer, settings.results_topic, waiters)
+        await reader.position_at_end()
+
+        service = ReleaseService(
+            producer=producer,
+            authenticator=Authenticator(
+                lambda d: store.find_partners(pool, d), settings.auth_cache_ttl_s
+            ),
+            waiters=waiters,
+            input_topic=settings.input_topic,
+            limits=Limits(settings.max_record_bytes, settings.max_items, settings.max_attributes),
+            timeout_s=settings.api_timeout_s,
+        )
+        health = _Health()
+        tasks = [
+            asyncio.create_task(reader.run(), name="api_results_reader"),
+            asyncio.create_task(_watch(health, pool, consumer), name="api_health_watcher"),
+        ]
+
+        async def stop_tasks() -> None:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        resources.push_async_callback(stop_tasks)
+
+        def alive() -> bool:
+            return not any(task.done() for task in tasks)
+
+        def ready() -> bool:
+            return alive() and reader.positioned and health.database_ok and health.broker_ok
+
+        app = create_app(service, alive, ready)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((settings.api_host, settings.api_port))
+        resources.callback(sock.close)
+        server = _Server(
+            uvicorn.Config(
+                app,
+                lifespan="off",
+                log_config=None,
+                access_log=False,
+                timeout_keep_alive=5,
+                timeout_graceful_shutdown=math.ceil(settings.api_timeout_s) + 1,
+            )
+        )
+        serving = asyncio.create_task(server.serve(sockets=[sock]), name="api_server")
+        while not server.started:
+            if serving.done():
+                await serving  # raises what stopped it
+                raise RuntimeError("the api server stopped while starting")
+            await asyncio.sleep(0.01)
+        port = sock.getsockname()[1]
+        log.info("api_started", host=settings.api_host, port=port, input=settings.input_topic)
+        try:
+            yield RunningApi(port, waiters)
+        finally:
+            server.should_exit = True
+            await serving
+            log.info("api_stopped")
+
+
+async def run_api(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT; return the exit code."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with running_api(settings):
+        await stop.wait()
+    return 0

@@ -1,0 +1,251 @@
+"""One HTTP request → one input record → its results → one HTTP answer (DESIGN.md §8).
+
+The request is checked exactly as the worker checks a record (`validate.parse_record`,
+then `auth.Authenticator` against PostgreSQL), so a request that the worker would reject
+before touching reservations is answered here with the same status and code, and never
+reaches Kafka. Only authenticated, valid requests become records; their results carry
+`partner-id`, so they are matched by partner + eventId (`waiters.py`).
+
+The API key is forwarded only in the record's `rokt-api-key` header: it is never logged,
+never echoed, and kept nowhere else (`parse_record` keeps its sha256 only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from pydantic import TypeAdapter, ValidationError
+from starlette.requests import ClientDisconnect, Request
+
+from worker.api import metrics
+from worker.api.waiters import Refused, Released, TooManyWaiters, Waiters
+from worker.auth import Authenticator
+from worker.contract import (
+    ACCEPT_LANGUAGE_HEADER,
+    API_KEY_HEADER,
+    CONTENT_TYPE_HEADER,
+    SESSION_HEADER,
+    TAG_HEADER,
+    EventId,
+    ReleaseItem,
+)
+from worker.records import RawRecord
+from worker.retry import DATABASE_ERRORS
+from worker.validate import (
+    DESCRIPTIONS,
+    Limits,
+    Rejection,
+    parse_record,
+    too_large,
+)
+
+log = structlog.get_logger("worker.api")
+
+IDEMPOTENCY_HEADER = "idempotency-key"
+# The request headers that become the record's headers (the page's, DESIGN.md §2).
+FORWARDED_HEADERS = frozenset(
+    {API_KEY_HEADER, SESSION_HEADER, TAG_HEADER, ACCEPT_LANGUAGE_HEADER, CONTENT_TYPE_HEADER}
+)
+# At most this many events are waited for at once in one process (DESIGN.md: bounded
+# state); beyond it a request is answered 503 at once instead of queueing without end.
+MAX_WAITERS = 10_000
+
+HTTP_DESCRIPTIONS = {
+    **DESCRIPTIONS,
+    406: "Not acceptable: the response can only be application/json.",
+    503: "Service unavailable: the api cannot take the request now; retry later.",
+    504: "Gateway timeout: the release was not answered in time.",
+}
+
+_EVENT_ID = TypeAdapter(EventId)
+
+Body = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAnswer:
+    status: int
+    body: Body
+
+
+def error(status: int, code: str, message: str, value: Any = None) -> HttpAnswer:
+    errors = [{"code": code, "message": message, "value": value}]
+    return HttpAnswer(status, {"description": HTTP_DESCRIPTIONS[status], "errors": errors})
+
+
+def rejected(rejection: Rejection) -> HttpAnswer:
+    return error(rejection.status, rejection.code, rejection.message, rejection.value)
+
+
+class ReleaseService:
+    """Answers release requests: validate, authenticate, produce, await the results."""
+
+    def __init__(
+        self,
+        *,
+        producer: AIOKafkaProducer,
+        authenticator: Authenticator,
+        waiters: Waiters,
+        input_topic: str,
+        limits: Limits,
+        timeout_s: float,
+    ) -> None:
+        self._producer = producer
+        self._authenticator = authenticator
+        self._waiters = waiters
+        self._topic = input_topic
+        self._limits = limits
+        self._timeout_s = timeout_s
+
+    async def answer(self, request: Request) -> HttpAnswer:
+        started = time.perf_counter()
+        answer = await self._answer(request)
+        metrics.REQUESTS.labels(status=str(answer.status)).inc()
+        metrics.LATENCY.observe(time.perf_counter() - started)
+        return answer
+
+    async def _answer(self, request: Request) -> HttpAnswer:
+        accept = request.headers.get("accept")
+        if accept is not None and not accepts_json(accept):
+            return error(
+                406,
+                "unsupported_accept",
+                "Accept must allow application/json (or be left out).",
+                accept[:200],
+            )
+        headers = tuple(
+            (name.decode("latin-1"), value)
+            for name, value in request.headers.raw
+            if name.decode("latin-1").lower() in FORWARDED_HEADERS
+        )
+        position = RawRecord(self._topic, 0, 0, None, None, headers)
+        try:
+            body = await read_body(request, self._limits.max_record_bytes)
+        except ClientDisconnect:
+            return error(400, "missing_body", "The client went away before the body arrived.")
+        if isinstance(body, int):
+            return rejected(too_large(position, body, self._limits))
+        record = RawRecord(self._topic, 0, 0, None, body, headers)
+        verdict = parse_record(record, self._limits)
+        if isinstance(verdict, Rejection):
+            return rejected(verdict)
+        # Without an eventId, parse_record names the event by the record's position.
+        body_event_id = None if verdict.event_id == record.position else verdict.event_id
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        if key is not None:
+            try:
+                key = _EVENT_ID.validate_python(key)
+            except ValidationError as invalid:
+                message = f"Idempotency-Key: {invalid.errors()[0]['msg']}."
+                return error(400, "invalid_value", message, "Idempotency-Key")
+            if body_event_id is not None and body_event_id != key:
+                return error(
+                    400,
+                    "invalid_value",
+                    "The body's eventId and the Idempotency-Key header differ; send one, "
+                    "or the same value in both.",
+                    "Idempotency-Key",
+                )
+        try:
+            ((_, partner),) = await self._authenticator.authorize([verdict])
+        except DATABASE_ERRORS:
+            log.warning("api_database_unavailable")
+            return error(503, "database_unavailable", "The partner could not be looked up.")
+        if isinstance(partner, Rejection):
+            return rejected(partner)
+
+        event_id = key or body_event_id or f"api-{uuid.uuid4()}"
+        value = body if body_event_id else inject_event_id(body, event_id)
+        wait_key = (partner.partner_id.encode(), event_id.encode())
+        expected = None if verdict.items is None else len(verdict.items)
+        try:
+            with self._waiters.waiting(wait_key, expected) as future:
+                metrics.WAITERS.set(len(self._waiters))
+                async with asyncio.timeout(self._timeout_s):
+                    await self._producer.send_and_wait(
+                        self._topic, value, key=verdict.cart_id.encode(), headers=list(headers)
+                    )
+                    # Shielded: other requests with the same key wait on the same future.
+                    result = await asyncio.shield(future)
+        except TooManyWaiters:
+            return error(503, "too_many_requests", "Too many requests in flight; retry later.")
+        except TimeoutError:
+            return error(
+                504,
+                "results_timeout",
+                f"The results did not arrive within {self._timeout_s:g} s. The release is "
+                "still applied; retry with the same Idempotency-Key (the value) to get its "
+                "results without releasing anything twice.",
+                event_id,
+            )
+        except KafkaError as failure:
+            log.warning("api_produce_failed", error=type(failure).__name__)
+            return error(503, "broker_unavailable", "The request could not be queued.")
+        finally:
+            metrics.WAITERS.set(len(self._waiters))
+        if isinstance(result, Refused):
+            return HttpAnswer(result.status, result.body)
+        return HttpAnswer(200, released_body(verdict.cart_id, verdict.items, result))
+
+
+def released_body(cart_id: str, asked: Sequence[ReleaseItem] | None, result: Released) -> Body:
+    """The page's 200 body: items in request order (whole cart: reservation id order)."""
+    order = {item.item_reservation_id: n for n, item in enumerate(asked or ())}
+    ids = sorted(result.items, key=lambda rid: (order.get(rid, len(order)), rid))
+    items = [
+        {
+            "cartItemId": result.items[rid]["cartItemId"],
+            "itemReservationId": rid,
+            "success": result.items[rid]["success"],
+            "outcome": result.items[rid]["outcome"],
+        }
+        for rid in ids
+    ]
+    return {"cartId": cart_id, "items": items}
+
+
+def inject_event_id(body: bytes, event_id: str) -> bytes:
+    """The body with `eventId` set (it was valid strict JSON without one)."""
+    parsed = orjson.loads(body)
+    parsed["eventId"] = event_id
+    return orjson.dumps(parsed)
+
+
+async def read_body(request: Request, limit: int) -> bytes | int:
+    """The body, or its size (at least, for a chunked one) when it is over `limit`: a body
+    announced as larger is refused before a byte of it is read."""
+    announced = request.headers.get("content-length", "")
+    if announced.isdigit() and int(announced) > limit:
+        return int(announced)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return size
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def accepts_json(accept: str) -> bool:
+    """Whether an Accept header allows application/json (q=0 refuses a range)."""
+    for media_range in accept.split(","):
+        media_type, *parameters = media_range.split(";")
+        if media_type.strip().lower() not in ("application/json", "application/*", "*/*", ""):
+            continue
+        refused = any(
+            p.strip().lower().replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+            for p in parameters
+        )
+        if not refused:
+            return True
+    return False
