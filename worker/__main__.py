@@ -179,7 +179,18 @@ def bench(
     from dataclasses import replace
     from pathlib import Path
 
-    from bench.run import FULL, QUICK, RESULTS_DIR, run_bench, summary_ok
+    try:
+        from bench.run import FULL, QUICK, RESULTS_DIR, run_bench, summary_ok
+    except ModuleNotFoundError as error:
+        if error.name not in ("bench", "bench.run"):
+            raise
+        # The harness is not in the wheel: it lives in the source checkout.
+        typer.echo(
+            "bench runs from a source checkout (the harness is not installed with the "
+            "wheel): run `make bench`, or `python -m worker bench` in the checkout.",
+            err=True,
+        )
+        raise typer.Exit(2) from None
 
     settings = load_settings()
     logs.configure("console", "warning")

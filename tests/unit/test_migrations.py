@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from worker.migrate import MIGRATIONS_DIR, dbmate_url, latest_migration
+from worker.migrate import MIGRATIONS, dbmate_url, latest_migration, migration_files
 from worker.store import SCHEMA_VERSION
 
 
@@ -16,13 +16,13 @@ def test_schema_version_is_the_newest_migration() -> None:
 
 
 def test_every_migration_has_an_up_and_a_down_section() -> None:
-    files = sorted(MIGRATIONS_DIR.glob("*.sql"))
+    files = migration_files()
     assert files
-    for path in files:
-        assert re.fullmatch(r"\d{14}_[a-z0-9_]+\.sql", path.name), path.name
-        text = path.read_text()
-        assert "-- migrate:up" in text, path.name
-        assert "-- migrate:down" in text, path.name
+    for name in files:
+        assert re.fullmatch(r"\d{14}_[a-z0-9_]+\.sql", name), name
+        text = (MIGRATIONS / name).read_text()
+        assert "-- migrate:up" in text, name
+        assert "-- migrate:down" in text, name
 
 
 def test_dbmate_url_accepts_tcp_and_socket_urls() -> None:

@@ -1,0 +1,258 @@
+"""The artifact: the wheel built from this checkout, installed by `deploy/wheel.sh` (the
+Dockerfile's own steps) into a clean virtualenv outside the checkout by a non-root user,
+runs `migrate`, `run`, a release and `doctor` against the real servers.
+
+pip installs offline from a wheelhouse kept in `.venv/wheelhouse`; the first run on a
+machine fills it (one `pip download`), later runs do not touch the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import uuid
+import zipfile
+from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.conftest import Servers
+from tests.support import http_get, isolated_settings, read_results
+from worker.admin import ensure_topics
+from worker.embedded import free_port
+
+pytestmark = pytest.mark.integration
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+WHEEL_SH = CHECKOUT / "deploy" / "wheel.sh"
+WHEELHOUSE = CHECKOUT / ".venv" / "wheelhouse"
+USER = "nobody"
+
+
+def _ids() -> tuple[int, int]:
+    entry = pwd.getpwnam(USER)
+    return entry.pw_uid, entry.pw_gid
+
+
+def _run(
+    args: list[str], env: Mapping[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, env=dict(env), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def as_user(args: list[str]) -> list[str]:
+    """`args` run as the unprivileged user (the tests run as root in CI)."""
+    if os.geteuid() != 0:
+        return args
+    uid, gid = _ids()
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *args]
+
+
+USABLE_PYTHON = "import sys, venv, ensurepip; assert sys.version_info >= (3, 11)"
+
+
+def user_python() -> str:
+    """A Python 3.11+ with venv that the unprivileged user may run (a pyenv build under
+    root's home is not one): this interpreter's base, or the system's python3."""
+    base = getattr(sys, "_base_executable", sys.executable)
+    for candidate in (base, shutil.which("python3", path="/usr/bin:/bin")):
+        if candidate is None:
+            continue
+        probe = _run(
+            # Through env: setpriv's own exec may still reach root-only paths, its children not.
+            as_user(["env", candidate, "-c", USABLE_PYTHON]),
+            {"PATH": "/usr/bin:/bin"},
+        )
+        if probe.returncode == 0:
+            return candidate
+    raise AssertionError(
+        f"no Python 3.11+ with venv and ensurepip that {USER} can run "
+        "(install python3-venv, or a Python outside root's home)"
+    )
+
+
+def readable_by_others(path: Path) -> bool:
+    """Every directory up to `path` is searchable, and `path` readable, by any user."""
+    for part in [path, *path.parents]:
+        mode = part.stat().st_mode
+        if not mode & stat.S_IXOTH or (part == path and not mode & stat.S_IROTH):
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def scratch() -> Iterator[Path]:
+    """A directory outside the checkout, owned by the unprivileged user: HOME, venv, cache."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="wheel-test-"))
+    root.chmod(0o755)
+    if os.geteuid() == 0:
+        os.chown(root, *_ids())
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def offline() -> dict[str, str]:
+    return {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(WHEELHOUSE)}
+
+
+def assert_wheel_contents(wheel: Path) -> None:
+    """Every module of worker/ (a new subpackage must be listed in pyproject.toml) and every
+    migration are in the wheel; the bench harness and the tests are not."""
+    with zipfile.ZipFile(wheel) as archive:
+        names = {n for n in archive.namelist() if not n.startswith("cart_release_worker-")}
+    modules = {p.relative_to(CHECKOUT).as_posix() for p in (CHECKOUT / "worker").rglob("*.py")}
+    migrations = {f"worker/migrations/{p.name}" for p in (CHECKOUT / "migrations").glob("*.sql")}
+    assert modules - names == set(), "modules missing from the wheel"
+    assert migrations - names == set(), "migrations missing from the wheel"
+    assert {n.split("/")[0] for n in names} == {"worker"}, sorted(names)
+
+
+@pytest.fixture(scope="module")
+def installed(scratch: Path) -> Path:
+    """Build the wheel (as CI's user) and install it as the unprivileged user; the venv's bin."""
+    dist = scratch / "dist"
+    build_env = {**os.environ, "PYTHON": sys.executable}
+    built = _run([str(WHEEL_SH), "build", str(CHECKOUT), str(dist)], {**build_env, **offline()})
+    if built.returncode != 0:  # the wheelhouse lacks setuptools yet: the index then
+        built = _run([str(WHEEL_SH), "build", str(CHECKOUT), str(dist)], build_env)
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = dist.glob("cart_release_worker-*.whl")
+    assert_wheel_contents(wheel)
+    dist.chmod(0o755)
+    wheel.chmod(0o644)
+
+    venv = scratch / "venv"
+    install_env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(scratch),
+        "PIP_CACHE_DIR": str(scratch / "pip-cache"),
+        "PYTHON": user_python(),
+        **offline(),
+    }
+    install = [*as_user(["sh", str(WHEEL_SH), "install", str(venv), str(wheel)])]
+    done = _run(install, install_env)
+    if done.returncode != 0:  # first run on this machine: fill the wheelhouse once
+        fill = _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--only-binary=:all:",
+                "--dest",
+                str(WHEELHOUSE),
+                str(wheel),
+                "setuptools>=69",
+                "wheel",
+            ],
+            os.environ,
+            timeout=300,
+        )
+        assert fill.returncode == 0, fill.stderr
+        assert readable_by_others(WHEELHOUSE), f"{USER} cannot read {WHEELHOUSE}"
+        shutil.rmtree(venv, ignore_errors=True)
+        done = _run(install, install_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return venv / "bin"
+
+
+@pytest.fixture
+async def fresh_database(servers: Servers, db: asyncpg.Pool) -> AsyncIterator[tuple[str, str]]:
+    """A database of its own, not migrated: (owner URL, worker login URL); dropped after."""
+    name = f"wheel_{uuid.uuid4().hex[:8]}"
+    await db.execute(f"CREATE DATABASE {name}")
+    owner = servers.database_url.rpartition("/")[0] + "/" + name
+    login = servers.worker_database_url.rpartition("/")[0] + "/" + name
+    yield owner, login
+    await db.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+async def test_the_installed_wheel_migrates_runs_releases_and_passes_doctor(
+    servers: Servers, installed: Path, scratch: Path, fresh_database: tuple[str, str]
+) -> None:
+    owner_url, worker_url = fresh_database
+    command = str(installed / "release-worker")
+    base = {"PATH": f"{installed}:/usr/bin:/bin", "HOME": str(scratch), "LC_ALL": "C.UTF-8"}
+
+    async def cli(*args: str, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(_run, as_user([command, *args]), {**base, **env}, 60)
+
+    # The command runs outside the checkout: it cannot pick up the source tree.
+    where = await cli("--help", env={})
+    assert where.returncode == 0, where.stderr
+    assert not str(installed).startswith(str(CHECKOUT))
+
+    migrated = await cli("migrate", env={"WORKER_DATABASE_URL": owner_url})
+    assert migrated.returncode == 0, migrated.stderr
+    assert "Applying: 20261127000001_shared_tables.sql" in migrated.stdout
+
+    added = await cli("partner", "add", "wheel-partner", env={"WORKER_DATABASE_URL": owner_url})
+    assert added.returncode == 0, added.stderr
+    api_key = added.stdout.strip().splitlines()[-1]
+    conn = await asyncpg.connect(owner_url)
+    try:
+        await conn.execute("INSERT INTO stock (sku, on_hand, reserved) VALUES ('sku-w', 10, 3)")
+        await conn.execute(
+            """
+            INSERT INTO reservations (reservation_id, partner_id, cart_id, cart_item_id, sku,
+                                      quantity, status, expires_at)
+            VALUES ('res-w', 'wheel-partner', 'cart-w', 'item-w', 'sku-w', 3, 'reserved',
+                    now() + interval '1 hour')
+            """
+        )
+    finally:
+        await conn.close()
+
+    settings = isolated_settings(worker_url, servers.bootstrap)
+    await ensure_topics(settings, 1)
+    port = free_port()
+    worker_env = {
+        "WORKER_DATABASE_URL": worker_url,
+        "WORKER_KAFKA_BOOTSTRAP": servers.bootstrap,
+        "WORKER_INPUT_TOPIC": settings.input_topic,
+        "WORKER_RESULTS_TOPIC": settings.results_topic,
+        "WORKER_DLQ_TOPIC": settings.dlq_topic,
+        "WORKER_GROUP_ID": settings.group_id,
+        "WORKER_METRICS_PORT": str(port),
+        "WORKER_SESSION_TIMEOUT_MS": "6000",
+        "WORKER_EXPIRY_ENABLED": "false",
+    }
+    log = scratch / "run.log"
+    with log.open("wb") as out:
+        worker = await asyncio.create_subprocess_exec(
+            *as_user([command, "run"]), env={**base, **worker_env}, stdout=out, stderr=out
+        )
+    try:
+        emitted = await cli(
+            "emit", "--cart", "cart-w", "--api-key", api_key, "--item", "item-w=res-w",
+            env=worker_env,
+        )  # fmt: skip
+        assert emitted.returncode == 0, emitted.stderr
+        results = await read_results(settings, 1, timeout_s=45)
+        assert [r.body["outcome"] for r in results] == ["released"], log.read_text()
+        assert results[0].body["quantity"] == 3
+
+        status, body = await asyncio.to_thread(http_get, port, "/metrics")
+        assert status == 200
+        assert 'release_worker_items_total{outcome="released"} 1.0' in body
+
+        doctor = await cli("doctor", env=worker_env)
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert "All " in doctor.stdout
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(worker.wait(), 60)
+    assert code == 0, log.read_text()
