@@ -318,6 +318,14 @@ class ResultHeaders(_HeadersModel):
         description="The partner, once identified; absent from rejections decided before "
         "(400 before authentication, 401). Dedupe on it + eventId + itemReservationId.",
     )
+    result_count: str | None = Field(
+        None,
+        alias=RESULT_COUNT_HEADER,
+        pattern=_DIGITS,
+        description="On each `item_result` of a release request (not of the expiry sweeper): "
+        "how many item results the event has, so a reader knows when it has them all (a "
+        "whole-cart release names no items).",
+    )
     session_id: str | None = _limited(
         "Copied from the input record when it was within the limits.",
         default=None,
