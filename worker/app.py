@@ -97,6 +97,7 @@ def make_consumer(settings: Settings) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=settings.group_id,
+        group_instance_id=settings.group_instance_id,
         client_id="cart-release-worker",
         enable_auto_commit=False,
         auto_offset_reset="earliest",

@@ -37,6 +37,16 @@ class Settings(BaseSettings):
     )
     dlq_topic: str = Field("cart.abandoned.dlq", min_length=1, description="Dead-letter topic.")
     group_id: str = Field("cart-release-worker", min_length=1, description="Kafka consumer group.")
+    group_instance_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=249,
+        description="Static group membership (KIP-345): a name unique in the group and stable "
+        "across restarts of this worker (e.g. a StatefulSet pod name). A restart within "
+        "WORKER_SESSION_TIMEOUT_MS keeps its partitions without a rebalance; a worker that stops "
+        "for good does not leave the group, so its partitions wait that long "
+        "(docs/operations.md: Scaling). Unset: dynamic membership.",
+    )
     metrics_port: int = Field(
         9400, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz (0 = off)."
     )

@@ -77,3 +77,13 @@ def test_invalid_database_url_is_named_without_echoing_its_password() -> None:
     assert result.exit_code == 2
     assert "WORKER_DATABASE_URL" in result.stderr
     assert "s3cret-pw" not in result.output
+
+
+@pytest.mark.parametrize("instance", [None, "worker-0"])
+async def test_group_instance_id_is_the_consumers_static_membership(instance: str | None) -> None:
+    from worker.app import make_consumer
+
+    settings = Settings(kafka_bootstrap="127.0.0.1:9", group_instance_id=instance)
+    # aiokafka sends it in JoinGroup/SyncGroup/Heartbeat, and a static member does not send
+    # LeaveGroup when it stops (docs/operations.md: Scaling).
+    assert make_consumer(settings)._group_instance_id == instance
