@@ -52,16 +52,20 @@ def migrate() -> None:
 @app.command()
 def run() -> None:
     """Run the worker until SIGTERM/SIGINT (the servers must exist and be migrated)."""
+    from worker import tracing
     from worker.app import run_worker
 
     settings = load_settings()
     logs.configure(settings.log_format, settings.log_level)
+    tracing.configure_from_environment()  # off unless OTEL_* variables ask for it
     tune_garbage_collector()
     try:
         code = asyncio.run(run_worker(settings))
     except SchemaNotReady as error:
         typer.echo(f"Refusing to start: {error}", err=True)
         raise typer.Exit(3) from None
+    finally:
+        tracing.shutdown()
     raise typer.Exit(code)
 
 

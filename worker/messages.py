@@ -44,7 +44,8 @@ def result_headers(
     """`event-id`, `partner-id` when the partner was identified (consumers dedupe on both with
     `itemReservationId`), `result-count` on item results (how many the event has), and the
     session and tag headers copied from the record, but only values within the header
-    limits: a rejection for an oversized header does not carry it."""
+    limits: a rejection for an oversized header does not carry it. Last, with tracing on,
+    the `traceparent` of the record's span (worker/tracing.py)."""
     own: Headers = ((EVENT_ID_HEADER, event_id.encode()),)
     if partner_id is not None:
         own += ((PARTNER_ID_HEADER, partner_id.encode()),)
@@ -52,9 +53,10 @@ def result_headers(
         own += ((RESULT_COUNT_HEADER, str(count).encode()),)
     if record is None:
         return own
-    return own + tuple(
+    copied = tuple(
         (n, v) for n in COPIED_HEADERS if (v := record.header(n)) and acceptable_header(v)
     )
+    return own + copied + record.trace_headers
 
 
 def item_result_payload(

@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from worker import metrics
+from worker import metrics, tracing
 from worker.auth import Authenticator
 from worker.config import Settings
 from worker.logs import LineBudget
@@ -71,9 +71,15 @@ class BatchProcessor:
         # One budget per processor, so per worker process.
         self._cross_partner_lines = LineBudget(CROSS_PARTNER_LINES_PER_S)
         self._rejection_lines = LineBudget(REJECTION_LINES_PER_S)
+        self._tracing = tracing.active()
 
     async def process(self, records: Sequence[RawRecord]) -> BatchReport:
         """Apply the records (offset order per partition) and return what was committed."""
+        if self._tracing is None:
+            return await self._process(records)
+        return await self._tracing.batch(self._settings.input_topic, records, self._process)
+
+    async def _process(self, records: Sequence[RawRecord]) -> BatchReport:
         started = time.perf_counter()
         works = await self._prepare(records)
         deferral = _Deferral()

@@ -29,6 +29,9 @@ class RawRecord:
     # How many times this record waited for a row lock held elsewhere and was given back
     # to its lane (`BatchReport.deferred`): its partition's backoff grows with it.
     lock_waits: int = field(default=0, compare=False)
+    # The `traceparent` of the span processing it, for its results; empty unless tracing
+    # is on (worker/tracing.py).
+    trace_headers: Headers = field(default=(), compare=False, repr=False)
 
     @property
     def size(self) -> int:
