@@ -25,7 +25,7 @@ API_HELP = (
 
 def api() -> None:
     from worker import logs
-    from worker.__main__ import load_settings
+    from worker.cli.common import load_settings
     from worker.api.server import run_api
 
     settings = load_settings()
