@@ -7,7 +7,8 @@ share a 12-partition topic. Then, once with dynamic and once with static members
 of the same name within the session timeout, as a restarted pod would be, and (b) stopped
 for good, as a scale-down would. For each, it prints when the other member went through a
 rebalance (its revoke callbacks, in seconds after the stop), whether the restarted member
-got its partitions back, and how long some partitions had no owner. Results: docs/operations.md, Scaling.
+got its partitions back, and how long some partitions had no owner (docs/operations.md:
+Scaling).
 """
 
 from __future__ import annotations
