@@ -25,8 +25,8 @@ API_HELP = (
 
 def api() -> None:
     from worker import logs
-    from worker.cli.common import load_settings
     from worker.api.server import run_api
+    from worker.cli.common import load_settings
 
     settings = load_settings()
     logs.configure(settings.log_format, settings.log_level)
