@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from worker import logs
-from worker.cli import offsets, outbox
+from worker.cli import inspection, offsets, outbox, tail
 from worker.cli.common import load_settings
 from worker.cli.contract import contract_app
 from worker.errors import SchemaNotReady, StartupError
@@ -30,6 +30,8 @@ app.add_typer(partner_app, name="partner")
 app.add_typer(contract_app, name="contract")
 app.command("offsets")(offsets.offsets)
 app.add_typer(outbox.app, name="outbox")
+app.command("tail")(tail.tail)
+app.add_typer(inspection.app, name="inspect")
 
 
 @app.command()

@@ -9,13 +9,14 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from typer.testing import CliRunner, Result
 
 from tests.integration.conftest import World, reserve
 from tests.support import produce, read_results, running_worker, settings_env
 from worker import store
 from worker.__main__ import app
+from worker.admin import ensure_topics
 from worker.config import Settings
 from worker.records import OutboxMessage
 from worker.scenario import abandon_event
@@ -136,3 +137,90 @@ async def test_outbox_lists_parked_rows_and_retries_or_drops_only_them(
         assert left == {parked, waiting}
     finally:
         await store.delete_outbox(db, [parked, also_parked, waiting])
+
+
+async def test_tail_and_inspect_show_a_cart_release_and_only_that_cart(
+    world: World, db: asyncpg.Pool
+) -> None:
+    settings = world.settings
+    cart, other = f"{world.prefix}-tc", f"{world.prefix}-tc-other"
+    await reserve(db, world, f"{world.prefix}-t1", cart, "i1", 2)
+    await reserve(db, world, f"{world.prefix}-t2", cart, "i2", 3)
+    await reserve(db, world, f"{world.prefix}-t3", other, "i1", 1)
+    events = [
+        abandon_event(cart, None, world.api_key, event_id=f"{world.prefix}-whole"),
+        abandon_event(other, None, world.api_key, event_id=f"{world.prefix}-other"),
+    ]
+    async with running_worker(settings, partitions=2):
+        positions = await produce(settings, events)
+        await read_results(settings, 3)
+
+    tailed = json_lines(
+        await cli(settings, "tail", "--from", "beginning", "--no-follow", "--cart", cart, "--json")
+    )
+    assert sorted((r["result"]["itemReservationId"], r["result"]["outcome"]) for r in tailed) == [
+        (f"{world.prefix}-t1", "released"),
+        (f"{world.prefix}-t2", "released"),
+    ]
+    assert {(r["partner_id"], r["event_id"], r["key"]) for r in tailed} == {
+        (world.partner_id, f"{world.prefix}-whole", cart)
+    }
+    by_event = json_lines(
+        await cli(
+            settings,
+            "tail",
+            "--from",
+            "beginning",
+            "--no-follow",
+            "--event",
+            f"{world.prefix}-other",
+            "--partner",
+            world.partner_id,
+            "--json",
+        )
+    )
+    assert [r["result"]["cartId"] for r in by_event] == [other]
+    readable = await cli(settings, "tail", "--from", "beginning", "--no-follow", "--cart", cart)
+    assert readable.exit_code == 0, readable.output
+    assert readable.stdout.count(" released ") == 2
+    later = await cli(settings, "tail", "--from", "2999-01-01T00:00:00Z", "--no-follow")
+    assert later.exit_code == 0, later.output
+    assert later.stdout == ""
+
+    inspected = json_lines(
+        await cli(settings, "inspect", "cart", cart, "--partner", world.partner_id, "--json")
+    )
+    reservations = [r for r in inspected if r["kind"] == "reservation"]
+    assert {(r["reservation_id"], r["status"], r["release_event_id"]) for r in reservations} == {
+        (f"{world.prefix}-t1", "released", f"{world.prefix}-whole"),
+        (f"{world.prefix}-t2", "released", f"{world.prefix}-whole"),
+    }
+    (applied,) = [r for r in inspected if r["kind"] == "event"]
+    partition, offset = positions[0]
+    assert applied["event_id"] == f"{world.prefix}-whole"
+    assert applied["position"] == f"{settings.input_topic}/{partition}/{offset}"
+    assert sorted(r["outcome"] for r in applied["results"]) == ["released", "released"]
+    table = await cli(settings, "inspect", "cart", cart, "--partner", world.partner_id)
+    assert table.exit_code == 0, table.output
+    assert f"{world.prefix}-whole" in table.stdout
+    assert other not in table.stdout
+
+
+async def test_tail_from_the_end_follows_only_new_results(world: World) -> None:
+    settings = world.settings
+    await ensure_topics(settings, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(settings.results_topic, b'{"n": "old"}', key=b"c")
+        follower = asyncio.create_task(
+            cli(settings, "tail", "--from", "end", "--max", "1", "--json")
+        )
+        # Sent until the follower, positioned at the end at some point, has seen one.
+        while not follower.done():
+            await producer.send_and_wait(settings.results_topic, b'{"n": "new"}', key=b"c")
+            await asyncio.wait([follower], timeout=0.2)
+    finally:
+        await producer.stop()
+    (line,) = json_lines(await follower)
+    assert line["result"] == {"n": "new"}

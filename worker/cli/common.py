@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import inspect
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -27,6 +28,21 @@ T = TypeVar("T")
 CONNECT_TIMEOUT_S = 10.0
 
 JSON_OPTION_HELP = "Print JSON lines (one object a line) instead of a table."
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reflowed(command: F) -> F:
+    """Join the lines of each paragraph of the command's docstring: typer keeps the line
+    breaks of every paragraph but the first, which makes `--help` ragged."""
+    command.__doc__ = reflow(command.__doc__ or "")
+    return command
+
+
+def reflow(text: str) -> str:
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -6,10 +6,19 @@ from typing import Annotated, Any
 
 import typer
 
-from worker.cli.common import JSON_OPTION_HELP, database, load_settings, print_rows, required, run
+from worker.cli.common import (
+    JSON_OPTION_HELP,
+    database,
+    load_settings,
+    print_rows,
+    reflowed,
+    required,
+    run,
+)
 from worker.config import Settings
 
 
+@reflowed
 def offsets(
     as_json: Annotated[bool, typer.Option("--json", help=JSON_OPTION_HELP)] = False,
 ) -> None:

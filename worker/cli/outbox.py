@@ -15,6 +15,8 @@ from worker.cli.common import (
     load_settings,
     operator,
     print_rows,
+    reflow,
+    reflowed,
     run,
 )
 from worker.store import Db
@@ -22,12 +24,14 @@ from worker.store import Db
 log = structlog.get_logger("worker.cli.outbox")
 
 app = typer.Typer(
-    help="""The outbox: results and dead letters committed with their work, waiting to be
+    help=reflow(
+        """The outbox: results and dead letters committed with their work, waiting to be
     published (the backlog), and rows parked because the broker refused them for good
     (too large, not authorised, invalid topic; DESIGN.md §7). The worker never re-sends a
     parked row by itself: fix the cause, then `outbox retry` or `outbox drop` it.
 
-    Without a subcommand: the backlog and parked counts, and the parked rows.""",
+    Without a subcommand: the backlog and parked counts, and the parked rows."""
+    ),
     invoke_without_command=True,
     no_args_is_help=False,
 )
@@ -38,6 +42,7 @@ Ids = Annotated[list[int], typer.Argument(help="Outbox row ids, as `outbox` list
 
 
 @app.callback()
+@reflowed
 def show(
     ctx: typer.Context,
     waiting: Annotated[
@@ -70,6 +75,7 @@ def show(
 
 
 @app.command()
+@reflowed
 def retry(ids: Ids) -> None:
     """Give parked rows back to the relay: the running workers publish them on their next
     relay pass (WORKER_OUTBOX_RELAY_INTERVAL_S), or park them again, with the new reason,
@@ -81,6 +87,7 @@ def retry(ids: Ids) -> None:
 
 
 @app.command()
+@reflowed
 def drop(
     ids: Ids,
     yes: Annotated[
