@@ -10,12 +10,15 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from structlog.testing import capture_logs
 
 from tests.integration.conftest import World, reserve
-from tests.support import running_worker
+from tests.support import read_topic, running_worker
 from worker.admin import ensure_topics
 from worker.api.server import running_api
 from worker.config import Settings
+from worker.partners import add_partner
 
 pytestmark = pytest.mark.integration
 
@@ -117,6 +120,20 @@ async def test_a_retry_with_the_same_idempotency_key_returns_the_same_answer_and
     assert first.status_code == second.status_code == 200
     assert first.json() == second.json()
     assert first.json()["items"][0]["outcome"] == "released"
+    # Each request became one record: key = cartId, the page's headers, eventId = the key.
+    assert world.settings.kafka_bootstrap
+    records = await read_topic(
+        world.settings.kafka_bootstrap, world.settings.input_topic, lambda seen: len(seen) >= 2
+    )
+    for record in records:
+        assert record.key == f"{p}-c1".encode()
+        assert record.body == {**body, "eventId": f"{p}-key"}
+        assert record.headers == {
+            "rokt-api-key": world.api_key.encode(),
+            "rokt-session-id": b"session-1",
+            "rokt-tag-id": b"tag-1",
+            "content-type": b"application/json",
+        }
     reserved = await db.fetchval("SELECT reserved FROM stock WHERE sku = $1", world.sku)
     assert reserved == 0
 
@@ -145,3 +162,93 @@ async def test_no_results_in_time_is_a_504_and_a_retry_gets_them_once_the_worker
     assert retried.json()["items"][0]["outcome"] == "released"
     reserved = await db.fetchval("SELECT reserved FROM stock WHERE sku = $1", world.sku)
     assert reserved == 0
+
+
+async def input_records(settings: Settings) -> int:
+    """How many records the input topic holds (all partitions)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(settings.input_topic) or set()
+        ends = await consumer.end_offsets(
+            [TopicPartition(settings.input_topic, p) for p in partitions]
+        )
+        return sum(ends.values())
+    finally:
+        await consumer.stop()
+
+
+async def test_each_rejection_has_the_workers_status_and_code_and_only_valid_requests_reach_kafka(
+    world: World, db: asyncpg.Pool
+) -> None:
+    p = world.prefix
+    settings = world.settings.model_copy(
+        update={"max_record_bytes": 16_384, "max_items": 3, "poison_max_attempts": 1}
+    )
+    suspended_key = await add_partner(db, f"s-{p}", "Suspended", status="suspended")
+    # A status the worker does not know: applying the release fails on every attempt.
+    await reserve(db, world, f"{p}-poison", f"{p}-poison-cart", "i1", 1, status="mystery")
+    ok = page_headers(world)
+    one = release_body(f"{p}-c1", ("i1", f"{p}-r1"))
+    cases: list[tuple[int, str, dict[str, Any]]] = [
+        (400, "invalid_json", {"content": b"{not json", "headers": ok}),
+        (400, "not_an_object", {"content": b"[1]", "headers": ok}),
+        (400, "missing_body", {"content": b"", "headers": ok}),
+        (400, "too_large", {"content": b"{" + b" " * 16_384 + b"}", "headers": ok}),
+        (
+            400,
+            "unsupported_content_type",
+            {"json": one, "headers": {**ok, "content-type": "text/plain"}},
+        ),
+        (400, "missing_header", {"json": one, "headers": _without(ok, "rokt-session-id")}),
+        (400, "missing_field", {"json": {"items": one["items"]}, "headers": ok}),
+        (400, "empty_items", {"json": {"cartId": "c", "items": []}, "headers": ok}),
+        (400, "header_too_large", {"json": one, "headers": {**ok, "rokt-tag-id": "t" * 2000}}),
+        (400, "invalid_value", {"json": one, "headers": {**ok, "Idempotency-Key": "expiry:x"}}),
+        (
+            400,
+            "invalid_value",
+            {"json": {**one, "eventId": "a"}, "headers": {**ok, "Idempotency-Key": "b"}},
+        ),
+        (406, "unsupported_accept", {"json": one, "headers": {**ok, "accept": "text/html"}}),
+        (401, "missing_api_key", {"json": one, "headers": _without(ok, "rokt-api-key")}),
+        (401, "unknown_api_key", {"json": one, "headers": {**ok, "rokt-api-key": "rk_nobody"}}),
+        (403, "tag_not_allowed", {"json": one, "headers": {**ok, "rokt-tag-id": "tag-2"}}),
+        (403, "partner_suspended", {"json": one, "headers": {**ok, "rokt-api-key": suspended_key}}),
+        (
+            422,
+            "too_many_items",
+            {"json": release_body("c", *[(f"i{n}", f"r{n}") for n in range(4)]), "headers": ok},
+        ),
+        (
+            422,
+            "duplicate_item",
+            {"json": release_body("c", ("i1", "r1"), ("i2", "r1")), "headers": ok},
+        ),
+        # Decided by the worker (through Kafka): a whole cart without reservations, poison.
+        (422, "cart_not_found", {"json": {"cartId": f"{p}-empty"}, "headers": ok}),
+        (
+            500,
+            "internal_error",
+            {"json": release_body(f"{p}-poison-cart", ("i1", f"{p}-poison")), "headers": ok},
+        ),
+    ]
+    with capture_logs() as logs:
+        async with running_worker(settings), api_client(settings) as client:
+            for status, code, request in cases:
+                response = await client.post("/v1/cart/release", **request)
+                assert (response.status_code, response.json()["errors"][0]["code"]) == (
+                    status,
+                    code,
+                ), response.text
+                assert response.json()["description"]
+                assert world.api_key not in response.text
+                assert suspended_key not in response.text
+    assert await input_records(settings) == 2  # only the two the worker decided
+    assert any(entry["event"] == "api_started" for entry in logs)  # the capture works
+    assert world.api_key not in repr(logs)
+    assert suspended_key not in repr(logs)
+
+
+def _without(headers: dict[str, str], name: str) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k != name}

@@ -10,7 +10,7 @@ contract's `ReleaseRequest` model, added to the document's components.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import orjson
 from fastapi import FastAPI, Header, Request, Response
@@ -19,7 +19,7 @@ from prometheus_client.exposition import choose_encoder
 
 from worker.api import metrics
 from worker.api.models import ErrorBody, ReleaseResponse
-from worker.api.service import HTTP_DESCRIPTIONS, ReleaseService
+from worker.api.service import HTTP_DESCRIPTIONS, HttpAnswer
 from worker.contract import API_KEY_HEADER, SESSION_HEADER, TAG_HEADER, ReleaseRequest
 
 TITLE = "cart-release-worker API"
@@ -49,8 +49,14 @@ _ERRORS[504]["description"] = (
 )
 
 
+class Answerer(Protocol):
+    """What answers a release request (`service.ReleaseService`)."""
+
+    async def answer(self, request: Request) -> HttpAnswer: ...
+
+
 def create_app(
-    service: ReleaseService,
+    service: Answerer,
     alive: Callable[[], bool],
     ready: Callable[[], bool],
 ) -> FastAPI:
@@ -126,6 +132,17 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override
     return app
+
+
+class _NoService:
+    async def answer(self, request: Request) -> HttpAnswer:
+        raise RuntimeError("this app only renders the OpenAPI document")
+
+
+def openapi_document() -> dict[str, Any]:
+    """The api's OpenAPI document, as `GET /openapi.json` serves it (and as committed in
+    docs/contract/openapi.json), without any server."""
+    return create_app(_NoService(), lambda: False, lambda: False).openapi()
 
 
 def _probe(ok: bool) -> Response:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Annotated
 
 import typer
 
@@ -23,7 +25,20 @@ API_HELP = (
 )
 
 
-def api() -> None:
+def api(
+    print_openapi: Annotated[
+        bool,
+        typer.Option(
+            "--print-openapi",
+            help="Print the OpenAPI document (docs/contract/openapi.json) and exit.",
+        ),
+    ] = False,
+) -> None:
+    if print_openapi:
+        from worker.api.http import openapi_document
+
+        typer.echo(json.dumps(openapi_document(), indent=2, ensure_ascii=False))
+        return
     from worker import logs
     from worker.api.server import run_api
     from worker.cli.common import load_settings

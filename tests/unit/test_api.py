@@ -1,0 +1,164 @@
+"""The api's parts that need no server: the OpenAPI document (and its committed copy),
+waiters, the 200 body, Accept negotiation, the probes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from worker.api.http import create_app, openapi_document
+from worker.api.service import HttpAnswer, accepts_json, inject_event_id, released_body
+from worker.api.waiters import Refused, Released, TooManyWaiters, Waiters
+from worker.contract import ReleaseItem
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMITTED = ROOT / "docs" / "contract" / "openapi.json"
+
+
+def test_the_committed_openapi_document_is_the_apps() -> None:
+    committed = json.loads(COMMITTED.read_text()) if COMMITTED.exists() else None
+    assert committed == openapi_document(), (
+        "docs/contract/openapi.json differs from the api's OpenAPI document: regenerate it "
+        "with `release-worker api --print-openapi > docs/contract/openapi.json`"
+    )
+
+
+class _Teapot:
+    async def answer(self, request: object) -> HttpAnswer:
+        return HttpAnswer(422, {"description": "d", "errors": []})
+
+
+async def test_the_app_serves_its_document_and_the_probes() -> None:
+    ready = [False]
+    app = create_app(_Teapot(), lambda: True, lambda: ready[0])
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        document = (await client.get("/openapi.json")).json()
+        assert document == openapi_document()
+        assert document["openapi"].startswith("3.1")
+        assert document["components"]["schemas"]["ReleaseRequest"]["required"] == ["cartId"]
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 503
+        ready[0] = True
+        assert (await client.get("/readyz")).status_code == 200
+        response = await client.post("/v1/cart/release", content=b"{}")
+        assert response.status_code == 422
+        assert response.headers["content-type"] == "application/json"
+        assert "release_api_requests_total" in (await client.get("/metrics")).text
+
+
+@pytest.mark.parametrize(
+    ("accept", "ok"),
+    [
+        ("application/json", True),
+        ("*/*", True),
+        ("", True),
+        ("text/html, application/*;q=0.5", True),
+        ("Application/JSON; charset=utf-8", True),
+        ("text/html", False),
+        ("application/json;q=0", False),
+        ("application/xml, text/plain", False),
+    ],
+)
+def test_accept_must_allow_json(accept: str, ok: bool) -> None:
+    assert accepts_json(accept) is ok
+
+
+def test_the_event_id_is_added_to_the_body_and_nothing_else_changes() -> None:
+    body = b'{"cartId": "c", "items": null, "x": {"y": [1, 2.5]}}'
+    assert orjson.loads(inject_event_id(body, "e1")) == {
+        "cartId": "c",
+        "items": None,
+        "x": {"y": [1, 2.5]},
+        "eventId": "e1",
+    }
+
+
+def _item(rid: str, outcome: str = "released") -> dict[str, object]:
+    return {"cartItemId": f"i-{rid}", "itemReservationId": rid, "success": True, "outcome": outcome}
+
+
+def test_the_200_body_lists_items_in_request_order_then_the_rest_by_reservation_id() -> None:
+    asked = [
+        ReleaseItem.model_validate({"cartItemId": f"i-{rid}", "itemReservationId": rid})
+        for rid in ("b", "a")
+    ]
+    result = Released({rid: _item(rid) for rid in ("a", "z", "b", "c")})
+    body = released_body("cart", asked, result)
+    assert [i["itemReservationId"] for i in body["items"]] == ["b", "a", "c", "z"]
+    assert body["items"][0] == _item("b")
+    assert body["cartId"] == "cart"
+    whole = released_body("cart", None, result)
+    assert [i["itemReservationId"] for i in whole["items"]] == ["a", "b", "c", "z"]
+
+
+def _result(
+    partner: bytes | None, event: bytes, payload: dict[str, object], count: int | None = None
+) -> tuple[list[tuple[str, bytes]], bytes]:
+    headers = [("event-id", event)]
+    if partner is not None:
+        headers.append(("partner-id", partner))
+    if count is not None:
+        headers.append(("result-count", str(count).encode()))
+    return headers, orjson.dumps({"type": "item_result", **payload})
+
+
+async def test_a_waiter_completes_when_all_its_items_arrived_and_ignores_others() -> None:
+    waiters = Waiters(limit=10)
+    with waiters.waiting((b"p", b"e"), expected=2) as future:
+        waiters.offer(*_result(b"p", b"other", _item("x")))
+        waiters.offer(*_result(b"q", b"e", _item("x")))  # another partner's event
+        waiters.offer(*_result(None, b"e", _item("x")))  # no partner named
+        waiters.offer(*_result(b"p", b"e", _item("a")))
+        waiters.offer(*_result(b"p", b"e", _item("a")))  # a duplicate (at least once)
+        assert not future.done()
+        waiters.offer(*_result(b"p", b"e", _item("b")))
+        assert future.result() == Released(
+            {"a": _item("a") | {"type": "item_result"}, "b": _item("b") | {"type": "item_result"}}
+        )
+    assert len(waiters) == 0  # nothing kept once the request left
+    assert (waiters.matched, waiters.ignored) == (3, 3)
+
+
+async def test_a_whole_cart_waiter_completes_by_the_result_count_header() -> None:
+    waiters = Waiters(limit=10)
+    with waiters.waiting((b"p", b"e"), expected=None) as future:
+        waiters.offer(*_result(b"p", b"e", _item("a"), count=2))
+        assert not future.done()
+        waiters.offer(*_result(b"p", b"e", _item("b"), count=2))
+        assert isinstance(future.result(), Released)
+
+
+async def test_a_rejection_completes_every_waiter_of_the_key() -> None:
+    waiters = Waiters(limit=10)
+    rejected = {
+        "type": "event_rejected",
+        "eventId": "e",
+        "cartId": "c",
+        "status": 422,
+        "description": "d",
+        "errors": [{"code": "cart_not_found", "message": "m", "value": None}],
+        "processedAt": "2026-01-01T00:00:00.000Z",
+    }
+    with waiters.waiting((b"p", b"e"), 1) as first, waiters.waiting((b"p", b"e"), 1) as second:
+        assert first is second
+        waiters.offer([("event-id", b"e"), ("partner-id", b"p")], orjson.dumps(rejected))
+        assert first.result() == Refused(422, {"description": "d", "errors": rejected["errors"]})
+    assert len(waiters) == 0
+
+
+async def test_waiters_are_bounded() -> None:
+    waiters = Waiters(limit=2)
+    with waiters.waiting((b"p", b"1"), 1), waiters.waiting((b"p", b"2"), 1):
+        with pytest.raises(TooManyWaiters), waiters.waiting((b"p", b"3"), 1):
+            pass
+        with waiters.waiting((b"p", b"2"), 1):  # a retry of a waited key is no new entry
+            pass
+    with waiters.waiting((b"p", b"3"), 1) as future:
+        assert not future.done()
+    await asyncio.sleep(0)
