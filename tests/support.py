@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -161,3 +162,25 @@ def http_get(port: int, path: str, timeout_s: float = 10.0) -> tuple[int, str]:
         return response.status, response.read().decode()
     finally:
         connection.close()
+
+
+METRIC_NAME = re.compile(r"\brelease_(?:worker|api)_[a-z0-9_]+")
+SERIES_SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
+
+
+def exported_series(exposition: str) -> set[str]:
+    """Every series name a /metrics page declares (`# TYPE` lines), present or not yet
+    (a labelled gauge has no sample until its first label): histograms with their
+    `_bucket`, `_sum` and `_count` series."""
+    names = set()
+    for line in exposition.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            names.add(name)
+            names.update(name + suffix for suffix in SERIES_SUFFIXES.get(kind, ()))
+    return names
+
+
+def queried_series(text: str) -> set[str]:
+    """The release_worker_* / release_api_* series a PromQL text (or a dashboard) names."""
+    return set(METRIC_NAME.findall(text))
