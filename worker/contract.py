@@ -336,6 +336,16 @@ class ResultHeaders(_HeadersModel):
         default=None,
         alias=TAG_HEADER,
     )
+    traceparent: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+        description="W3C trace context of the span that produced the result, only when the "
+        "worker traces (OTEL_* variables; docs/operations.md: Tracing). A duplicate carries "
+        "the first one's.",
+    )
+    tracestate: str | None = Field(
+        None, description="W3C trace state that came with the input's `traceparent`, if any."
+    )
 
 
 def _without_api_key(schema: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from opentelemetry.trace import SpanKind
 from tests.integration.conftest import World, reserve
 from tests.support import produce, read_results, running_worker
 from worker import tracing
+from worker.contract import ResultHeaders
 from worker.scenario import Event, abandon_event
 
 pytestmark = pytest.mark.integration
@@ -78,6 +79,8 @@ async def test_results_continue_the_inputs_trace_and_sql_statements_are_child_sp
     assert record_span.name == "release record"
     assert record_span.parent is not None
     assert record_span.parent.span_id == checkout.get_span_context().span_id
+    # The contract's result headers name it (tracing adds no header they refuse).
+    ResultHeaders.model_validate({k: v.decode() for k, v in e1[0].headers.items()})
     # The replay is the first result byte for byte, traceparent included (G2).
     assert len(e1) == 2
     assert (e1[0].value, e1[0].headers) == (e1[1].value, e1[1].headers)
