@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import platform
 from collections.abc import Sequence
@@ -46,6 +48,10 @@ class Measurement:
     throughput_series: list[tuple[float, float]] = field(default_factory=list)  # (s, items/s)
     latency_series: list[tuple[float, float, float]] = field(default_factory=list)  # p50, p99
     memory_series: list[tuple[float, float]] = field(default_factory=list)  # (s, MiB)
+    # The scale scenario: one entry per step (`scale_figures`), and (s since the stream
+    # started, records answered/s, records waiting) every 0.25 s.
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    scale_series: list[tuple[float, float, float]] = field(default_factory=list)
 
     @property
     def records_per_s(self) -> float:
@@ -84,6 +90,59 @@ class Measurement:
             correct=self.correct,
         )
         return data
+
+
+def scale_figures(
+    sent_ms: Sequence[int],
+    answered_ms: Sequence[int],
+    changes: Sequence[tuple[int, int]],
+    stream_end_ms: int,
+    tick_ms: int = 250,
+) -> tuple[list[dict[str, Any]], list[tuple[float, float, float]]]:
+    """Per step of a scale run: the longest time with no record answered and the most
+    records waiting (produced, not yet answered), from the records' send times and the
+    times their last result was published. `changes` holds (unix ms, processes) for each
+    step's start; the last step lasts until the stream ended and every record was answered.
+    Also the series for the plot, one point per `tick_ms`."""
+    sent, answered = sorted(sent_ms), sorted(answered_ms)
+    if not sent or not answered or not changes:
+        return [], []
+    start = changes[0][0]
+    end = max(stream_end_ms, answered[-1])
+    bounds = [c for c, _ in changes[1:]] + [end]
+    # Each gap between two answers (the stream's start counts as one) goes to every step
+    # it overlaps: a pause across a step change shows in both.
+    moments = [start, *(a for a in answered if a >= start)]
+    gaps = list(itertools.pairwise(moments))
+
+    def waiting(t: int) -> int:
+        return bisect.bisect_right(sent, t) - bisect.bisect_right(answered, t)
+
+    steps = []
+    for (begin, processes), finish in zip(changes, bounds, strict=True):
+        longest = max((b - a for a, b in gaps if b > begin and a < finish), default=0)
+        peak = max(waiting(t) for t in range(begin, finish + 1, tick_ms))
+        steps.append(
+            {
+                "processes": processes,
+                "seconds": round((finish - begin) / 1000, 1),
+                "answered": bisect.bisect_left(answered, finish)
+                - bisect.bisect_left(answered, begin),
+                "longest_gap_ms": longest,
+                "peak_waiting": peak,
+            }
+        )
+    series = [
+        (
+            round((t - start) / 1000, 2),
+            (bisect.bisect_right(answered, t) - bisect.bisect_right(answered, t - tick_ms))
+            * 1000
+            / tick_ms,
+            float(waiting(t)),
+        )
+        for t in range(start, end + 1, tick_ms)
+    ]
+    return steps, series
 
 
 def latency_figures(samples_ms: Sequence[float]) -> dict[str, float]:
@@ -255,6 +314,9 @@ def plot(measurements: Sequence[Measurement], out_dir: Path, console: Console) -
         latency_lines.append((f"{name}: p50", m.latency_series))
         latency_lines.append((f"{name}: p99", [(t, p99) for t, _, p99 in m.latency_series]))
     figure("latency.png", "Record→result latency over time", "ms", latency_lines)
+    for m in measurements:
+        if m.scale_series:
+            _scale_plot(plt, m, out_dir / "scale.png")
     figure(
         "memory.png",
         "Worker resident memory over time",
@@ -265,6 +327,30 @@ def plot(measurements: Sequence[Measurement], out_dir: Path, console: Console) -
             if m.memory_series and m.system.startswith("worker")
         ],
     )
+
+
+def _scale_plot(plt: Any, m: Measurement, path: Path) -> None:
+    """Records answered per second and records waiting through the scale steps."""
+    fig, answered = plt.subplots(figsize=(10, 5))
+    t = [p[0] for p in m.scale_series]
+    answered.plot(t, [p[1] for p in m.scale_series], label="records answered/s", lw=1)
+    answered.set_xlabel("seconds since the stream started")
+    answered.set_ylabel("records answered/s")
+    waiting = answered.twinx()
+    waiting.plot(t, [p[2] for p in m.scale_series], color="tab:red", label="records waiting")
+    waiting.set_ylabel("records waiting (produced, not answered)")
+    at = 0.0
+    for step in m.steps:
+        answered.axvline(at, color="grey", ls=":")
+        answered.annotate(
+            f"{step['processes']} proc.", (at, 0), xytext=(3, 3), textcoords="offset points"
+        )
+        at += step["seconds"]
+    answered.set_title(f"Scale steps: {m.mode}")
+    fig.legend(loc="upper right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def markdown(document: dict[str, Any]) -> str:

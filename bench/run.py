@@ -3,7 +3,8 @@
 Order: the baselines (db_limit by pgbench and by asyncpg, kafka_pipe, naive) on the
 steady scenario; the worker on steady, hot stock, whole-cart and a burst; the worker
 at a fixed offered rate (open loop) derived from its measured maximum; the worker with
-1, 2 and 4 processes in one group. Each run has its own topics, group, partner and
+1, 2 and 4 processes in one group; and a scale step: an open-loop stream while the group
+goes 1 → 3 → 1 processes (`Bench.scale`). Each run has its own topics, group, partner and
 freshly seeded reservations, and is checked for complete, correct results.
 """
 
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import tempfile
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench import dblimit
 from bench.observe import CpuSplit, Processes, ResultReader
-from bench.report import Measurement, latency_figures, percentile, table, write
+from bench.report import (
+    Measurement,
+    latency_figures,
+    percentile,
+    scale_figures,
+    table,
+    write,
+)
 from bench.workload import (
     PARTITIONS,
     Scenario,
@@ -76,6 +85,12 @@ class Plan:
     db_connections: int = 8
     stall_s: float = 60.0
     profile: bool = False  # py-spy the worker processes (collapsed stacks in out_dir/profiles)
+    # The scale scenario: processes in the group at each step, each step this long, at
+    # this rate (None: `scale_fraction` of the worker's measured steady maximum).
+    scale_steps: tuple[int, ...] = ()
+    scale_step_s: float = 20.0
+    scale_rate: float | None = None
+    scale_fraction: float = 0.5
     scenarios: dict[str, Scenario] = field(
         default_factory=lambda: {s.name: s for s in (STEADY, HOT, WHOLE, BURST)}
     )
@@ -94,6 +109,7 @@ FULL = Plan(
     open_loop_s=20.0,
     rate_fractions=(0.25, 0.5),
     scaling=(1, 2, 4),
+    scale_steps=(1, 3, 1),
 )
 QUICK = Plan(
     steady=3_000,
@@ -110,6 +126,25 @@ QUICK = Plan(
     scaling=(),
     batch=250,
 )
+
+
+def only_scale(rate: float, plan: Plan = FULL) -> Plan:
+    """`plan` reduced to its scale scenario, at `rate` records/s."""
+    return replace(
+        plan,
+        steady=0,
+        hot=0,
+        whole_cart=0,
+        burst=0,
+        naive=0,
+        kafka_pipe=0,
+        db_asyncpg=0,
+        pgbench_clients=0,
+        rate_fractions=(),
+        scaling=(),
+        scale_steps=plan.scale_steps or FULL.scale_steps,
+        scale_rate=rate,
+    )
 
 
 class Bench:
@@ -159,6 +194,11 @@ class Bench:
             for processes in p.scaling:
                 if processes > 1:
                     await self.system("worker", WORKER, steady, p.steady, processes=processes)
+        scale_rate = p.scale_rate
+        if scale_rate is None and worker_steady is not None:
+            scale_rate = p.scale_fraction * worker_steady.records_per_s
+        if p.scale_steps and scale_rate:
+            await self.scale(steady, scale_rate)
         return self.measurements
 
     # ------------------------------------------------------------------ baselines
@@ -255,11 +295,11 @@ class Bench:
                 started_at = time.time()
                 split.start()
                 procs.start()
-                await self._read(reader, procs, task)
+                await self._read(reader, procs.failed, task)
             else:
                 split.start()
                 procs.start()
-                reading = asyncio.create_task(self._read(reader, procs, task))
+                reading = asyncio.create_task(self._read(reader, procs.failed, task))
                 # Not measured: a few records to wait for the group join, then WARMUP_S at
                 # the rate (plan caches, buffers, batch sizes settle); then measured.
                 n = len(workload.events)
@@ -282,7 +322,94 @@ class Bench:
         self.measurements.append(m)
         return m
 
-    async def _read(self, reader: ResultReader, procs: Processes, task: Any) -> None:
+    async def scale(self, scenario: Scenario, rate: float) -> Measurement:
+        """An open-loop stream at `rate` while the group goes through `plan.scale_steps`
+        processes, each step `plan.scale_step_s` long: a step up starts processes, a step
+        down sends SIGTERM to the newest ones (they drain, publish, commit and leave). After
+        the stream, every result is awaited and checked as in any run."""
+        p = self.plan
+        steps = p.scale_steps
+        mode = f"open loop {rate:,.0f} rec/s, {' → '.join(map(str, steps))} processes"
+        task = self.progress.add_task(f"scale · worker · {mode}: seeding", total=None)
+        settings = topic_settings(self.base, "scale-worker")
+        await create_topics(settings)
+        joined = 50  # answered before the stream starts: the group has formed
+        workload = await prepare(
+            self.pool, scenario, joined + int(rate * p.scale_step_s * len(steps))
+        )
+        n = len(workload.events)
+        self.progress.update(task, total=workload.expected_items, description=f"scale · {mode}")
+        sent_at: dict[str, int] = {}
+        reader = ResultReader(
+            settings.kafka_bootstrap or "",
+            settings.results_topic,
+            workload.expected_items,
+            sent_at,
+            scenario.items_per_cart,
+            PARTITIONS,
+        )
+        log = self.out_dir / "logs" / f"{settings.group_id}.log"
+        env = _env(settings)
+        live: list[Processes] = []  # one entry per step up, newest last
+        stopped: list[Processes] = []
+        codes: list[int | None] = []
+
+        def failed() -> str | None:
+            return next((f for g in live if (f := g.failed())), None)
+
+        async def step_down(by: int) -> None:
+            while by > 0:
+                group = live.pop()
+                codes.extend(await group.stop())
+                stopped.append(group)
+                by -= len(group.procs)
+
+        producer = make_producer(settings.kafka_bootstrap or "")
+        await producer.start()
+        changes: list[tuple[int, int]] = []  # (unix ms, processes from then on)
+        try:
+            live.append(Processes(WORKER, env, log, steps[0]))
+            live[0].start()
+            reading = asyncio.create_task(self._read(reader, failed, task))
+            await produce(producer, settings.input_topic, workload, range(joined), sent_at)
+            await reader.reached(joined * scenario.items_per_cart)
+            stream = asyncio.create_task(
+                produce(producer, settings.input_topic, workload, range(joined, n), sent_at, rate)
+            )
+            changes.append((int(time.time() * 1000), steps[0]))
+            for before, after in itertools.pairwise(steps):
+                await asyncio.sleep(p.scale_step_s)
+                # A step starts with the processes' start or SIGTERM (a stop takes a while).
+                changes.append((int(time.time() * 1000), after))
+                if after > before:
+                    live.append(Processes(WORKER, env, log, after - before))
+                    live[-1].start()
+                else:
+                    await step_down(before - after)
+            await stream
+            stream_end = int(time.time() * 1000)
+            await reading
+        finally:
+            await producer.stop()
+            await step_down(sum(len(g.procs) for g in live))
+        m = self._measure("worker", scenario, mode, reader, stopped[-1], changes[0][0] / 1000)
+        m.offered_rate, m.processes = rate, max(steps)
+        m.peak_rss_mb = round(max(peak for g in stopped for peak in g.peaks), 1)
+        m.cpu_s = round(sum(c for g in stopped for c in g.cpu_s), 2)
+        measured = [e for e in workload.event_ids[joined:]]
+        m.steps, m.scale_series = scale_figures(
+            [sent_at[e] for e in measured],
+            [ts for ts, _, sent in reader.collected.completions if sent >= changes[0][0]],
+            changes,
+            stream_end,
+        )
+        await self._check(m, workload, reader, codes, settings, "worker")
+        self.measurements.append(m)
+        return m
+
+    async def _read(
+        self, reader: ResultReader, failed: Callable[[], str | None], task: Any
+    ) -> None:
         """Read results until complete; give up early if a system process died."""
 
         def progress(n: int) -> None:
@@ -290,12 +417,12 @@ class Bench:
 
         reading = asyncio.create_task(reader.run(self.plan.stall_s, progress))
         while not reading.done():
-            failed = procs.failed()
-            if failed:
+            died = failed()
+            if died:
                 reading.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reading
-                raise RuntimeError(failed)
+                raise RuntimeError(died)
             await asyncio.wait([reading], timeout=0.5)
         reading.result()
 

@@ -179,6 +179,10 @@ def bench(
     profile: Annotated[
         bool, typer.Option(help="Sample the worker processes with py-spy (`bench` extra).")
     ] = False,
+    scale_only: Annotated[
+        float | None,
+        typer.Option(help="Run only the scale scenario (1 → 3 → 1 processes) at this rec/s."),
+    ] = None,
 ) -> None:
     """Measure the worker end to end against the db_limit, kafka_pipe and naive baselines
     on embedded servers (or WORKER_* ones); print a table, write JSON and plots."""
@@ -186,7 +190,7 @@ def bench(
     from pathlib import Path
 
     try:
-        from bench.run import FULL, QUICK, RESULTS_DIR, run_bench, summary_ok
+        from bench.run import FULL, QUICK, RESULTS_DIR, only_scale, run_bench, summary_ok
     except ModuleNotFoundError as error:
         if error.name not in ("bench", "bench.run"):
             raise
@@ -206,6 +210,8 @@ def bench(
     )
     if not scaling:
         plan = replace(plan, scaling=())
+    if scale_only is not None:
+        plan = only_scale(scale_only)
     measurements, _ = asyncio.run(
         run_bench(
             settings, plan, Path(out) if out else RESULTS_DIR, label="quick" if quick else "full"
