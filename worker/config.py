@@ -45,7 +45,7 @@ class Settings(BaseSettings):
         "across restarts of this worker (e.g. a StatefulSet pod name). A restart within "
         "WORKER_SESSION_TIMEOUT_MS keeps its partitions without a rebalance; a worker that stops "
         "for good does not leave the group, so its partitions wait that long "
-        "(docs/operations.md: Scaling). Unset: dynamic membership.",
+        "(docs/operations.md: Static membership). Unset: dynamic membership.",
     )
     metrics_port: int = Field(
         9400, ge=0, le=65535, description="Port of /metrics, /healthz, /readyz (0 = off)."
