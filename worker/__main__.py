@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from worker import logs
-from worker.cli import inspection, offsets, outbox, tail
+from worker.cli import dlq, inspection, offsets, outbox, tail
 from worker.cli.common import load_settings
 from worker.cli.contract import contract_app
 from worker.errors import SchemaNotReady, StartupError
@@ -32,6 +32,7 @@ app.command("offsets")(offsets.offsets)
 app.add_typer(outbox.app, name="outbox")
 app.command("tail")(tail.tail)
 app.add_typer(inspection.app, name="inspect")
+app.add_typer(dlq.app, name="dlq")
 
 
 @app.command()

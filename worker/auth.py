@@ -90,22 +90,11 @@ class Authenticator:
         return resolved
 
     def _decide(self, command: ReleaseCommand, partner: Partner | None) -> Partner | Rejection:
-        def reject(status: int, code: str, message: str, value: object = None) -> Rejection:
-            # A 403 knows its partner (its result names it); a 401 has none.
-            partner_id = partner.partner_id if status == 403 and partner else None
-            return Rejection(
-                status,
-                code,
-                message,
-                value,
-                command.event_id,
-                command.cart_id,
-                partner_id=partner_id,
-            )
-
         digest = command.api_key_sha256
         if not digest:
-            return reject(
+            return _reject(
+                command,
+                None,
                 401,
                 "missing_api_key",
                 "Header rokt-api-key is required: send the partner's API key.",
@@ -113,24 +102,56 @@ class Authenticator:
         # The stored digest is compared in constant time, so the time taken does not
         # reveal how much of it matched. (The key never appears in the value echoed back.)
         if partner is None or not hmac.compare_digest(partner.api_key_sha256, digest):
-            return reject(
+            return _reject(
+                command,
+                None,
                 401,
                 "unknown_api_key",
                 "The rokt-api-key is not known: check the key, or ask for a new one if it "
                 "was revoked.",
             )
-        if partner.status != "active":
-            return reject(
-                403,
-                "partner_suspended",
-                "The partner is suspended; contact support to reactivate it.",
-            )
-        if partner.tag_ids and command.tag_id not in partner.tag_ids:
-            return reject(
-                403,
-                "tag_not_allowed",
-                "rokt-tag-id is not one of the partner's allowed tags; use one registered "
-                "for this key.",
-                command.tag_id,
-            )
-        return partner
+        return admit(command, partner)
+
+
+def admit(command: ReleaseCommand, partner: Partner) -> Partner | Rejection:
+    """The checks after the key: the partner is active and the record's tag is one of its
+    own. `release-worker dlq redrive` makes them too, for the partner a dead letter names."""
+    if partner.status != "active":
+        return _reject(
+            command,
+            partner,
+            403,
+            "partner_suspended",
+            "The partner is suspended; contact support to reactivate it.",
+        )
+    if partner.tag_ids and command.tag_id not in partner.tag_ids:
+        return _reject(
+            command,
+            partner,
+            403,
+            "tag_not_allowed",
+            "rokt-tag-id is not one of the partner's allowed tags; use one registered "
+            "for this key.",
+            command.tag_id,
+        )
+    return partner
+
+
+def _reject(
+    command: ReleaseCommand,
+    partner: Partner | None,
+    status: int,
+    code: str,
+    message: str,
+    value: object = None,
+) -> Rejection:
+    # A 403 knows its partner (its result names it); a 401 has none.
+    return Rejection(
+        status,
+        code,
+        message,
+        value,
+        command.event_id,
+        command.cart_id,
+        partner_id=partner.partner_id if partner is not None else None,
+    )

@@ -355,7 +355,8 @@ def _without_api_key(schema: dict[str, Any]) -> None:
 
 class DeadLetterHeaders(_HeadersModel):
     """Headers of a `cart.abandoned.dlq` record: the original record's headers except
-    `rokt-api-key` (under their own names, values as sent), plus these `dlq-*` headers."""
+    `rokt-api-key` and any `dlq-*` (under their own names, values as sent), plus these
+    `dlq-*` headers."""
 
     model_config = ConfigDict(extra="allow", json_schema_extra=_without_api_key)
 
@@ -371,6 +372,13 @@ class DeadLetterHeaders(_HeadersModel):
     source_offset: str = Field(alias="dlq-source-offset", pattern=_DIGITS)
     attempts: str = Field(
         alias="dlq-attempts", pattern=_DIGITS, description="Attempts made before giving up."
+    )
+    partner_id: str | None = Field(
+        None,
+        alias="dlq-partner-id",
+        description="Present when the record was authenticated (a 500 or 504 of a partner's "
+        "release): the partner_id. `release-worker dlq redrive` applies the record as this "
+        "partner, without its API key. A sender's own `dlq-*` headers are dropped.",
     )
     truncated: str | None = Field(
         None,

@@ -29,6 +29,9 @@ from worker.contract import (
 from worker.records import Headers, OutboxMessage, RawRecord
 from worker.validate import Rejection, acceptable_header
 
+DLQ_HEADER_PREFIX = "dlq-"
+DLQ_PARTNER_ID_HEADER = "dlq-partner-id"
+
 
 @dataclass(frozen=True, slots=True)
 class Topics:
@@ -144,15 +147,22 @@ def dead_letter(
     topic: str,
     max_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
 ) -> OutboxMessage:
-    """The record as it came (its API key header removed), with the `dlq-*` headers.
+    """The record as it came (its API key header and any `dlq-*` header removed), with the
+    worker's `dlq-*` headers.
 
     A broker refuses a message over its limit, and a refused dead letter would be parked
     instead of published: one that would not fit is shrunk to `max_bytes`. Its value is
     cut (`dlq-truncated` says how long it was) and, should its own headers not fit even
     then, those go too (`dlq-headers-dropped` says how many). Key and `dlq-*` headers stay.
     """
-    kept: Headers = tuple((n, v) for n, v in record.headers if n.lower() != API_KEY_HEADER)
-    added = (
+    # The `dlq-*` names are the worker's: a sender's own are dropped, so none can pose as
+    # ours (`release-worker dlq redrive` acts as the partner `dlq-partner-id` names).
+    kept: Headers = tuple(
+        (n, v)
+        for n, v in record.headers
+        if n.lower() != API_KEY_HEADER and not n.lower().startswith(DLQ_HEADER_PREFIX)
+    )
+    added: tuple[tuple[str, str], ...] = (
         ("dlq-status", str(rejection.status)),
         ("dlq-code", rejection.code),
         ("dlq-error", rejection.message),
@@ -161,6 +171,9 @@ def dead_letter(
         ("dlq-source-offset", str(record.offset)),
         ("dlq-attempts", str(rejection.attempts)),
     )
+    if rejection.partner_id is not None:
+        # The record was authenticated as this partner (a 500/504 of its release).
+        added += ((DLQ_PARTNER_ID_HEADER, rejection.partner_id),)
     dlq: Headers = tuple((n, v.encode()) for n, v in added)
     value = record.value
     if message_bytes(record.key, value, kept + dlq) > max_bytes:

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from worker.auth import Partner
 from worker.store import Db, decode_headers
 
 
@@ -161,3 +162,25 @@ async def cart_outbox(db: Db, cart_id: str, topic: str) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+async def partner_by_id(db: Db, partner_id: str) -> Partner | None:
+    row = await db.fetchrow(
+        "SELECT partner_id, api_key_sha256, tag_ids, status FROM partners WHERE partner_id = $1",
+        partner_id,
+    )
+    return None if row is None else Partner(row[0], bytes(row[1]), tuple(row[2]), row[3])
+
+
+async def applied_from(db: Db, partner_id: str, event_id: str) -> str | None:
+    """The input position (`topic/partition/offset`) of the record that applied this event,
+    or None if the inbox has no such event: the idempotency check of a re-drive."""
+    row = await db.fetchrow(
+        """
+        SELECT source_topic, source_partition, source_offset FROM inbox
+         WHERE partner_id = $1 AND event_id = $2
+        """,
+        partner_id,
+        event_id,
+    )
+    return None if row is None else f"{row[0]}/{row[1]}/{row[2]}"

@@ -4,6 +4,7 @@ CliRunner on `worker.__main__.app`), against the embedded servers and the real w
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -13,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from typer.testing import CliRunner, Result
 
 from tests.integration.conftest import World, reserve
-from tests.support import produce, read_results, running_worker, settings_env
+from tests.support import produce, read_results, read_topic, running_worker, settings_env
 from worker import store
 from worker.__main__ import app
 from worker.admin import ensure_topics
@@ -224,3 +225,113 @@ async def test_tail_from_the_end_follows_only_new_results(world: World) -> None:
         await producer.stop()
     (line,) = json_lines(await follower)
     assert line["result"] == {"n": "new"}
+
+
+async def test_a_dead_lettered_release_is_redriven_once_after_its_fix_and_only_then(
+    world: World, db: asyncpg.Pool
+) -> None:
+    # JSON log lines: the audit trail is read back below.
+    settings = world.settings.model_copy(update={"poison_max_attempts": 2, "log_format": "json"})
+    cart, reservation, event_id = f"{world.prefix}-dc", f"{world.prefix}-d1", f"{world.prefix}-e1"
+    # A status the worker does not know makes apply_batch raise: a 500 and a dead letter.
+    await reserve(db, world, reservation, cart, "i1", 4, status="mystery")
+    poison = abandon_event(cart, [("i1", reservation)], world.api_key, event_id=event_id)
+    unreadable = replace(abandon_event(cart, None, world.api_key), value=b"{not json")
+    async with running_worker(settings, partitions=1):
+        (source, _) = await produce(settings, [poison, unreadable])
+        letters = await read_topic(
+            settings.kafka_bootstrap or "", settings.dlq_topic, lambda s: len(s) >= 2
+        )
+    assert [dict(m.headers).get("dlq-code") for m in letters] == [
+        b"internal_error",
+        b"invalid_json",
+    ]
+    poisoned, bad = (f"{m.partition}:{m.offset}" for m in letters)
+    listed = {r["position"]: r for r in json_lines(await cli(settings, "dlq", "list", "--json"))}
+    assert listed[poisoned]["partner_id"] == world.partner_id
+    assert listed[poisoned]["event_id"] == event_id
+    assert listed[poisoned]["redrivable"] is True
+    assert listed[bad]["redrivable"] is False
+    assert [
+        r["position"]
+        for r in json_lines(await cli(settings, "dlq", "list", "--status", "400", "--json"))
+    ] == [bad]
+    shown = await cli(settings, "dlq", "show", bad)
+    assert shown.exit_code == 0, shown.output
+    assert "not strict JSON" in shown.stdout
+    assert "rokt-api-key" not in shown.stdout
+
+    async def state() -> tuple[Any, ...]:
+        row = await db.fetchrow(
+            "SELECT r.status, r.release_event_id, s.reserved FROM reservations r "
+            "JOIN stock s ON s.sku = r.sku WHERE r.reservation_id = $1",
+            reservation,
+        )
+        inbox = await db.fetch(
+            "SELECT source_partition, source_offset FROM inbox "
+            "WHERE partner_id = $1 AND event_id = $2",
+            world.partner_id,
+            event_id,
+        )
+        outbox = await db.fetchval("SELECT count(*) FROM outbox WHERE key = $1", cart.encode())
+        return (*row.values(), [tuple(r) for r in inbox], outbox) if row else ()
+
+    # Not fixed yet: the re-drive fails, changes nothing, and says so (exit 1).
+    unfixed = await cli(settings, "dlq", "redrive", poisoned)
+    assert unfixed.exit_code == 1, unfixed.output
+    assert "dlq_redrive_failed" in unfixed.stderr
+    assert await state() == ("mystery", None, 0, [], 0)
+
+    # The fix: the reservation is held again, as it should have been (I1 kept).
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "UPDATE reservations SET status = 'reserved' WHERE reservation_id = $1", reservation
+        )
+        await conn.execute("UPDATE stock SET reserved = reserved + 4 WHERE sku = $1", world.sku)
+    before = await state()
+    assert before == ("reserved", None, 4, [], 0)
+
+    dry = json_lines(await cli(settings, "dlq", "redrive", poisoned, "--dry-run", "--json"))
+    assert [(r["result"], r["detail"]) for r in dry] == [("would_apply", "1 released")]
+    assert await state() == before
+
+    refused = json_lines(await cli(settings, "dlq", "redrive", bad, "--json"))
+    assert [r["result"] for r in refused] == ["refused"]
+
+    applied = await cli(
+        settings, "dlq", "redrive", "--partner", world.partner_id, "--code", "internal_error"
+    )
+    assert applied.exit_code == 0, applied.output
+    assert "1 applied; 1 result(s) published" in applied.stdout
+    audit = [orjson.loads(line) for line in applied.stderr.splitlines() if line.startswith("{")]
+    (redriven,) = [a for a in audit if a["event"] == "dlq_redriven"]
+    assert redriven["result"] == "applied"
+    assert redriven["operator"]
+    assert redriven["dlq_position"] == poisoned
+    after = ("released", event_id, 0, [source], 0)
+    assert await state() == after
+
+    again = json_lines(await cli(settings, "dlq", "redrive", poisoned, "--json"))
+    assert [r["result"] for r in again] == ["already_applied"]
+    assert "re-driven before" in again[0]["detail"]
+    assert await state() == after
+
+    results = json_lines(
+        await cli(
+            settings, "tail", "--from", "beginning", "--no-follow", "--event", event_id, "--json"
+        )
+    )
+    assert [
+        (r["result"]["type"], r["result"].get("status"), r["result"].get("outcome"))
+        for r in results
+    ] == [
+        ("event_rejected", 500, None),
+        ("item_result", None, "released"),
+    ]
+    assert results[1]["partner_id"] == world.partner_id
+    inspected = json_lines(
+        await cli(settings, "inspect", "cart", cart, "--partner", world.partner_id, "--json")
+    )
+    (event,) = [r for r in inspected if r["kind"] == "event"]
+    assert event["position"] == f"{settings.input_topic}/{source[0]}/{source[1]}"
+    assert [r["outcome"] for r in event["results"]] == ["released"]

@@ -501,6 +501,8 @@ async def test_dead_letters_carry_the_original_bytes_and_the_dlq_headers(
         "dlq-source-partition": str(partition).encode(),
         "dlq-source-offset": str(offset).encode(),
         "dlq-attempts": b"5" if case.status == 500 else b"1",  # poison_max_attempts default
+        # An authenticated record's dead letter names its partner (dlq redrive acts as it).
+        **({"dlq-partner-id": (case.partner or "").encode()} if case.status == 500 else {}),
     }
 
 

@@ -67,3 +67,20 @@ def test_every_limit_is_met_exactly_or_under() -> None:
         assert size(letter) <= limit, limit
         assert letter.payload is not None
         assert size(letter) > limit - 16 or letter.payload == value, limit
+
+
+def test_an_authenticated_records_dead_letter_names_its_partner_and_no_sender_can_forge_it() -> (
+    None
+):
+    forged: Headers = (("DLQ-Partner-Id", b"victim"), ("dlq-status", b"200"), ("x-trace", b"t"))
+    poison = Rejection(500, "internal_error", "failed", dead_letter=True, partner_id="acme")
+    letter = dead_letter(record(b"{}", forged), poison, "dlq")
+    names = [n.lower() for n, _ in letter.headers]
+    assert names.count("dlq-partner-id") == 1
+    assert names.count("dlq-status") == 1
+    headers = dict(letter.headers)
+    assert headers["dlq-partner-id"] == b"acme"
+    assert headers["dlq-status"] == b"500"
+    assert headers["x-trace"] == b"t"
+    unknown = dead_letter(record(b"{}", forged), INVALID_JSON, "dlq")
+    assert not any(n.lower() == "dlq-partner-id" for n, _ in unknown.headers)

@@ -21,7 +21,6 @@ import typer
 from pydantic import ValidationError
 
 from worker.config import Settings
-from worker.retry import BROKER_ERRORS, DATABASE_ERRORS
 
 T = TypeVar("T")
 
@@ -69,12 +68,16 @@ def required(value: str | None, variable: str) -> str:
 
 def run(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run an async command body; a server that cannot be reached is a message and exit 1."""
+    from aiokafka.errors import KafkaError
+
     try:
         return asyncio.run(work())
-    except DATABASE_ERRORS as error:
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as error:
         typer.echo(f"error: PostgreSQL: {_reason(error)}", err=True)
-    except BROKER_ERRORS as error:
+    except KafkaError as error:
         typer.echo(f"error: Kafka: {_reason(error)}", err=True)
+    except (OSError, TimeoutError) as error:
+        typer.echo(f"error: a server could not be reached: {_reason(error)}", err=True)
     raise typer.Exit(1)
 
 
