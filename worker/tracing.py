@@ -13,7 +13,8 @@ What a trace shows (docs/operations.md: Tracing):
   not traced: they would be a root span every second per worker.
 
 Off (the default), none of this runs: the processor checks once per batch, asyncpg is
-not instrumented, and records carry no trace headers.
+not instrumented, records carry no trace headers, and the SDK is not even imported
+(the spans live in worker/spans.py).
 
 Propagation is the SDK's (`opentelemetry.propagate`, `OTEL_PROPAGATORS`, W3C trace
 context by default). The aiokafka instrumentation is not used: it adds a new
@@ -24,131 +25,15 @@ first (G2), and it names the send, not the span that produced the result.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import replace
 from importlib.metadata import entry_points
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING
 
-from opentelemetry import propagate, trace
-from opentelemetry.propagators.textmap import Getter, Setter
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.trace import Link, SpanKind
-from opentelemetry.util.types import AttributeValue
+if TYPE_CHECKING:  # the SDK is imported only when tracing is turned on
+    from opentelemetry.trace import TracerProvider
 
-from worker.records import Headers, RawRecord
+    from worker.spans import Tracing
 
 SERVICE = "cart-release-worker"
-T = TypeVar("T")
-
-
-class _HeaderGetter(Getter[Headers]):
-    def get(self, carrier: Headers, key: str) -> list[str] | None:
-        found = [v.decode(errors="replace") for k, v in carrier if k.lower() == key and v]
-        return found or None
-
-    def keys(self, carrier: Headers) -> list[str]:
-        return [k for k, _ in carrier]
-
-
-class _HeaderSetter(Setter[list[tuple[str, bytes | None]]]):
-    def set(self, carrier: list[tuple[str, bytes | None]], key: str, value: str) -> None:
-        carrier.append((key, value.encode()))
-
-
-_GETTER, _SETTER = _HeaderGetter(), _HeaderSetter()
-
-
-class Tracing:
-    """Spans of the worker's batches and records, from one tracer provider."""
-
-    def __init__(self, provider: trace.TracerProvider) -> None:
-        self._tracer = provider.get_tracer("worker", schema_url=None)
-
-    async def batch(
-        self,
-        topic: str,
-        records: Sequence[RawRecord],
-        process: Callable[[Sequence[RawRecord]], Awaitable[T]],
-    ) -> T:
-        """Run `process` on the records inside the batch span, each record carrying the
-        `traceparent` of its own span (`RawRecord.trace_headers`), which its results get."""
-        contexts = [propagate.extract(r.headers, getter=_GETTER) for r in records]
-        parents = [trace.get_current_span(c).get_span_context() for c in contexts]
-        links = [Link(p) for p in parents if p.is_valid]
-        attributes: dict[str, AttributeValue] = {
-            "messaging.system": "kafka",
-            "messaging.operation.type": "process",
-            "messaging.destination.name": topic,
-            "messaging.batch.message_count": len(records),
-        }
-        with self._tracer.start_as_current_span(
-            f"{topic} process", kind=SpanKind.CONSUMER, links=links, attributes=attributes
-        ):
-            spans = [
-                self._tracer.start_span(
-                    "release record",
-                    context=context if parent.is_valid else None,
-                    attributes={
-                        "messaging.destination.name": r.topic,
-                        "messaging.destination.partition.id": str(r.partition),
-                        "messaging.kafka.offset": r.offset,
-                    },
-                )
-                for r, context, parent in zip(records, contexts, parents, strict=True)
-            ]
-            try:
-                traced = [
-                    replace(r, trace_headers=_traceparent(span))
-                    for r, span in zip(records, spans, strict=True)
-                ]
-                return await process(traced)
-            finally:
-                for span in spans:
-                    span.end()
-
-
-def _traceparent(span: trace.Span) -> Headers:
-    carrier: list[tuple[str, bytes | None]] = []
-    propagate.inject(carrier, context=trace.set_span_in_context(span), setter=_SETTER)
-    return tuple(carrier)
-
-
-class _ChildSpansOnly(trace.TracerProvider):
-    """Tracers that record a span only inside another one: the asyncpg instrumentation
-    starts a span for every statement, also those of background passes."""
-
-    def __init__(self, provider: trace.TracerProvider) -> None:
-        self._provider = provider
-
-    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
-        return _ChildTracer(self._provider.get_tracer(*args, **kwargs))
-
-
-class _ChildTracer(trace.Tracer):
-    def __init__(self, tracer: trace.Tracer) -> None:
-        self._tracer = tracer
-
-    def start_span(self, name: str, context: Any = None, *args: Any, **kwargs: Any) -> trace.Span:
-        parent = trace.get_current_span(context).get_span_context()
-        if not parent.is_valid:
-            return trace.INVALID_SPAN
-        return self._tracer.start_span(name, context, *args, **kwargs)
-
-    @contextmanager
-    def start_as_current_span(  # type: ignore[override]
-        self, name: str, *args: Any, **kwargs: Any
-    ) -> Iterator[trace.Span]:
-        context = kwargs.get("context", args[0] if args else None)
-        if not trace.get_current_span(context).get_span_context().is_valid:
-            yield trace.INVALID_SPAN
-            return
-        with self._tracer.start_as_current_span(name, *args, **kwargs) as span:
-            yield span
-
-
 _active: Tracing | None = None
 
 
@@ -157,27 +42,23 @@ def active() -> Tracing | None:
     return _active
 
 
-def enable(provider: trace.TracerProvider) -> Tracing:
+def enable(provider: TracerProvider) -> Tracing:
     """Trace batches with `provider`, and PostgreSQL statements inside them."""
-    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+    from worker import spans
 
     global _active
-    instrumentor = AsyncPGInstrumentor()  # type: ignore[no-untyped-call]
-    if instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.uninstrument()
-    instrumentor.instrument(tracer_provider=_ChildSpansOnly(provider))
-    _active = Tracing(provider)
+    spans.instrument_asyncpg(provider)
+    _active = spans.Tracing(provider)
     return _active
 
 
 def disable() -> None:
-    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
-
     global _active
+    if _active is not None:
+        from worker import spans
+
+        spans.uninstrument_asyncpg()
     _active = None
-    instrumentor = AsyncPGInstrumentor()  # type: ignore[no-untyped-call]
-    if instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.uninstrument()
 
 
 def wanted(environ: dict[str, str] | os._Environ[str] = os.environ) -> list[str]:
@@ -203,6 +84,11 @@ def configure_from_environment() -> Tracing | None:
     names = wanted()
     if not names:
         return None
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+
     exporters: list[SpanExporter] = []
     for name in names:
         found = entry_points(group="opentelemetry_traces_exporter", name=name)
@@ -216,7 +102,7 @@ def configure_from_environment() -> Tracing | None:
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: SERVICE}))
-    provider = TracerProvider(resource=resource)  # the sampler: OTEL_TRACES_SAMPLER
+    provider = SdkTracerProvider(resource=resource)  # the sampler: OTEL_TRACES_SAMPLER
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
@@ -225,6 +111,11 @@ def configure_from_environment() -> Tracing | None:
 
 def shutdown() -> None:
     """Flush and stop the exporters (at exit)."""
+    if _active is None:
+        return
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+
     provider = trace.get_tracer_provider()
-    if isinstance(provider, TracerProvider):
+    if isinstance(provider, SdkTracerProvider):
         provider.shutdown()
