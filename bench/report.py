@@ -177,6 +177,37 @@ def ratios(m: Measurement, measurements: Sequence[Measurement]) -> dict[str, flo
     return found
 
 
+def sustained(measurements: Sequence[Measurement], target_ms: float) -> dict[str, Any]:
+    """The HTTP path's highest offered rate answered correctly, with every answer a 200
+    and p99 within `target_ms`; and the lowest rate above it that was not."""
+    rows = [m for m in measurements if m.system == "api+worker" and m.offered_rate]
+    passed = [m.offered_rate or 0 for m in rows if m.correct and m.checks["within_p99_target"]]
+    best = max(passed, default=None)
+    failed = [
+        m.offered_rate or 0
+        for m in rows
+        if not m.checks["within_p99_target"] and (best is None or (m.offered_rate or 0) > best)
+    ]
+    return {
+        "p99_target_ms": target_ms,
+        "rate": None if best is None else round(best, 1),
+        "lowest_failing_rate": round(min(failed), 1) if failed else None,
+    }
+
+
+def sustained_line(found: dict[str, Any]) -> str:
+    target = f"p99 ≤ {found['p99_target_ms']:,.0f} ms"
+    if found["rate"] is None:
+        return f"The api sustained no rate tried with {target} and every answer a 200."
+    above = found["lowest_failing_rate"]
+    return (
+        f"Highest rate the api sustained with {target} and every answer a 200: "
+        f"{found['rate']:,.0f} req/s"
+        + ("" if above is None else f" ({above:,.0f} req/s did not)")
+        + "."
+    )
+
+
 def _ms(value: float | None) -> str:
     return "—" if value is None or math.isnan(value) else f"{value:,.0f}"
 
@@ -390,6 +421,8 @@ def markdown(document: dict[str, Any]) -> str:
             )
             + f" | {'yes' if m['correct'] else 'NO'} |"
         )
+    if document.get("api_sustained", {}).get("rate") is not None:
+        lines += ["", sustained_line(document["api_sustained"])]
     return "\n".join(lines)
 
 

@@ -2,8 +2,10 @@
 
 Order: the baselines (db_limit by pgbench and by asyncpg, kafka_pipe, naive) on the
 steady scenario; the worker on steady, hot stock, whole-cart and a burst; the worker
-at a fixed offered rate (open loop) derived from its measured maximum; the worker with
-1, 2 and 4 processes in one group; and a scale step: an open-loop stream while the group
+at a fixed offered rate (open loop) derived from its measured maximum; the HTTP path
+(`release-worker api` in front of the worker) at the same rates, then at rising rates
+up to the highest whose p99 stays within the target; the worker with 1, 2 and 4
+processes in one group; and a scale step: an open-loop stream while the group
 goes 1 → 3 → 1 processes (`Bench.scale`). Each run has its own topics, group, partner and
 freshly seeded reservations, and is checked for complete, correct results.
 """
@@ -27,13 +29,15 @@ import asyncpg
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench import dblimit
-from bench.observe import CpuSplit, Processes, ResultReader
+from bench import dblimit, http
+from bench.observe import CpuSplit, Processes, ResultReader, peak_rss_mb
 from bench.report import (
     Measurement,
     latency_figures,
     percentile,
     scale_figures,
+    sustained,
+    sustained_line,
     table,
     write,
 )
@@ -61,8 +65,10 @@ BURST = Scenario("burst", 0, description="all records waiting before the worker 
 
 ServerPids = dict[str, Callable[[], list[int]]]
 WORKER = ["worker", "run"]
+API = ["worker", "api"]
+API_HOST = "127.0.0.1"
+SEARCH_STEPS = 8  # rates tried at most when looking for the api's highest sustained rate
 PIPE = ["bench.systems", "kafka_pipe"]
-WARMUP_S = 3.0  # open loop: seconds at the offered rate before measuring
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,14 @@ class Plan:
     batch: int = 500
     db_connections: int = 8
     stall_s: float = 60.0
+    warmup_s: float = 3.0  # open loop: seconds at the offered rate before measuring
+    # The HTTP path, open loop at these fractions of the worker's steady maximum (the
+    # Kafka path's rates, each for open_loop_s); with http_search, then at rising rates
+    # (http_step_s each) to the highest whose p99 is within http_p99_ms.
+    http_fractions: tuple[float, ...] = ()
+    http_search: bool = False
+    http_step_s: float = 8.0
+    http_p99_ms: float = 250.0
     profile: bool = False  # py-spy the worker processes (collapsed stacks in out_dir/profiles)
     # The scale scenario: processes in the group at each step, each step this long, at
     # this rate (None: `scale_fraction` of the worker's measured steady maximum).
@@ -110,6 +124,8 @@ FULL = Plan(
     rate_fractions=(0.25, 0.5),
     scaling=(1, 2, 4),
     scale_steps=(1, 3, 1),
+    http_fractions=(0.25, 0.5),
+    http_search=True,
 )
 QUICK = Plan(
     steady=3_000,
@@ -125,6 +141,8 @@ QUICK = Plan(
     rate_fractions=(0.5,),
     scaling=(),
     batch=250,
+    http_fractions=(0.05,),
+    http_step_s=2.0,
 )
 
 
@@ -187,10 +205,13 @@ class Bench:
                 # The same offered rate through the pipe baseline gives the latency floor
                 # of the broker, the clients and this harness on this machine.
                 rate = fraction * worker_steady.records_per_s
-                records = int(rate * (p.open_loop_s + WARMUP_S)) + 50
+                records = int(rate * (p.open_loop_s + p.warmup_s)) + 50
                 await self.system("worker", WORKER, steady, records, rate=rate)
                 if p.kafka_pipe:
                     await self.system("kafka_pipe", PIPE, steady, records, rate=rate)
+            if p.http_fractions or p.http_search:
+                maximum = worker_steady.records_per_s
+                await self.api(steady, [f * maximum for f in p.http_fractions], 0.1 * maximum)
             for processes in p.scaling:
                 if processes > 1:
                     await self.system("worker", WORKER, steady, p.steady, processes=processes)
@@ -300,11 +321,11 @@ class Bench:
                 split.start()
                 procs.start()
                 reading = asyncio.create_task(self._read(reader, procs.failed, task))
-                # Not measured: a few records to wait for the group join, then WARMUP_S at
+                # Not measured: a few records to wait for the group join, then warmup_s at
                 # the rate (plan caches, buffers, batch sizes settle); then measured.
                 n = len(workload.events)
                 joined = min(n // 10, 50)
-                warm = min(n // 2, joined + int(rate * WARMUP_S))
+                warm = min(n // 2, joined + int(rate * self.plan.warmup_s))
                 await produce(producer, settings.input_topic, workload, range(joined), {})
                 await reader.reached(joined * scenario.items_per_cart)
                 warming = range(joined, warm)
@@ -509,6 +530,162 @@ class Bench:
             )
             m.checks.update(outbox_left=int(left), ok_outbox_drained=left == 0)
 
+    # ------------------------------------------------------------------ the HTTP path
+
+    async def api(self, scenario: Scenario, rates: list[float], search_from: float) -> None:
+        """One `release-worker api` and one worker on their own topics, offered each of
+        `rates` open loop in turn (a fresh workload each), then, with `plan.http_search`,
+        rising rates until the highest whose p99 is within `plan.http_p99_ms` is found."""
+        p = self.plan
+        settings = topic_settings(self.base, f"{scenario.name}-api")
+        await create_topics(settings)
+        port = http.free_port(API_HOST)
+        env = _env(settings) | {"WORKER_API_HOST": API_HOST, "WORKER_API_PORT": str(port)}
+        log = self.out_dir / "logs" / f"{settings.group_id}.log"
+        worker, api = Processes(WORKER, env, log), Processes(API, env, log)
+        split = CpuSplit(
+            self.server_pids,
+            {
+                "api": lambda: [p.pid for p in api.procs],
+                "worker": lambda: [p.pid for p in worker.procs],
+                "harness": lambda: [os.getpid()],
+            },
+        )
+        client = http.OpenLoopClient(API_HOST, port, settings.api_timeout_s + 10)
+        rows: list[Measurement] = []
+        worker.start()
+        api.start()
+        try:
+            await client.wait_ready(60)
+            await self._api_joined(client, scenario, port, worker, api)
+            for rate in rates:
+                step = self._api_step(client, scenario, port, rate, p.open_loop_s, split, api)
+                rows.append(await step)
+            while p.http_search and len(rows) < len(rates) + SEARCH_STEPS:
+                passed = [m.offered_rate or 0 for m in rows if m.checks["within_p99_target"]]
+                failed = [m.offered_rate or 0 for m in rows if not m.checks["within_p99_target"]]
+                higher = http.next_rate(passed, failed, search_from)
+                if higher is None:
+                    break
+                step = self._api_step(client, scenario, port, higher, p.http_step_s, split, api)
+                rows.append(await step)
+                failed_now = api.failed() or worker.failed()
+                if failed_now:
+                    raise RuntimeError(failed_now)
+        finally:
+            client.close()
+            codes = await api.stop() + await worker.stop()
+        left = await self.pool.fetchval(
+            "SELECT count(*) FROM outbox WHERE topic = $1", settings.results_topic
+        )
+        violations = await i1_violations(self.pool)
+        for m in rows:
+            m.checks.update(
+                exit_codes=codes,
+                outbox_left=int(left),
+                i1_violations=violations,
+                ok_exit_0=all(code == 0 for code in codes),
+                ok_outbox_drained=left == 0,
+                ok_i1=violations == 0,
+            )
+        self.measurements.extend(rows)
+
+    async def _api_joined(
+        self, client: http.OpenLoopClient, scenario: Scenario, port: int, *procs: Processes
+    ) -> None:
+        """Until the worker has joined its group, a request is answered 504: send a few
+        (again with the same Idempotency-Key, which is harmless) until they are 200."""
+        workload = await prepare(self.pool, scenario, 5)
+        pending = [
+            http.request_bytes(API_HOST, port, e, i)
+            for e, i in zip(workload.events, workload.event_ids, strict=True)
+        ]
+        deadline = time.monotonic() + self.plan.stall_s
+        while pending:
+            failed = next((f for p in procs if (f := p.failed())), None)
+            if failed or time.monotonic() > deadline:
+                raise RuntimeError(failed or "the api answered no request with 200 in time")
+            answers = await http.offer(client, pending, rate=50)
+            pending = [r for r, a in zip(pending, answers, strict=True) if a.status != 200]
+
+    async def _api_step(
+        self,
+        client: http.OpenLoopClient,
+        scenario: Scenario,
+        port: int,
+        rate: float,
+        seconds: float,
+        split: CpuSplit,
+        api: Processes,
+    ) -> Measurement:
+        """Requests at `rate` for `plan.warmup_s` (not measured), then for `seconds`; then wait
+        until the database has every release (a 504 is still applied later)."""
+        mode = f"open loop {rate:,.0f} req/s"
+        task = self.progress.add_task(f"{scenario.name} · api+worker · {mode}: seeding", total=None)
+        records = int(rate * (self.plan.warmup_s + seconds)) + 1
+        workload = await prepare(self.pool, scenario, records)
+        requests = [
+            http.request_bytes(API_HOST, port, e, i)
+            for e, i in zip(workload.events, workload.event_ids, strict=True)
+        ]
+        self.progress.update(
+            task, total=len(requests), description=f"{scenario.name} · api+worker · {mode}"
+        )
+        warm = int(rate * self.plan.warmup_s)
+        answers = await http.offer(client, requests, rate, warm, split.start)
+        cpu = split.stop()
+        client.close()
+        self.progress.update(task, completed=len(requests))
+        cpu["api+worker"] = round(cpu.get("api", 0) + cpu.get("worker", 0), 2)
+        measured = answers[warm:]
+        released = await self._released(workload)
+        items = scenario.items_per_cart
+        whole = [http.released_everything(a, items) for a in answers]
+        timed_out = sum(a.status == 504 for a in answers)
+        latency = latency_figures([a.latency_ms for a in measured])
+        m = Measurement(
+            "api+worker",
+            scenario.name,
+            mode,
+            len(measured),
+            len(measured) * items,
+            max(0.001, max(a.done for a in measured) - measured[0].scheduled),
+            offered_rate=rate,
+            latency_ms=latency,
+            peak_rss_mb=round(peak_rss_mb(api.procs[0].pid), 1),
+            cpu_s=cpu["api+worker"],
+            cpu_split_s=cpu,
+        )
+        m.checks.update(
+            answers=http.statuses(answers),
+            released_in_db=released,
+            # A 504 is a documented answer (the release is applied later): correct, but slow.
+            ok_answered=all(ok or a.status == 504 for ok, a in zip(whole, answers, strict=True)),
+            ok_released_in_db=released == workload.expected_items,
+            within_p99_target=timed_out == 0
+            and all(whole)
+            and latency["p99"] <= self.plan.http_p99_ms,
+        )
+        return m
+
+    async def _released(self, workload: Workload) -> int:
+        """Reservations of the workload released, once they all are or none more are for
+        `plan.stall_s`."""
+        count, last, changed = -1, -1, time.monotonic()
+        while count < workload.expected_items and time.monotonic() - changed < self.plan.stall_s:
+            count = int(
+                await self.pool.fetchval(
+                    "SELECT count(*) FROM reservations WHERE partner_id = $1 "
+                    "AND status = 'released'",
+                    workload.partner_id,
+                )
+            )
+            if count != last:
+                last, changed = count, time.monotonic()
+            if count < workload.expected_items:
+                await asyncio.sleep(0.2)
+        return count
+
 
 def _env(settings: Settings) -> dict[str, str]:
     return {
@@ -581,13 +758,17 @@ async def run_bench(
         finally:
             await pool.close()
     console.print(table(measurements))
+    api_rows = any(m.system == "api+worker" for m in measurements)
+    found = sustained(measurements, plan.http_p99_ms) if api_rows else None
+    if found is not None:
+        console.print(sustained_line(found))
     meta = {
         "loadavg_at_start": load_at_start,
         "stamp": stamp,
         "plan": label,
         "duration_s": round(time.monotonic() - started, 1),
         "servers": "embedded" if not settings.database_url else "given",
-    }
+    } | ({"api_sustained": found} if found is not None else {})
     path = write(measurements, out_dir, stamp, meta, console)
     console.print(f"Results: {path} (and latest.json, throughput/latency/memory .png)")
     return measurements, path

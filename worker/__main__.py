@@ -174,7 +174,10 @@ def bench(
     out: Annotated[str | None, typer.Option(help="Directory for JSON and plots.")] = None,
     rate: Annotated[
         list[float] | None,
-        typer.Option(help="Open-loop rate as a fraction of the measured maximum (repeat)."),
+        typer.Option(
+            help="Open-loop rate as a fraction of the measured maximum (repeat); offered "
+            "through Kafka and through the HTTP api."
+        ),
     ] = None,
     scaling: Annotated[bool, typer.Option(help="Also run 2 and 4 worker processes.")] = True,
     profile: Annotated[
@@ -206,9 +209,9 @@ def bench(
     settings = load_settings()
     logs.configure("console", "warning")
     plan = QUICK if quick else FULL
-    plan = replace(
-        plan, rate_fractions=tuple(rate) if rate else plan.rate_fractions, profile=profile
-    )
+    if rate:
+        plan = replace(plan, rate_fractions=tuple(rate), http_fractions=tuple(rate))
+    plan = replace(plan, profile=profile)
     if not scaling:
         plan = replace(plan, scaling=())
     if scale_only is not None:

@@ -1,5 +1,6 @@
 """The bench harness end to end on a tiny plan: its JSON is well-formed and the worker's
-results were complete and correct. Figures are never asserted: timing is not a test."""
+results were complete and correct, through Kafka and through the HTTP api. Figures are
+never asserted: timing is not a test."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ TINY = replace(
     rate_fractions=(),
     scaling=(),
     stall_s=30.0,
+    open_loop_s=1.0,
+    warmup_s=0.5,
+    http_fractions=(0.01,),  # a tiny HTTP point: a few dozen requests a second
 )
 
 
@@ -51,7 +55,7 @@ async def test_tiny_bench_writes_well_formed_json_with_correct_worker_results(
     assert document["plan"] == "tiny"
     assert document["machine"]["nproc"] >= 1
     by_system = {m["system"]: m for m in document["measurements"]}
-    assert set(by_system) == {"db_limit/pgbench", "db_limit/asyncpg", "worker"}
+    assert set(by_system) == {"db_limit/pgbench", "db_limit/asyncpg", "worker", "api+worker"}
 
     worker = by_system["worker"]
     checks = worker["checks"]
@@ -71,5 +75,16 @@ async def test_tiny_bench_writes_well_formed_json_with_correct_worker_results(
     for name, items in (("db_limit/pgbench", 2 * 100 * 3), ("db_limit/asyncpg", 900)):
         assert by_system[name]["items"] == items
         assert by_system[name]["checks"]["ok_all_released"] is True
+    api = by_system["api+worker"]
+    requests = sum(api["checks"]["answers"].values())
+    assert requests > api["records"] > 0, "the warm-up's requests are answered, not measured"
+    assert api["checks"]["answers"] == {"200": requests}
+    assert api["checks"]["released_in_db"] == 3 * requests
+    assert api["checks"]["exit_codes"] == [0, 0]
+    assert api["correct"] is True
+    assert set(api["latency_ms"]) == {"p50", "p95", "p99", "max"}
+    assert set(api["cpu_split_s"]) >= {"api", "worker", "api+worker", "harness"}
+    assert document["api_sustained"]["p99_target_ms"] == 250
+
     assert all(m.correct for m in measurements)
     assert (tmp_path / "throughput.png").stat().st_size > 0

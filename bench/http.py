@@ -1,0 +1,194 @@
+"""The HTTP path of the bench: `release-worker api` in front of `release-worker run`.
+
+Requests are offered open loop: each has a scheduled send time (`start + i / rate`) and is
+sent then whatever the earlier ones are doing, on as many keep-alive connections as the
+backlog needs; its latency runs from the scheduled time to the end of its answer, so a
+server that falls behind is charged for the queue it causes (no coordinated omission).
+The client speaks just enough HTTP/1.1 for the api's answers (a status line, headers, a
+`content-length` body) over asyncio streams, so that the load generator costs far less CPU
+than the system it measures on a machine they share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from worker.scenario import Event
+
+RELEASE_PATH = "/v1/cart/release"
+IDEMPOTENCY_HEADER = "idempotency-key"
+NO_ANSWER = 0  # the status of a request that got no answer (connection lost, client timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    scheduled: float  # time.monotonic() at which the request was due
+    done: float  # time.monotonic() at which its answer was read
+    status: int
+    body: bytes
+
+    @property
+    def latency_ms(self) -> float:
+        return 1000 * (self.done - self.scheduled)
+
+
+def request_bytes(host: str, port: int, event: Event, event_id: str) -> bytes:
+    """The input record as the api's request: its headers, its body, its eventId as the
+    Idempotency-Key (a retry of it is then harmless)."""
+    body = event.value or b""
+    headers = [
+        *event.headers,
+        (IDEMPOTENCY_HEADER, event_id.encode()),
+        ("content-length", str(len(body)).encode()),
+    ]
+    head = f"POST {RELEASE_PATH} HTTP/1.1\r\nhost: {host}:{port}\r\n".encode()
+    head += b"".join(name.encode() + b": " + value + b"\r\n" for name, value in headers)
+    return head + b"\r\n" + body
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class _Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def exchange(self, request: bytes) -> tuple[int, bytes, bool]:
+        """Send one request, read its answer: (status, body, whether the server keeps the
+        connection open)."""
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length, keep = 0, True
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"connection" and value.strip().lower() == b"close":
+                keep = False
+        return status, await self.reader.readexactly(length), keep
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class OpenLoopClient:
+    """Keep-alive connections to one server, opened as the offered load needs them (at
+    most `max_connections`; past that, requests wait for a free one, and the wait counts
+    in their latency)."""
+
+    def __init__(self, host: str, port: int, timeout_s: float, max_connections: int = 1024) -> None:
+        self.host, self.port, self.timeout_s = host, port, timeout_s
+        self._idle: list[_Connection] = []
+        self._slots = asyncio.Semaphore(max_connections)
+
+    async def send(self, request: bytes, scheduled: float) -> Answer:
+        async with self._slots:
+            connection: _Connection | None = None
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    connection = self._idle.pop() if self._idle else await self._open()
+                    status, body, keep = await connection.exchange(request)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as error:
+                if connection is not None:
+                    connection.close()
+                return Answer(scheduled, time.monotonic(), NO_ANSWER, repr(error).encode())
+            done = time.monotonic()
+            if keep:
+                self._idle.append(connection)
+            else:
+                connection.close()
+            return Answer(scheduled, done, status, body)
+
+    async def get(self, path: str) -> int:
+        request = f"GET {path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n\r\n".encode()
+        return (await self.send(request, time.monotonic())).status
+
+    async def _open(self) -> _Connection:
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        return _Connection(reader, writer)
+
+    def close(self) -> None:
+        """Close the idle connections (the server closes those idle past its keep-alive)."""
+        while self._idle:
+            self._idle.pop().close()
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while await self.get("/readyz") != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the api on port {self.port} was not ready in {timeout_s} s")
+            await asyncio.sleep(0.2)
+        self.close()
+
+
+async def offer(
+    client: OpenLoopClient,
+    requests: Sequence[bytes],
+    rate: float,
+    measured_from: int = 0,
+    on_measured: Callable[[], None] | None = None,
+) -> list[Answer]:
+    """Send `requests` open loop at `rate` per second; return every answer, in order.
+    `on_measured` is called when request `measured_from` is sent (after a warm-up).
+
+    Due requests are started in 5 ms ticks, each with its own scheduled time, so a late
+    tick does not lower the offered rate or hide the lateness."""
+    tasks: list[asyncio.Task[Answer]] = []
+    started = time.monotonic()
+    while len(tasks) < len(requests):
+        due = min(len(requests), int((time.monotonic() - started) * rate) + 1)
+        while len(tasks) < due:
+            if len(tasks) == measured_from and on_measured is not None:
+                on_measured()
+            at = started + len(tasks) / rate
+            tasks.append(asyncio.create_task(client.send(requests[len(tasks)], at)))
+        await asyncio.sleep(0.005)
+    return list(await asyncio.gather(*tasks))
+
+
+def released_everything(answer: Answer, items: int) -> bool:
+    """A 200 whose every item was released (each request names fresh reservations)."""
+    if answer.status != 200:
+        return False
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        body = orjson.loads(answer.body)
+        return len(body["items"]) == items and all(
+            item["success"] is True and item["outcome"] == "released" for item in body["items"]
+        )
+    return False
+
+
+def statuses(answers: Sequence[Answer]) -> dict[str, int]:
+    return {str(status): n for status, n in sorted(Counter(a.status for a in answers).items())}
+
+
+def next_rate(
+    passed: Sequence[float], failed: Sequence[float], start: float, resolution: float = 1.15
+) -> float | None:
+    """The next rate to try when looking for the highest one that passes: up by half
+    until one fails, down by half until one passes, then halfway (geometrically) between
+    the best pass and the lowest failure above it until they are within `resolution`;
+    None when done. (A failure below a pass, noise, does not stop the climb.)"""
+    if not passed:
+        low = min(failed, default=start * 2) / 2
+        return low if low >= 1 else None
+    best = max(passed)
+    above = [rate for rate in failed if rate > best]
+    if not above:
+        return best * 1.5
+    worst = min(above)
+    return None if worst / best <= resolution else (best * worst) ** 0.5

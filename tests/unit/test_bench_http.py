@@ -1,0 +1,78 @@
+"""The bench's HTTP load generator keeps an open-loop schedule, and its rate search
+converges; no timing is asserted."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bench.http import Answer, OpenLoopClient, next_rate, offer, released_everything
+
+
+async def test_requests_go_out_on_schedule_whatever_the_answers_do() -> None:
+    """The server answers nothing until it has received every request: a client that
+    waited for an answer before sending the next one would never get there."""
+    count = 20
+    received: list[bytes] = []
+    all_in = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            length = next(
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+            received.append(await reader.readexactly(length))
+            if len(received) == count:
+                all_in.set()
+            await all_in.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+            await writer.drain()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = OpenLoopClient("127.0.0.1", port, timeout_s=10)
+    requests = [
+        b"POST / HTTP/1.1\r\ncontent-length: %d\r\n\r\n%d" % (len(str(n)), n) for n in range(count)
+    ]
+    marks: list[int] = []
+    try:
+        async with asyncio.timeout(10):
+            answers = await offer(client, requests, 400.0, 5, lambda: marks.append(len(received)))
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
+
+    assert sorted(received) == sorted(str(n).encode() for n in range(count))
+    assert [a.status for a in answers] == [200] * count
+    assert len(marks) == 1
+    # Each request's latency counts from its own scheduled time, not from when it went out.
+    for n, answer in enumerate(answers):
+        assert answer.scheduled - answers[0].scheduled == pytest.approx(n / 400.0)
+        assert answer.done >= max(a.scheduled for a in answers)
+
+
+def test_the_rate_search_climbs_then_bisects_then_stops() -> None:
+    assert next_rate([], [], 100) == 100
+    assert next_rate([100], [], 100) == 150
+    assert next_rate([100, 150], [400], 100) == pytest.approx((150 * 400) ** 0.5)
+    assert next_rate([100, 200], [220], 100) is None  # within 15%
+    assert next_rate([], [100], 100) == 50
+    assert next_rate([200], [150], 100) == 300, "a failure below a pass is noise"
+    assert next_rate([], [1.5], 100) is None
+
+
+def test_only_a_200_releasing_every_item_counts_as_released() -> None:
+    def answer(status: int, body: bytes) -> Answer:
+        return Answer(0.0, 0.1, status, body)
+
+    item = b'{"cartItemId":"i","itemReservationId":"r","success":true,"outcome":"released"}'
+    assert released_everything(answer(200, b'{"cartId":"c","items":[%s]}' % item), 1)
+    assert not released_everything(answer(200, b'{"cartId":"c","items":[%s]}' % item), 2)
+    other = item.replace(b"released", b"not_found").replace(b"true", b"false")
+    assert not released_everything(answer(200, b'{"cartId":"c","items":[%s]}' % other), 1)
+    assert not released_everything(answer(504, b"{}"), 0)
+    assert not released_everything(answer(200, b"not json"), 0)
