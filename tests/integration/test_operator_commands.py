@@ -298,16 +298,32 @@ async def test_a_dead_lettered_release_is_redriven_once_after_its_fix_and_only_t
     refused = json_lines(await cli(settings, "dlq", "redrive", bad, "--json"))
     assert [r["result"] for r in refused] == ["refused"]
 
+    # Dead letters are published at least once: a second copy of it is the same event.
+    copy = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await copy.start()
+    try:
+        sent = await copy.send_and_wait(
+            settings.dlq_topic,
+            letters[0].value,
+            key=letters[0].key,
+            headers=list(letters[0].headers.items()),
+        )
+    finally:
+        await copy.stop()
+    duplicate = f"{sent.partition}:{sent.offset}"
+
     applied = await cli(
         settings, "dlq", "redrive", "--partner", world.partner_id, "--code", "internal_error"
     )
     assert applied.exit_code == 0, applied.output
-    assert "1 applied; 1 result(s) published" in applied.stdout
+    assert "1 already_applied, 1 applied; 1 result(s) published" in applied.stdout
     audit = [orjson.loads(line) for line in applied.stderr.splitlines() if line.startswith("{")]
-    (redriven,) = [a for a in audit if a["event"] == "dlq_redriven"]
-    assert redriven["result"] == "applied"
-    assert redriven["operator"]
-    assert redriven["dlq_position"] == poisoned
+    redriven = {a["dlq_position"]: a for a in audit if a["event"] == "dlq_redriven"}
+    assert {p: a["result"] for p, a in redriven.items()} == {
+        poisoned: "applied",
+        duplicate: "already_applied",
+    }
+    assert redriven[poisoned]["operator"]
     after = ("released", event_id, 0, [source], 0)
     assert await state() == after
 

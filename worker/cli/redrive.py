@@ -250,8 +250,12 @@ async def _apply(
             done = await operator_store.applied_from(conn, work.partner_id, work.command.event_id)
             if done is not None:
                 await transaction.rollback()
-                how = "re-driven before" if done == letter.source_position else "applied"
-                return Outcome(letter, "already_applied", f"{how} from {done}; nothing changed")
+                how = (
+                    f"re-driven before (its inbox row names {done})"
+                    if done == letter.source_position
+                    else f"applied from {done} (the partner sent the eventId again)"
+                )
+                return Outcome(letter, "already_applied", f"{how}; nothing changed")
             report = await apply_batch(_PastItsOffset(conn, settings.group_id), [work], topics)
         except BaseException:
             await transaction.rollback()

@@ -111,7 +111,8 @@ def json_line(m: Message) -> str:
 def readable_line(m: Message) -> str:
     body = _body(m)
     head = (
-        f"{_time(m):%Y-%m-%d %H:%M:%S} {m.partition}:{m.offset} cart={body.get('cartId')} "
+        f"{_time(m):%Y-%m-%d %H:%M:%S} {m.partition}:{m.offset} "
+        f"cart={body.get('cartId') or _key(m)} "
         f"partner={m.header('partner-id') or '-'} event={m.header('event-id')}"
     )
     if body.get("type") == "item_result":
