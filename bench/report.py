@@ -41,8 +41,10 @@ class Measurement:
     read_latency_ms: dict[str, float] = field(default_factory=dict)  # to our read of it
     peak_rss_mb: float | None = None
     cpu_s: float | None = None  # CPU time of the system's processes, start-up included
-    # CPU seconds by process group (system, postgres, broker, harness) during the run.
+    # CPU seconds by process group (system, postgres, broker, harness) during the steady
+    # part of the run (bench/run.py: after start-up), and the items completed in it.
     cpu_split_s: dict[str, float] = field(default_factory=dict)
+    cpu_items: int | None = None  # None: all `items`
     drain_s: float | None = None
     checks: dict[str, Any] = field(default_factory=dict)
     throughput_series: list[tuple[float, float]] = field(default_factory=list)  # (s, items/s)
@@ -80,9 +82,9 @@ class Measurement:
             records_per_s=round(self.records_per_s, 1),
             items_per_s=round(self.items_per_s, 1),
             cpu_us_per_item_by_process={
-                name: round(1e6 * seconds / self.items, 1)
+                name: round(1e6 * seconds / cpu_items, 1)
                 for name, seconds in self.cpu_split_s.items()
-                if self.items
+                if (cpu_items := self.cpu_items or self.items)
             },
             cpu_us_per_item=None
             if self.cpu_us_per_item is None

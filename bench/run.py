@@ -237,7 +237,7 @@ class Bench:
             p.pgbench_clients,
             p.pgbench_transactions,
             p.batch,
-            payload_bytes=230,
+            CpuSplit(self.server_pids, {}),
         )
         self._db_result("db_limit/pgbench", scenario, result)
         self.progress.update(task, total=1, completed=1)
@@ -245,8 +245,9 @@ class Bench:
     async def db_limit_asyncpg(self, scenario: Scenario) -> None:
         p = self.plan
         task = self.progress.add_task("steady · db_limit/asyncpg", total=None)
+        split = CpuSplit(self.server_pids, {"db_limit/asyncpg": lambda: [os.getpid()]})
         result = await dblimit.run_asyncpg(
-            self.pool, scenario, scenario.records, p.db_connections, p.batch
+            self.pool, scenario, scenario.records, p.db_connections, p.batch, split
         )
         self._db_result("db_limit/asyncpg", scenario, result)
         self.progress.update(task, total=1, completed=1)
@@ -261,6 +262,7 @@ class Bench:
                 r.items,
                 r.seconds,
                 checks={"released": r.released, "ok_all_released": r.released == r.items},
+                cpu_split_s=r.cpu_split_s,
             )
         )
 
@@ -307,6 +309,16 @@ class Bench:
             {system: lambda: [p.pid for p in procs.procs], "harness": lambda: [os.getpid()]},
         )
         cpu: dict[str, float] = {}
+        # The CPU split covers the steady part only: from the first result in a backlog
+        # (start-up, imports and the group join are setup), from the measured records on
+        # in the open loop; its items are the ones completed in that window.
+        cpu_from_items = 0
+
+        def window_starts(items_so_far: int) -> None:
+            nonlocal cpu_from_items
+            split.start()
+            cpu_from_items = items_so_far
+
         await producer.start()
         try:
             everything = range(len(workload.events))
@@ -314,9 +326,8 @@ class Bench:
             if rate is None:
                 await produce(producer, settings.input_topic, workload, everything, sent_at)
                 started_at = time.time()
-                split.start()
                 procs.start()
-                await self._read(reader, procs.failed, task)
+                await self._read(reader, procs.failed, task, on_first=window_starts)
             else:
                 split.start()
                 procs.start()
@@ -330,6 +341,7 @@ class Bench:
                 await reader.reached(joined * scenario.items_per_cart)
                 warming = range(joined, warm)
                 await produce(producer, settings.input_topic, workload, warming, {}, rate)
+                window_starts(len(reader.collected.distinct))
                 measured = range(warm, n)
                 await produce(producer, settings.input_topic, workload, measured, sent_at, rate)
                 await reading
@@ -339,6 +351,7 @@ class Bench:
             codes = await procs.stop()
         m = self._measure(system, scenario, mode, reader, procs, started_at)
         m.processes, m.offered_rate, m.cpu_split_s = processes, rate, cpu
+        m.cpu_items = len(reader.collected.distinct) - cpu_from_items
         await self._check(m, workload, reader, codes, settings, system)
         self.measurements.append(m)
         return m
@@ -429,11 +442,20 @@ class Bench:
         return m
 
     async def _read(
-        self, reader: ResultReader, failed: Callable[[], str | None], task: Any
+        self,
+        reader: ResultReader,
+        failed: Callable[[], str | None],
+        task: Any,
+        on_first: Callable[[int], None] | None = None,
     ) -> None:
-        """Read results until complete; give up early if a system process died."""
+        """Read results until complete; give up early if a system process died. `on_first`
+        is called with the number of items read when the first results arrive."""
 
         def progress(n: int) -> None:
+            nonlocal on_first
+            if on_first is not None and n:
+                on_first(n)
+                on_first = None
             self.progress.update(task, completed=n)
 
         reading = asyncio.create_task(reader.run(self.plan.stall_s, progress))
