@@ -166,28 +166,26 @@ class PgReleaseStore:
         return [_reservation(r) for r in rows]
 
     async def return_stock(self, deltas: Sequence[tuple[str, str, int]]) -> None:
-        skus = [d[0] for d in deltas]
-        locations = [d[1] for d in deltas]
-        # Lock in (sku, location_id) order first: the UPDATE's join order is not guaranteed.
+        # One statement: the CTE locks the rows in (sku, location_id) order (its LockRows
+        # runs above the sort; the UPDATE's own join order is not guaranteed), then the
+        # UPDATE changes only rows already locked. FOR NO KEY UPDATE, the lock an UPDATE of
+        # a non-key column takes anyway: it does not block the checkout's foreign-key checks
+        # (FOR KEY SHARE) on a hot SKU while the transaction runs.
         await self._conn.execute(
             """
-            SELECT 1 FROM stock s
-            JOIN unnest($1::text[], $2::text[]) AS u(sku, loc)
-              ON s.sku = u.sku AND s.location_id = u.loc
-            ORDER BY s.sku, s.location_id
-            FOR UPDATE OF s
+            WITH locked AS (
+                SELECT s.sku, s.location_id, u.qty FROM stock s
+                JOIN unnest($1::text[], $2::text[], $3::bigint[]) AS u(sku, loc, qty)
+                  ON s.sku = u.sku AND s.location_id = u.loc
+                ORDER BY s.sku, s.location_id
+                FOR NO KEY UPDATE OF s
+            )
+            UPDATE stock s SET reserved = s.reserved - l.qty
+              FROM locked l
+             WHERE s.sku = l.sku AND s.location_id = l.location_id
             """,
-            skus,
-            locations,
-        )
-        await self._conn.execute(
-            """
-            UPDATE stock s SET reserved = s.reserved - u.qty
-              FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(sku, loc, qty)
-             WHERE s.sku = u.sku AND s.location_id = u.loc
-            """,
-            skus,
-            locations,
+            [d[0] for d in deltas],
+            [d[1] for d in deltas],
             [d[2] for d in deltas],
         )
 
