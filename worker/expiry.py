@@ -32,7 +32,9 @@ async def sweep_once(pool: asyncpg.Pool, settings: Settings) -> list[OutboxMessa
         rows = await store.expire_due(conn, settings.expiry_batch_size)
         if not rows:
             return []
-        await store.PgReleaseStore(conn, settings.group_id).return_stock(stock_deltas(rows))
+        await store.PgReleaseStore(conn, settings.group_id).return_stock(
+            stock_deltas((r.sku, r.location_id, r.quantity) for r in rows)
+        )
         now = datetime.now(UTC)
         messages = [expiry_result(r, settings.results_topic, now) for r in rows]
         enqueued = await store.enqueue(conn, messages)

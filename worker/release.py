@@ -2,14 +2,19 @@
 
 No Kafka here. `apply_batch` runs inside a database transaction through the
 `ReleaseStore` protocol; it takes locks in one fixed order (offset rows, then
-reservations by id, then stock by (sku, location)) so concurrent batches,
+reservations by id, then stock by (sku, location), then inbox keys) so concurrent batches,
 the expiry sweeper and confirmations serialise instead of deadlocking.
+Reservations are read without a lock and claimed by the release `UPDATE` itself,
+only where they are still `reserved`: a reservation leaves `reserved` at most once
+(released, expired and confirmed are final), so a row read is either still as read
+or has left `reserved` since, and a claim that moves fewer rows than decided retries
+the batch on fresh reads.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -86,10 +91,10 @@ class ReleaseStore(Protocol):
         an event whose results were pruned past the retention: only its key is kept)."""
         ...
 
-    async def lock_reservations(
+    async def find_reservations(
         self, explicit: Sequence[tuple[str, str]], carts: Sequence[tuple[str, str]]
     ) -> list[Reservation]:
-        """Lock, in reservation_id order, the partner's reservations named by
+        """Read (no lock), in reservation_id order, the partner's reservations named by
         (reservation_id, partner_id) and all of each (partner_id, cart_id)."""
         ...
 
@@ -97,9 +102,10 @@ class ReleaseStore(Protocol):
         """Which of (reservation_id, partner_id) exist under another partner."""
         ...
 
-    async def release(self, releases: Sequence[tuple[str, str, str]]) -> list[Reservation]:
-        """Move (reservation_id, partner_id, event_id) from reserved to released, only where
-        the reservation is that partner's; return the moved rows."""
+    async def release(self, releases: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, int]]:
+        """Claim: move (reservation_id, partner_id, event_id), given in reservation_id order
+        (the lock order), from reserved to released, only where the reservation is that
+        partner's and still reserved; return (sku, location_id, quantity) per moved row."""
         ...
 
     async def return_stock(self, deltas: Sequence[tuple[str, str, int]]) -> None:
@@ -325,7 +331,7 @@ async def apply_batch(
             if w.command and not w.command.items
         }
     )
-    rows = await store.lock_reservations(explicit, carts) if (explicit or carts) else []
+    rows = await store.find_reservations(explicit, carts) if (explicit or carts) else []
     found = {r.reservation_id: r for r in rows}
     missing = [(rid, partner) for rid, partner in explicit if rid not in found]
     foreign = await store.foreign_reservations(missing) if missing else set()
@@ -409,16 +415,17 @@ async def apply_batch(
             for p in payloads
         )
 
+    if releases:
+        moved = await store.release(sorted(releases))
+        if len(moved) != len(releases):
+            # Confirmed, expired or released elsewhere since it was read: decide again.
+            raise TransientError("a reservation left 'reserved' after it was read; retrying")
+        report.released_quantity = sum(quantity for _, _, quantity in moved)
+        await store.return_stock(stock_deltas(moved))
     if inbox:
         inserted = await store.record_inbox(inbox)
         if len(inserted) != len(inbox):
             raise TransientError("a concurrent transaction recorded the same event; retrying")
-    if releases:
-        moved = await store.release(releases)
-        if len(moved) != len(releases):
-            raise TransientError("a reservation changed status under its lock; retrying")
-        report.released_quantity = sum(r.quantity for r in moved)
-        await store.return_stock(stock_deltas(moved))
     report.messages = await store.enqueue(messages) if messages else []
     await store.advance_offsets(report.next_offsets)
     return report
@@ -437,11 +444,12 @@ def _item_payload(command: ReleaseCommand, d: ItemDecision, processed_at: dateti
     )
 
 
-def stock_deltas(rows: Sequence[Reservation]) -> list[tuple[str, str, int]]:
-    """Quantities to return per (sku, location_id), sorted: the stock lock order."""
+def stock_deltas(moved: Iterable[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    """Quantities to return per (sku, location_id), from (sku, location_id, quantity) per
+    moved reservation; sorted: the stock lock order."""
     totals: Counter[tuple[str, str]] = Counter()
-    for r in rows:
-        totals[(r.sku, r.location_id)] += r.quantity
+    for sku, location_id, quantity in moved:
+        totals[(sku, location_id)] += quantity
     return [(sku, loc, qty) for (sku, loc), qty in sorted(totals.items())]
 
 

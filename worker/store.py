@@ -109,11 +109,13 @@ class PgReleaseStore:
             for r in rows
         }
 
-    async def lock_reservations(
+    async def find_reservations(
         self, explicit: Sequence[tuple[str, str]], carts: Sequence[tuple[str, str]]
     ) -> list[Reservation]:
         # Two index lookups (primary key; partner and cart) joined to the batch's ids. An OR
         # of both conditions in one WHERE made PostgreSQL scan the whole table instead.
+        # No lock: `release` claims the rows it moves (a FOR UPDATE here cost a second write
+        # of every row, its lock, WAL included).
         rows = await self._conn.fetch(
             f"""
             SELECT {_R_COLUMNS}
@@ -126,7 +128,6 @@ class PgReleaseStore:
                         ON r.partner_id = u.partner AND r.cart_id = u.cart) AS wanted
               JOIN reservations r ON r.reservation_id = wanted.reservation_id
              ORDER BY r.reservation_id
-               FOR UPDATE OF r
             """,
             [e[0] for e in explicit],
             [e[1] for e in explicit],
@@ -147,23 +148,27 @@ class PgReleaseStore:
         )
         return {r[0] for r in rows}
 
-    async def release(self, releases: Sequence[tuple[str, str, str]]) -> list[Reservation]:
-        # Scoped by partner too: the ids come from the partner-scoped lock already, and this
-        # keeps the statement itself unable to touch another partner's reservation.
+    async def release(self, releases: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, int]]:
+        # The claim: conditional on `reserved`, so a row confirmed, expired or released since
+        # it was read is left alone (and missing from the answer). The ids come sorted and
+        # drive a nested loop over the primary key, so rows are locked in id order; should a
+        # plan ever differ and two batches deadlock, PostgreSQL detects it and the batch is
+        # retried. Scoped by partner too: the statement itself cannot touch another
+        # partner's reservation.
         rows = await self._conn.fetch(
-            f"""
+            """
             UPDATE reservations r
                SET status = 'released', released_at = now(), release_event_id = u.event_id
               FROM unnest($1::text[], $2::text[], $3::text[]) AS u(id, partner_id, event_id)
              WHERE r.reservation_id = u.id AND r.partner_id = u.partner_id
                AND r.status = 'reserved'
-            RETURNING {_R_COLUMNS}
+            RETURNING r.sku, r.location_id, r.quantity
             """,
             [r[0] for r in releases],
             [r[1] for r in releases],
             [r[2] for r in releases],
         )
-        return [_reservation(r) for r in rows]
+        return [(r[0], r[1], r[2]) for r in rows]
 
     async def return_stock(self, deltas: Sequence[tuple[str, str, int]]) -> None:
         # One statement: the CTE locks the rows in (sku, location_id) order (its LockRows

@@ -368,7 +368,6 @@ DB_FAULTS: dict[str, Callable[[], Exception]] = {
 # be chosen as a deadlock or serialisation victim. An outage can strike any call.
 LOCKING = {
     "lock_offsets",
-    "lock_reservations",
     "release",
     "return_stock",
     "record_inbox",

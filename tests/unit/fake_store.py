@@ -64,10 +64,10 @@ class FakeStore:
         """What `store.prune_inbox` does past the retention: only the key is kept."""
         self.inbox[key] = StoredResults(self.inbox[key].cart_id, None, None)
 
-    async def lock_reservations(
+    async def find_reservations(
         self, explicit: Sequence[tuple[str, str]], carts: Sequence[tuple[str, str]]
     ) -> list[Reservation]:
-        await self.checkpoint("lock_reservations")
+        await self.checkpoint("find_reservations")
         wanted = set(explicit)
         cart_set = set(carts)
         return sorted(
@@ -88,15 +88,16 @@ class FakeStore:
             if rid in self.reservations and self.reservations[rid].partner_id != partner
         }
 
-    async def release(self, releases: Sequence[tuple[str, str, str]]) -> list[Reservation]:
+    async def release(self, releases: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, int]]:
         await self.checkpoint("release")
+        assert list(releases) == sorted(releases), "reservations are claimed in id order"
         moved = []
         for rid, partner_id, event_id in releases:
             self.asked_to_release.append(rid)
             row = self.reservations[rid]
             if row.status == "reserved" and row.partner_id == partner_id:
                 self.reservations[rid] = replace(row, status="released", release_event_id=event_id)
-                moved.append(row)
+                moved.append((row.sku, row.location_id, row.quantity))
         return moved
 
     async def return_stock(self, deltas: Sequence[tuple[str, str, int]]) -> None:

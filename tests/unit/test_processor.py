@@ -41,12 +41,10 @@ class BusyStore(FakeStore):
             self._lock_wait()
         return await super().lock_offsets(partitions)
 
-    async def lock_reservations(
-        self, explicit: Sequence[tuple[str, str]], carts: Sequence[tuple[str, str]]
-    ) -> list[Reservation]:
-        if self.busy_reservations & {rid for rid, _ in explicit}:
+    async def release(self, releases: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, int]]:
+        if self.busy_reservations & {rid for rid, _, _ in releases}:
             self._lock_wait()
-        return await super().lock_reservations(explicit, carts)
+        return await super().release(releases)
 
 
 class Transactions:

@@ -1,0 +1,80 @@
+"""Reservations are read without a lock and claimed by the release UPDATE itself: a row
+that leaves `reserved` between the read and the claim is not moved, and the batch is
+decided again on fresh reads (I1, I2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import asyncpg
+import pytest
+
+from tests.integration.conftest import World, reserve
+from worker.errors import TransientError
+from worker.messages import Topics
+from worker.records import RawRecord
+from worker.release import Reservation, Work, apply_batch
+from worker.scenario import abandon_event
+from worker.store import Conn, PgReleaseStore
+from worker.validate import Limits, ReleaseCommand, parse_record
+
+pytestmark = pytest.mark.integration
+
+
+class ConfirmedAfterRead(PgReleaseStore):
+    """Reads the reservations, then lets the checkout confirm them (committed, on another
+    connection) before the batch goes on to claim them."""
+
+    def __init__(self, conn: Conn, group_id: str, db: asyncpg.Pool) -> None:
+        super().__init__(conn, group_id)
+        self._db = db
+
+    async def find_reservations(
+        self, explicit: Sequence[tuple[str, str]], carts: Sequence[tuple[str, str]]
+    ) -> list[Reservation]:
+        rows = await super().find_reservations(explicit, carts)
+        async with self._db.acquire() as other, other.transaction():
+            for row in rows:
+                await other.execute(
+                    "UPDATE reservations SET status = 'confirmed' WHERE reservation_id = $1",
+                    row.reservation_id,
+                )
+                await other.execute(
+                    "UPDATE stock SET reserved = reserved - $2, on_hand = on_hand - $2 "
+                    "WHERE sku = $1",
+                    row.sku,
+                    row.quantity,
+                )
+        return rows
+
+
+async def test_a_reservation_confirmed_after_it_was_read_is_not_released_and_reports_confirmed(
+    db: asyncpg.Pool, world: World
+) -> None:
+    rid, cart = f"r-{world.prefix}", f"c-{world.prefix}"
+    await reserve(db, world, rid, cart, "item-1", 2)
+    event = abandon_event(cart, [("item-1", rid)], world.api_key, event_id=f"e-{world.prefix}")
+    record = RawRecord("in", 0, 0, event.key, event.value, event.headers)
+    command = parse_record(record, Limits())
+    assert isinstance(command, ReleaseCommand)
+    works = [Work(record, command=command, partner_id=world.partner_id)]
+    topics = Topics("results", "dlq")
+    group = f"claims-{world.prefix}"
+
+    async with db.acquire() as conn:
+        with pytest.raises(TransientError, match="left 'reserved'"):
+            async with conn.transaction():
+                await apply_batch(ConfirmedAfterRead(conn, group, db), works, topics)
+        async with conn.transaction():
+            report = await apply_batch(PgReleaseStore(conn, group), works, topics)
+
+    assert report.outcomes == {"confirmed": 1}
+    assert report.released_quantity == 0
+    row = await db.fetchrow(
+        "SELECT r.status, s.reserved, s.on_hand FROM reservations r JOIN stock s USING (sku) "
+        "WHERE r.reservation_id = $1",
+        rid,
+    )
+    assert row is not None
+    # Confirmed once by the checkout; the release returned nothing to stock (I1, I2).
+    assert (row["status"], row["reserved"], row["on_hand"]) == ("confirmed", 0, 998)
