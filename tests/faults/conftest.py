@@ -18,7 +18,13 @@ def bed_factory(servers: Servers, tmp_path: Path) -> BedFactory:
     """`async with bed_factory(partitions=..., **settings) as bed:` on the session's servers."""
 
     def make(**overrides: Any) -> AbstractAsyncContextManager[Bed]:
-        return fault_bed(servers.database_url, servers.bootstrap, tmp_path, **overrides)
+        return fault_bed(
+            servers.database_url,
+            servers.bootstrap,
+            tmp_path,
+            worker_database_url=servers.worker_database_url,
+            **overrides,
+        )
 
     return make
 

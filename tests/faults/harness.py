@@ -11,7 +11,13 @@ The stream: every cart has three reservations. Event A releases item 0, event B 
 the same partition: same key) releases all three, so B must report item 0 as
 `already_released`; some carts get a whole-cart event C after B (all `already_released`),
 and some A events are replayed at the end with the same eventId (their results must be
-the stored bytes again, and stock must not move).
+published again, the stored bytes, and stock must not move).
+
+Workers connect as the least-privilege login (`release_worker`'s grants, as in
+production); the test's own pool is the owner. Every bed's randomness (reservations,
+stream order, kill moments) comes from one seed, printed as `[fault] seed: N`; set
+`FAULT_SEED=N` to run a failing test again with the same choices. Worker logs are
+scanned for the bed's API keys when the bed closes.
 """
 
 from __future__ import annotations
@@ -98,7 +104,8 @@ class WorkerProcess:
         self.signalled = True
         with contextlib.suppress(ProcessLookupError):
             os.kill(self._proc.pid, signal.SIGKILL)
-        await self._proc.wait()
+        code = await self._proc.wait()
+        assert code == -signal.SIGKILL, f"{self.name} was not killed by SIGKILL: exit {code}"
 
     async def signal(self, signum: int = signal.SIGTERM) -> None:
         assert self._proc is not None
@@ -150,6 +157,7 @@ class Stream:
     events: list[Event] = field(default_factory=list)
     expected: dict[str, dict[str, str | None]] = field(default_factory=dict)
     replays: int = 0
+    replayed: Counter[str] = field(default_factory=Counter)  # eventId -> times sent again
     whole_cart: int = 0
 
 
@@ -158,6 +166,8 @@ class Counts:
     records: int
     results: int
     distinct: int
+    replays: int
+    replayed_results: int
     duplicates: int
     released: int
     expired: int
@@ -168,7 +178,9 @@ class Counts:
     def line(self) -> str:
         return (
             f"records={self.records} results={self.results} distinct={self.distinct} "
-            f"duplicates={self.duplicates} (all byte-identical) released={self.released} "
+            f"replays={self.replays} (their {self.replayed_results} results all published "
+            f"again, byte-identical) other_duplicates={self.duplicates} (all byte-identical) "
+            f"released={self.released} "
             f"expired={self.expired} confirmed={self.confirmed} "
             f"returned_quantity={self.returned_quantity} outcomes={dict(self.outcomes)} "
             "I1_violations=0 I2_violations=0 I3_unpublished=0 missing_results=0"
@@ -193,7 +205,11 @@ class Bed:
         self.produced: dict[int, int] = {}  # partition -> next offset after the last record
         self.carts = 0
         self.initial_on_hand = 0
-        self.rng = random.Random(uuid.uuid4().int)
+        given = os.environ.get("FAULT_SEED")
+        self.seed_value = int(given) if given else uuid.uuid4().int % 2**63
+        self.rng = random.Random(self.seed_value)
+        print(f"\n[fault] seed: {self.seed_value} (FAULT_SEED={self.seed_value} repeats it)")
+        self.secrets: list[str] = []  # never to appear in a worker's log
 
     @property
     def bootstrap(self) -> str:
@@ -205,6 +221,7 @@ class Bed:
     async def seed(self, carts: int, overdue_share: float = 0.0) -> None:
         self.carts = carts
         self.api_key = await add_partner(self.pool, self.partner_id, "Fault test", ["tag-1"])
+        self.secrets.append(self.api_key)
         async with self.pool.acquire() as conn, conn.transaction():
             await seed_stock(conn, self.skus)
             await seed_reservations(
@@ -248,6 +265,7 @@ class Bed:
                     abandon_event(self.cart_id(c), items[:1], self.api_key, event_id=a)
                 )
                 s.replays += 1
+                s.replayed[a] += 1
         for phase in phases:
             self.rng.shuffle(phase)
             s.events.extend(phase)
@@ -348,6 +366,37 @@ class Bed:
             await asyncio.sleep(0.005)
         return pids
 
+    async def terminate_worker_transactions(self, timeout_s: float = 30) -> list[str]:
+        """pg_terminate_backend on every worker connection inside a transaction with an xid,
+        chosen and killed in one statement; returns the ids of the transactions hit (see
+        `transaction_statuses`: a kill that landed inside its transaction aborted it)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = await self.pool.fetch(
+                f"SELECT {_XID8} AS xid, pg_terminate_backend(pid) AS hit "
+                "FROM pg_stat_activity WHERE application_name = $1 AND backend_xid IS NOT NULL",
+                APPLICATION_NAME,
+            )
+            if hit := [str(r["xid"]) for r in rows if r["hit"]]:
+                return hit
+            self._assert_workers_alive()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no worker transaction to terminate within {timeout_s}s")
+            await asyncio.sleep(0.005)
+
+    async def transaction_statuses(self, xids: list[str], timeout_s: float = 30) -> list[str]:
+        """`pg_xact_status` of each transaction once none is in progress any more:
+        committed or aborted."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = await self.pool.fetch(
+                "SELECT pg_xact_status(x::xid8) FROM unnest($1::text[]) AS x", xids
+            )
+            statuses = [str(r[0]) for r in rows]
+            if "in progress" not in statuses or time.monotonic() > deadline:
+                return statuses
+            await asyncio.sleep(0.02)
+
     async def confirm(self, reservation_ids: list[str]) -> set[str]:
         """What the checkout does on purchase, as the reservation service would: lock the
         reservations, then their stock rows, in the fixed order; `reserved` and `on_hand`
@@ -402,6 +451,16 @@ class Bed:
             return total
         finally:
             await consumer.stop()
+
+    def leaked_secrets(self) -> list[str]:
+        """Worker logs that contain one of the bed's secrets (an API key)."""
+        return [
+            f"{w.name} logged secret #{n}"
+            for w in self.workers
+            if w.log_path.exists()
+            for n, secret in enumerate(self.secrets)
+            if secret.encode() in w.log_path.read_bytes()
+        ]
 
     def tails(self) -> str:
         return "\n".join(f"--- {w.name} ({w.log_path}):\n{w.tail()}" for w in self.workers)
@@ -462,6 +521,7 @@ class Bed:
             }
         published = await self.read_results(want)
         by_key: dict[ResultKey, set[bytes]] = defaultdict(set)
+        copies: Counter[ResultKey] = Counter()
         bodies: dict[ResultKey, dict[str, Any]] = {}
         rejected = []
         for p in published:
@@ -471,6 +531,7 @@ class Bed:
                 continue
             key = _key(body)
             by_key[key].add(p.value or b"")
+            copies[key] += 1
             bodies[key] = body
         # G6: an outage is never a reason to reject or dead-letter a record.
         assert not rejected, f"records rejected: {rejected[:3]}"
@@ -481,6 +542,12 @@ class Bed:
         # G2: a duplicate is the same bytes.
         differing = {k: v for k, v in by_key.items() if len(v) > 1}
         assert not differing, f"duplicates that differ: {list(differing.items())[:2]}"
+        # G2: every replayed record published its results again (the same bytes, above):
+        # an event sent 1 + n times has each of its results at least 1 + n times.
+        sent = {(e, r): 1 + n for e, n in stream.replayed.items() for r in stream.expected[e]}
+        unreplayed = {k: (copies[k], n) for k, n in sent.items() if copies[k] < n}
+        assert not unreplayed, f"replays without their results (published, sent): {unreplayed}"
+        replayed_results = sum(n - 1 for n in sent.values())
         # Expected outcomes (pins G4: B is applied after A of the same cart).
         wrong = [
             (e, r, bodies[(e, r)]["outcome"], o)
@@ -509,14 +576,19 @@ class Bed:
             records=len(stream.events),
             results=sum(1 for p in published if p.body["type"] == "item_result"),
             distinct=len(bodies),
-            duplicates=len(published) - len(bodies),
+            replays=stream.replays,
+            replayed_results=replayed_results,
+            duplicates=len(published) - len(bodies) - replayed_results,
             released=statuses["released"],
             expired=statuses["expired"],
             confirmed=statuses["confirmed"],
             returned_quantity=returned,
             outcomes=dict(Counter(b["outcome"] for b in bodies.values())),
         )
-        print(f"\n[fault] injected: {injected}\n[fault] verified: {counts.line()}")
+        print(
+            f"\n[fault] seed: {self.seed_value}\n[fault] injected: {injected}\n"
+            f"[fault] verified: {counts.line()}"
+        )
         return counts
 
     def _check_i2_i3(
@@ -555,6 +627,14 @@ async def _at_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> bool
     return True
 
 
+# pg_stat_activity.backend_xid is a 32-bit xid; pg_xact_status wants the xid8 (epoch and
+# xid), taken here from the current snapshot's epoch (wraparound aside).
+_XID8 = (
+    "((pg_snapshot_xmax(pg_current_snapshot())::text::bigint >> 32) * 4294967296"
+    " + backend_xid::text::bigint)::text"
+)
+
+
 def _key(body: dict[str, Any]) -> ResultKey:
     return (str(body.get("eventId")), str(body.get("itemReservationId")))
 
@@ -565,20 +645,26 @@ async def fault_bed(
     bootstrap: str,
     log_dir: Path,
     *,
+    worker_database_url: str,
     partitions: int = 6,
     **overrides: Any,
 ) -> AsyncIterator[Bed]:
-    """A private bed; every worker still running at the end is killed by its pid."""
+    """A private bed; every worker still running at the end is killed by its pid.
+
+    `database_url` (the owner) is the test's pool; workers connect with
+    `worker_database_url`, the least-privilege login."""
     values: dict[str, Any] = {"log_format": "json", "commit_interval_ms": 200}
     values.update(overrides)
-    settings = isolated_settings(database_url, bootstrap, **values)
+    settings = isolated_settings(worker_database_url, bootstrap, **values)
     await ensure_topics(settings, partitions)
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
     bed = Bed(pool, settings, log_dir, partitions)
     try:
         yield bed
+        leaked = bed.leaked_secrets()
+        assert not leaked, f"API keys in worker logs: {leaked}"
     except BaseException:
-        print(f"\n[fault] worker logs:\n{bed.tails()}")
+        print(f"\n[fault] seed: {bed.seed_value}\n[fault] worker logs:\n{bed.tails()}")
         raise
     finally:
         for w in bed.workers:

@@ -23,7 +23,9 @@ class Proxy:
         self._flowing.set()
         self._pumps: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
-        self.connections = 0
+        self.connections = 0  # accepted in all
+        self.held = 0  # reads that arrived while stalled (held until restored)
+        self.closed_by_cut = 0  # connections open when `cut` closed them
 
     @property
     def bootstrap(self) -> str:
@@ -31,6 +33,11 @@ class Proxy:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, HOST, self.listen_port)
+
+    @property
+    def open(self) -> int:
+        """Client connections open now (each has two writers: client and upstream)."""
+        return len(self._writers) // 2
 
     async def stop(self) -> None:
         await self.cut()
@@ -43,6 +50,7 @@ class Proxy:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        self.closed_by_cut += self.open
         for writer in list(self._writers):
             writer.close()
         for pump in list(self._pumps):
@@ -70,6 +78,8 @@ class Proxy:
     async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         try:
             while data := await source.read(65536):
+                if not self._flowing.is_set():
+                    self.held += 1
                 await self._flowing.wait()
                 sink.write(data)
                 await sink.drain()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
+import orjson
 import pytest
 
 from tests.faults.conftest import BedFactory
@@ -57,6 +59,7 @@ async def test_a_batch_that_outlives_the_revoke_deadline_commits_safely_as_a_zom
         batch_max_records=100,
         rebalance_drain_timeout_s=1,
         session_timeout_ms=6000,
+        log_level="debug",  # batch_applied lines show what the zombie committed
     ) as bed:
         await bed.seed(carts=800)
         stream = bed.stream()
@@ -88,3 +91,25 @@ async def test_a_batch_that_outlives_the_revoke_deadline_commits_safely_as_a_zom
         )
         moved = set(first.assignments()[0]) - set(first.assignments()[-1])
         assert moved, "some of worker-1's partitions moved to worker-2"
+        # The zombie: after its revoke timed out, worker-1 still committed records of a
+        # partition that had moved (its batch_applied lines, logged at debug level).
+        zombie = _applied_after_revoke_timeout(first.log_path, moved)
+        print(f"[fault] worker-1 applied after its revoke timed out: {zombie}")
+        assert zombie, "worker-1 committed nothing of the moved partitions after the move"
+
+
+def _applied_after_revoke_timeout(log: Path, moved: set[str]) -> list[dict[str, object]]:
+    """batch_applied lines logged after revoke_drain_timeout with results for records of
+    the moved partitions."""
+    found, timed_out = [], False
+    for line in log.read_bytes().splitlines():
+        entry = orjson.loads(line)
+        timed_out = timed_out or entry["event"] == "revoke_drain_timeout"
+        if (
+            timed_out
+            and entry["event"] == "batch_applied"
+            and moved & set(entry["offsets"])
+            and entry["outcomes"]
+        ):
+            found.append({k: entry[k] for k in ("lane", "offsets", "records", "outcomes")})
+    return found

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -25,21 +26,22 @@ async def test_terminated_connections_mid_transaction_retry_the_whole_transactio
         stream = bed.stream()
         await bed.produce(stream.events)
         await bed.start_worker()
-        killed, at = 0, list[int]()
-        for _ in range(8):
+        # A kill counts once its transaction is seen aborted: the backend was inside it when
+        # the kill landed (one that committed just before is not counted).
+        statuses: Counter[str] = Counter()
+        at: list[int] = []
+        while statuses["aborted"] < 8:
+            assert len(at) < 20, f"only {statuses} of 20 kills landed inside a transaction"
             # Each time after the worker made progress again: it recovered from the last one.
             await bed.wait_applied((at[-1] if at else 0) + 1)
-            pids = await bed.wait_worker_transaction()
-            done = await bed.pool.fetch(
-                "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", pids
-            )
-            killed += sum(1 for r in done if r[0])
+            hit = await bed.terminate_worker_transactions()
+            statuses.update(await bed.transaction_statuses(hit))
             at.append(await bed.applied())
-        assert killed >= 8
         await bed.check(
             stream,
-            f"pg_terminate_backend on {killed} worker connections inside transactions, "
-            f"at applied-record counts {at}",
+            f"pg_terminate_backend on {sum(statuses.values())} worker connections chosen "
+            f"inside transactions, at applied-record counts {at}; their transactions: "
+            f"{dict(statuses)} (aborted: the kill landed inside)",
         )
 
 
@@ -54,17 +56,24 @@ async def test_postgres_stopped_for_10s_mid_stream(
         stream = bed.stream()
         await bed.produce(stream.events)
         worker = await bed.start_worker()
-        applied = await bed.wait_applied(1, timeout_s=60)
+        await bed.wait_applied(1, timeout_s=60)
+        # Mid-stream: records are left to apply when the database goes away.
+        applied = await bed.applied()
+        remaining = len(stream.events) - applied
         await asyncio.to_thread(postgres.stop, "immediate")
         down = time.monotonic()
+        retries_before = worker.log_lines("transient_failure_retrying")
         await asyncio.sleep(10)
         assert worker.running, worker.tail()
+        retried = worker.log_lines("transient_failure_retrying") - retries_before
         await asyncio.to_thread(postgres.start)
+        assert remaining > 0, "the stream was applied before PostgreSQL stopped"
+        assert retried > 0, "the worker met no failure while PostgreSQL was stopped"
         await bed.check(
             stream,
-            f"PostgreSQL stopped (immediate) at {applied} applied records, started again "
-            f"after {time.monotonic() - down:.1f}s; worker retried "
-            f"{worker.log_lines('transient_failure_retrying')} times",
+            f"PostgreSQL stopped (immediate) at {applied} applied records ({remaining} "
+            f"left), started again after {time.monotonic() - down:.1f}s; the worker "
+            f"retried {retried} times while it was down",
         )
 
 
@@ -78,7 +87,11 @@ async def test_broker_connection_stalled_then_cut_for_10s(servers: Servers, tmp_
     await proxy.start()
     try:
         async with fault_bed(
-            servers.database_url, proxy.bootstrap, tmp_path, session_timeout_ms=10_000
+            servers.database_url,
+            proxy.bootstrap,
+            tmp_path,
+            worker_database_url=servers.worker_database_url,
+            session_timeout_ms=10_000,
         ) as bed:
             await bed.seed(carts=2_000)
             stream = bed.stream()
@@ -86,6 +99,8 @@ async def test_broker_connection_stalled_then_cut_for_10s(servers: Servers, tmp_
             await bed.produce(stream.events[:half])
             worker = await bed.start_worker()
             applied = await bed.wait_applied(1, timeout_s=60)
+            # Only the worker is connected now (the producer and admin clients closed).
+            through_proxy = proxy.open
             proxy.stall()
             await asyncio.sleep(5)
             stalled_at = await bed.applied()
@@ -94,13 +109,21 @@ async def test_broker_connection_stalled_then_cut_for_10s(servers: Servers, tmp_
             cut_at, waiting = await bed.applied(), await bed.outbox_left()
             assert worker.running, worker.tail()
             await proxy.restore()
+            # The fault reached the worker: its connections went through the proxy, the
+            # bytes it sent while stalled were held, the cut closed what was open, and its
+            # work stopped short: results were left unpublished or records unapplied.
+            assert through_proxy > 0, "the worker's connections did not go through the proxy"
+            assert proxy.held > 0, "no bytes were held back during the stall"
+            assert proxy.closed_by_cut > 0, "the cut closed no connection"
+            assert waiting > 0 or cut_at < half, "nothing stalled: all applied and published"
             await bed.produce(stream.events[half:])
             await bed.check(
                 stream,
-                f"broker connections stalled for 5s at {applied} applied records "
-                f"({stalled_at} when cut), cut and refused for 10s ({cut_at} applied at "
-                f"restore, {waiting} results waiting in the outbox); {proxy.connections} "
-                "connections through the proxy",
+                f"broker connections ({through_proxy} open through the proxy) stalled for 5s "
+                f"at {applied} applied records ({proxy.held} reads held; {stalled_at} applied "
+                f"when cut), cut ({proxy.closed_by_cut} connections closed) and refused for "
+                f"10s ({cut_at} of {half} applied at restore, {waiting} results waiting in the "
+                f"outbox); {proxy.connections} connections through the proxy in all",
             )
     finally:
         await proxy.stop()
