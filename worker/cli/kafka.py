@@ -51,8 +51,6 @@ async def consumer(bootstrap: str, group_id: str | None = None) -> AsyncIterator
         enable_auto_commit=False,
         client_id="release-worker-cli",
         request_timeout_ms=int(CONNECT_TIMEOUT_S * 1000),
-        # Room for dead letters of records at the input limit with their headers.
-        max_partition_fetch_bytes=4 * 1024 * 1024,
     )
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
@@ -79,14 +77,23 @@ async def partitions(client: AIOKafkaConsumer, topic: str) -> list[TopicPartitio
     raise KafkaTimeoutError(f"topic {topic!r} does not exist (or may not be described)")
 
 
-async def highwaters(client: AIOKafkaConsumer, tps: list[TopicPartition]) -> dict[int, int]:
+async def highwaters(
+    client: AIOKafkaConsumer, tps: list[TopicPartition], near: Mapping[int, int] | None = None
+) -> dict[int, int]:
     """Each partition's high-water mark (the offset the next record will get), by partition.
 
-    A fetch response carries it: the partitions are read from their start, one record at
-    most, which is cheap whatever their size. The client is left assigned to `tps`.
+    A fetch response carries it: each partition is fetched once, from `near` (an offset
+    known to exist, close to the end: less to transfer) or else from its start. The
+    client is left assigned to `tps`.
     """
     client.assign(tps)
-    await client.seek_to_beginning(*tps)
+    near = near or {}
+    from_start = [tp for tp in tps if tp.partition not in near]
+    if from_start:  # (none given would mean every assigned partition)
+        await client.seek_to_beginning(*from_start)
+    for tp in tps:
+        if tp.partition in near:
+            client.seek(tp, near[tp.partition])
     marks: dict[int, int] = {}
     async with asyncio.timeout(CONNECT_TIMEOUT_S):
         while len(marks) < len(tps):

@@ -51,7 +51,8 @@ async def partition_offsets(settings: Settings) -> list[dict[str, Any]]:
     async with kafka.consumer(bootstrap, group_id=settings.group_id) as client:
         tps = await kafka.partitions(client, settings.input_topic)
         committed = {tp.partition: await client.committed(tp) for tp in tps}
-        marks = await kafka.highwaters(client, tps)
+        # The applied offset is at most the high-water mark: fetching from there is cheap.
+        marks = await kafka.highwaters(client, tps, near=stored)
     rows = []
     for tp in tps:
         p = tp.partition
