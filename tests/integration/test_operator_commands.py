@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from typer.testing import CliRunner, Result
 
@@ -30,7 +31,12 @@ async def cli(settings: Settings, *args: str) -> Result:
     event loop)."""
     runner = CliRunner()
     env = settings_env(settings)
-    return await asyncio.to_thread(runner.invoke, app, list(args), env=env)
+    # The commands that log configure structlog for their process: not for later tests.
+    before = structlog.get_config()
+    try:
+        return await asyncio.to_thread(runner.invoke, app, list(args), env=env)
+    finally:
+        structlog.configure(**before)
 
 
 def json_lines(result: Result) -> list[dict[str, Any]]:

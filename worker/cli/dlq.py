@@ -221,13 +221,13 @@ def redrive(
     who ran it; with the log's timestamp, that is who, when and what."""
     from worker.cli import redrive as core
 
-    settings = load_settings()
-    audit_logging(settings)
     wanted = set(positions or ())
     filtered = any(f is not None for f in (status, code, partner, cart, since, until))
     if not (wanted or filtered or every):
         typer.echo("Name dead letters by position, or select them with filters or --all.")
         raise typer.Exit(2)
+    settings = load_settings()
+    audit_logging(settings)
     letters = [
         letter
         for letter in _read(status, code, partner, cart, since, until)
