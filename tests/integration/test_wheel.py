@@ -2,8 +2,10 @@
 Dockerfile's own steps) into a clean virtualenv outside the checkout by a non-root user,
 runs `migrate`, `run`, a release and `doctor` against the real servers.
 
-pip installs offline from a wheelhouse kept in `.venv/wheelhouse`; the first run on a
-machine fills it (one `pip download`), later runs do not touch the network.
+pip installs offline from a wheelhouse kept in the machine's cache directory
+(~/.cache/cart-release-worker/wheelhouse, shared by every clone): the first run on a
+machine, or after a dependency changed, fills it with one `pip download`; other runs do
+not touch the network.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import os
 import pwd
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import uuid
@@ -33,7 +34,8 @@ pytestmark = pytest.mark.integration
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 WHEEL_SH = CHECKOUT / "deploy" / "wheel.sh"
-WHEELHOUSE = CHECKOUT / ".venv" / "wheelhouse"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+WHEELHOUSE = CACHE / "cart-release-worker" / "wheelhouse"
 USER = "nobody"
 
 
@@ -81,15 +83,6 @@ def user_python() -> str:
     )
 
 
-def readable_by_others(path: Path) -> bool:
-    """Every directory up to `path` is searchable, and `path` readable, by any user."""
-    for part in [path, *path.parents]:
-        mode = part.stat().st_mode
-        if not mode & stat.S_IXOTH or (part == path and not mode & stat.S_IROTH):
-            return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def scratch() -> Iterator[Path]:
     """A directory outside the checkout, owned by the unprivileged user: HOME, venv, cache."""
@@ -103,8 +96,26 @@ def scratch() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def offline() -> dict[str, str]:
-    return {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(WHEELHOUSE)}
+def offline(wheelhouse: Path = WHEELHOUSE) -> dict[str, str]:
+    return {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheelhouse)}
+
+
+def fill_wheelhouse(wheel: Path) -> None:
+    """Download the wheel's dependencies and the build backend (the one network use)."""
+    wanted = [str(wheel), "setuptools>=69", "wheel"]
+    pip = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:"]
+    filled = _run([*pip, "--dest", str(WHEELHOUSE), *wanted], os.environ, timeout=300)
+    assert filled.returncode == 0, filled.stderr
+
+
+def readable_copy(target: Path) -> Path:
+    """The wheelhouse copied where the unprivileged user can read it (a cache under
+    root's home is not readable by others)."""
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(WHEELHOUSE, target)
+    for path in [target, *target.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return target
 
 
 def assert_wheel_contents(wheel: Path) -> None:
@@ -119,14 +130,28 @@ def assert_wheel_contents(wheel: Path) -> None:
     assert {n.split("/")[0] for n in names} == {"worker"}, sorted(names)
 
 
+def build_context(target: Path) -> Path:
+    """What the Dockerfile copies into its build stage, and nothing else: the wheel is built
+    from these files alone, without the checkout's leftovers (build/, egg-info)."""
+    ignore = shutil.ignore_patterns("__pycache__")
+    target.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(CHECKOUT / name, target / name)
+    for name in ("worker", "migrations"):
+        shutil.copytree(CHECKOUT / name, target / name, ignore=ignore)
+    return target
+
+
 @pytest.fixture(scope="module")
 def installed(scratch: Path) -> Path:
     """Build the wheel (as CI's user) and install it as the unprivileged user; the venv's bin."""
     dist = scratch / "dist"
+    source = build_context(scratch / "src")
     build_env = {**os.environ, "PYTHON": sys.executable}
-    built = _run([str(WHEEL_SH), "build", str(CHECKOUT), str(dist)], {**build_env, **offline()})
-    if built.returncode != 0:  # the wheelhouse lacks setuptools yet: the index then
-        built = _run([str(WHEEL_SH), "build", str(CHECKOUT), str(dist)], build_env)
+    build = [str(WHEEL_SH), "build", str(source), str(dist)]
+    filled = any(WHEELHOUSE.glob("setuptools-*.whl"))
+    # Offline once the wheelhouse holds the build backend; from the index the first time.
+    built = _run(build, {**build_env, **offline()} if filled else build_env)
     assert built.returncode == 0, built.stdout + built.stderr
     (wheel,) = dist.glob("cart_release_worker-*.whl")
     assert_wheel_contents(wheel)
@@ -139,30 +164,16 @@ def installed(scratch: Path) -> Path:
         "HOME": str(scratch),
         "PIP_CACHE_DIR": str(scratch / "pip-cache"),
         "PYTHON": user_python(),
-        **offline(),
+        **offline(scratch / "wheelhouse"),
     }
     install = [*as_user(["sh", str(WHEEL_SH), "install", str(venv), str(wheel)])]
+    if not filled:
+        fill_wheelhouse(wheel)
+    readable_copy(scratch / "wheelhouse")
     done = _run(install, install_env)
-    if done.returncode != 0:  # first run on this machine: fill the wheelhouse once
-        fill = _run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--only-binary=:all:",
-                "--dest",
-                str(WHEELHOUSE),
-                str(wheel),
-                "setuptools>=69",
-                "wheel",
-            ],
-            os.environ,
-            timeout=300,
-        )
-        assert fill.returncode == 0, fill.stderr
-        assert readable_by_others(WHEELHOUSE), f"{USER} cannot read {WHEELHOUSE}"
+    if done.returncode != 0 and filled:  # a dependency changed since the wheelhouse filled
+        fill_wheelhouse(wheel)
+        readable_copy(scratch / "wheelhouse")
         shutil.rmtree(venv, ignore_errors=True)
         done = _run(install, install_env)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -159,6 +159,10 @@ def test_the_dockerfile_installs_as_the_wheel_test_does_and_runs_as_a_user() -> 
     build, final = stages[-2], stages[-1]
     # The same two steps tests/integration/test_wheel.py runs.
     assert "deploy/wheel.sh build" in build
+    # The build context test_wheel.build_context copies, and nothing else.
+    copies = [line.split()[1:-1] for line in build.splitlines() if line.startswith("COPY ")]
+    copied = {source for sources in copies for source in sources}
+    assert copied == {"pyproject.toml", "README.md", "worker/", "migrations/", "deploy/wheel.sh"}
     assert "deploy/wheel.sh install /opt/release-worker" in build
     assert "COPY --from=build /opt/release-worker /opt/release-worker" in final
     assert "USER 10001:10001" in final
