@@ -205,6 +205,11 @@ async def test_the_installed_wheel_migrates_runs_releases_and_passes_doctor(
     where = await cli("--help", env={})
     assert where.returncode == 0, where.stderr
     assert not str(installed).startswith(str(CHECKOUT))
+    # The api's modules (the image's `api` command) import with the wheel's dependencies.
+    api = await asyncio.to_thread(
+        _run, as_user([str(installed / "python"), "-c", "import worker.api.server"]), base, 60
+    )
+    assert api.returncode == 0, api.stderr
 
     migrated = await cli("migrate", env={"WORKER_DATABASE_URL": owner_url})
     assert migrated.returncode == 0, migrated.stderr
