@@ -57,12 +57,11 @@ doctor: $(STAMP)
 contract: $(STAMP)
 	$(BIN)/release-worker contract write
 
-# `python -m` from the checkout: the bench/ harness is not part of the installed wheel.
 bench: $(STAMP)
-	$(BIN)/python -m worker bench
+	$(BIN)/release-worker bench
 
 bench-quick: $(STAMP)
-	$(BIN)/python -m worker bench --quick --out bench/results/quick
+	$(BIN)/release-worker bench --quick --out bench/results/quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

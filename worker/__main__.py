@@ -193,15 +193,19 @@ def bench(
     from dataclasses import replace
     from pathlib import Path
 
+    # The harness is not in the wheel: it lives in the source checkout, beside worker/
+    # when this is an editable install of one.
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "bench" / "run.py").is_file() and (checkout / "pyproject.toml").is_file():
+        sys.path.insert(0, str(checkout))
     try:
         from bench.run import FULL, QUICK, RESULTS_DIR, only_scale, run_bench, summary_ok
     except ModuleNotFoundError as error:
         if error.name not in ("bench", "bench.run"):
             raise
-        # The harness is not in the wheel: it lives in the source checkout.
         typer.echo(
             "bench runs from a source checkout (the harness is not installed with the "
-            "wheel): run `make bench`, or `python -m worker bench` in the checkout.",
+            "wheel): run `make bench` in a checkout of cart-release-worker.",
             err=True,
         )
         raise typer.Exit(2) from None

@@ -210,6 +210,10 @@ async def test_the_installed_wheel_migrates_runs_releases_and_passes_doctor(
         _run, as_user([str(installed / "python"), "-c", "import worker.api.server"]), base, 60
     )
     assert api.returncode == 0, api.stderr
+    # The bench harness stays in the checkout, and the command says so.
+    bench = await cli("bench", "--quick", env={})
+    assert bench.returncode == 2, bench.stderr
+    assert "make bench" in bench.stderr
 
     migrated = await cli("migrate", env={"WORKER_DATABASE_URL": owner_url})
     assert migrated.returncode == 0, migrated.stderr
