@@ -33,7 +33,6 @@ from worker.embedded import free_port
 pytestmark = pytest.mark.integration
 
 CHECKOUT = Path(__file__).resolve().parents[2]
-WHEEL_SH = CHECKOUT / "deploy" / "wheel.sh"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 WHEELHOUSE = CACHE / "cart-release-worker" / "wheelhouse"
 USER = "nobody"
@@ -134,8 +133,8 @@ def build_context(target: Path) -> Path:
     """What the Dockerfile copies into its build stage, and nothing else: the wheel is built
     from these files alone, without the checkout's leftovers (build/, egg-info)."""
     ignore = shutil.ignore_patterns("__pycache__")
-    target.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    (target / "deploy").mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md", "deploy/wheel.sh"):
         shutil.copy2(CHECKOUT / name, target / name)
     for name in ("worker", "migrations"):
         shutil.copytree(CHECKOUT / name, target / name, ignore=ignore)
@@ -148,7 +147,9 @@ def installed(scratch: Path) -> Path:
     dist = scratch / "dist"
     source = build_context(scratch / "src")
     build_env = {**os.environ, "PYTHON": sys.executable}
-    build = [str(WHEEL_SH), "build", str(source), str(dist)]
+    # The copy's script: the unprivileged user may not be able to read the checkout.
+    wheel_sh = str(source / "deploy" / "wheel.sh")
+    build = [wheel_sh, "build", str(source), str(dist)]
     filled = any(WHEELHOUSE.glob("setuptools-*.whl"))
     # Offline once the wheelhouse holds the build backend; from the index the first time.
     built = _run(build, {**build_env, **offline()} if filled else build_env)
@@ -166,7 +167,7 @@ def installed(scratch: Path) -> Path:
         "PYTHON": user_python(),
         **offline(scratch / "wheelhouse"),
     }
-    install = [*as_user(["sh", str(WHEEL_SH), "install", str(venv), str(wheel)])]
+    install = [*as_user(["sh", wheel_sh, "install", str(venv), str(wheel)])]
     if not filled:
         fill_wheelhouse(wheel)
     readable_copy(scratch / "wheelhouse")
