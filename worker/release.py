@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from worker.contract import Outcome, Trigger
 from worker.errors import TransientError
@@ -36,8 +36,10 @@ TopicPartition = tuple[str, int]
 EventKey = tuple[str, str]  # (partner_id, event_id)
 
 
-@dataclass(frozen=True, slots=True)
-class Reservation:
+class Reservation(NamedTuple):
+    """A reservation row as read. A tuple (immutable, as a frozen dataclass would be, but
+    made without a __setattr__ call per field): one is made per item."""
+
     reservation_id: str
     partner_id: str
     cart_id: str
@@ -164,8 +166,10 @@ class BatchReport:
         return sum(rejection.dead_letter for _, rejection in self.rejected)
 
 
-@dataclass(frozen=True, slots=True)
-class ItemDecision:
+class ItemDecision(NamedTuple):
+    """One item's outcome. A tuple, not a frozen dataclass: one is made per item, and a
+    frozen dataclass's __init__ sets each field through object.__setattr__."""
+
     cart_item_id: str
     reservation_id: str
     outcome: Outcome
@@ -447,9 +451,10 @@ def _item_payload(command: ReleaseCommand, d: ItemDecision, processed_at: dateti
 def stock_deltas(moved: Iterable[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
     """Quantities to return per (sku, location_id), from (sku, location_id, quantity) per
     moved reservation; sorted: the stock lock order."""
-    totals: Counter[tuple[str, str]] = Counter()
+    totals: dict[tuple[str, str], int] = {}
     for sku, location_id, quantity in moved:
-        totals[(sku, location_id)] += quantity
+        key = (sku, location_id)
+        totals[key] = totals.get(key, 0) + quantity
     return [(sku, loc, qty) for (sku, loc), qty in sorted(totals.items())]
 
 

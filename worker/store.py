@@ -39,7 +39,7 @@ _R_COLUMNS = ", ".join("r." + c for c in _RESERVATION_COLUMNS.split(", "))  # al
 
 
 def _reservation(row: asyncpg.Record) -> Reservation:
-    return Reservation(*row.values())
+    return Reservation(*row)
 
 
 class PgTransactions:
@@ -63,6 +63,15 @@ class PgReleaseStore:
     def __init__(self, conn: Conn, group_id: str) -> None:
         self._conn = conn
         self._group_id = group_id
+        # A record's results share one headers tuple, written to the inbox and the outbox:
+        # encoded once for both.
+        self._encoded: dict[Headers, bytes] = {}
+
+    def _encode(self, headers: Headers) -> bytes:
+        encoded = self._encoded.get(headers)
+        if encoded is None:
+            encoded = self._encoded[headers] = encode_headers(headers)
+        return encoded
 
     async def lock_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         topics = [t for t, _ in partitions]
@@ -228,12 +237,12 @@ class PgReleaseStore:
             [e.record.offset for e in entries],
             payloads,
             owners,
-            [encode_headers(e.headers) for e in entries],
+            [self._encode(e.headers) for e in entries],
         )
         return {(r[0], r[1]) for r in rows}
 
     async def enqueue(self, messages: Sequence[OutboxMessage]) -> list[OutboxMessage]:
-        return await enqueue(self._conn, messages)
+        return await enqueue(self._conn, messages, self._encoded)
 
     async def advance_offsets(self, next_offsets: dict[TopicPartition, int]) -> None:
         items = sorted(next_offsets.items())
@@ -261,13 +270,19 @@ def decode_headers(raw: bytes) -> Headers:
     return tuple((n, None if v is None else base64.b64decode(v)) for n, v in orjson.loads(raw))
 
 
-async def enqueue(conn: Conn, messages: Sequence[OutboxMessage]) -> list[OutboxMessage]:
-    """Write messages to the outbox in order; return them carrying their ids."""
+async def enqueue(
+    conn: Conn, messages: Sequence[OutboxMessage], encoded: dict[Headers, bytes] | None = None
+) -> list[OutboxMessage]:
+    """Write messages to the outbox in order; return them carrying their ids. `encoded`:
+    headers already encoded (and where to keep those encoded here)."""
     # The items of one record share one headers tuple: encode it once.
-    encoded: dict[Headers, bytes] = {}
+    encoded = {} if encoded is None else encoded
+    headers = []
     for m in messages:
-        if m.headers not in encoded:
-            encoded[m.headers] = encode_headers(m.headers)
+        raw = encoded.get(m.headers)
+        if raw is None:
+            raw = encoded[m.headers] = encode_headers(m.headers)
+        headers.append(raw)
     ids = await conn.fetch(
         """
         INSERT INTO outbox (topic, key, headers, payload)
@@ -276,7 +291,7 @@ async def enqueue(conn: Conn, messages: Sequence[OutboxMessage]) -> list[OutboxM
         """,
         [m.topic for m in messages],
         [m.key for m in messages],
-        [encoded[m.headers] for m in messages],
+        headers,
         [m.payload for m in messages],
     )
     # INSERT ... SELECT FROM unnest keeps the input order, and RETURNING reports in that order.

@@ -96,7 +96,7 @@ class FakeStore:
             self.asked_to_release.append(rid)
             row = self.reservations[rid]
             if row.status == "reserved" and row.partner_id == partner_id:
-                self.reservations[rid] = replace(row, status="released", release_event_id=event_id)
+                self.reservations[rid] = row._replace(status="released", release_event_id=event_id)
                 moved.append((row.sku, row.location_id, row.quantity))
         return moved
 
