@@ -32,12 +32,18 @@ class RawRecord:
     # The `traceparent` of the span processing it, for its results; empty unless tracing
     # is on (worker/tracing.py).
     trace_headers: Headers = field(default=(), compare=False, repr=False)
+    # `size`, counted once: the consumer's memory bounds read it several times a record.
+    _size: int = field(init=False, default=0, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        headers = sum(len(k) + len(v or b"") for k, v in self.headers)
+        size = len(self.value or b"") + len(self.key or b"") + headers
+        object.__setattr__(self, "_size", size)
 
     @property
     def size(self) -> int:
         """Bytes this record holds in memory, about: what the memory bounds count."""
-        headers = sum(len(k) + len(v or b"") for k, v in self.headers)
-        return len(self.value or b"") + len(self.key or b"") + headers
+        return self._size
 
     @property
     def next_offset(self) -> int:
