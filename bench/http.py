@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -64,6 +64,8 @@ def free_port(host: str) -> int:
 class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.used = 0  # requests answered on it
+        self.idle_since = time.monotonic()
 
     async def exchange(self, request: bytes) -> tuple[int, bytes, bool]:
         """Send one request, read its answer: (status, body, whether the server keeps the
@@ -79,10 +81,18 @@ class _Connection:
                 length = int(value)
             elif name == b"connection" and value.strip().lower() == b"close":
                 keep = False
-        return status, await self.reader.readexactly(length), keep
+        body = await self.reader.readexactly(length)
+        self.used += 1
+        return status, body, keep
 
     def close(self) -> None:
         self.writer.close()
+
+
+# A server closes a keep-alive connection idle for long (uvicorn: 5 s by default); one idle
+# for this long is not reused, and a reused one found closed is replaced once.
+IDLE_REUSE_S = 2.0
+_LOST = (OSError, asyncio.IncompleteReadError)
 
 
 class OpenLoopClient:
@@ -92,7 +102,7 @@ class OpenLoopClient:
 
     def __init__(self, host: str, port: int, timeout_s: float, max_connections: int = 1024) -> None:
         self.host, self.port, self.timeout_s = host, port, timeout_s
-        self._idle: list[_Connection] = []
+        self._idle: deque[_Connection] = deque()
         self._slots = asyncio.Semaphore(max_connections)
 
     async def send(self, request: bytes, scheduled: float) -> Answer:
@@ -100,18 +110,36 @@ class OpenLoopClient:
             connection: _Connection | None = None
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    connection = self._idle.pop() if self._idle else await self._open()
-                    status, body, keep = await connection.exchange(request)
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as error:
+                    connection = await self._take()
+                    try:
+                        status, body, keep = await connection.exchange(request)
+                    except _LOST:
+                        if not connection.used:
+                            raise
+                        # Closed by the server while idle: the request never arrived (the
+                        # Idempotency-Key would make even a repeat harmless).
+                        connection.close()
+                        connection = await self._open()
+                        status, body, keep = await connection.exchange(request)
+            except (*_LOST, TimeoutError, ValueError) as error:
                 if connection is not None:
                     connection.close()
                 return Answer(scheduled, time.monotonic(), NO_ANSWER, repr(error).encode())
             done = time.monotonic()
             if keep:
+                connection.idle_since = done
                 self._idle.append(connection)
             else:
                 connection.close()
             return Answer(scheduled, done, status, body)
+
+    async def _take(self) -> _Connection:
+        """The most recently used idle connection (those idle too long are closed: they
+        sit at the front, in the order they became idle), or a new one."""
+        now = time.monotonic()
+        while self._idle and now - self._idle[0].idle_since > IDLE_REUSE_S:
+            self._idle.popleft().close()
+        return self._idle.pop() if self._idle else await self._open()
 
     async def get(self, path: str) -> int:
         request = f"GET {path} HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n\r\n".encode()
@@ -122,7 +150,7 @@ class OpenLoopClient:
         return _Connection(reader, writer)
 
     def close(self) -> None:
-        """Close the idle connections (the server closes those idle past its keep-alive)."""
+        """Close the idle connections."""
         while self._idle:
             self._idle.pop().close()
 

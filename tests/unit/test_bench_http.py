@@ -55,6 +55,31 @@ async def test_requests_go_out_on_schedule_whatever_the_answers_do() -> None:
         assert answer.done >= max(a.scheduled for a in answers)
 
 
+async def test_a_keep_alive_connection_the_server_closed_is_replaced_not_counted_lost() -> None:
+    connections = 0
+
+    async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.close()  # idle timeout, as uvicorn's keep-alive does, without saying so
+
+    server = await asyncio.start_server(answer_once, "127.0.0.1", 0)
+    client = OpenLoopClient("127.0.0.1", server.sockets[0].getsockname()[1], timeout_s=10)
+    try:
+        async with asyncio.timeout(10):
+            first = await client.get("/")
+            await asyncio.sleep(0.05)  # the close arrives
+            second = await client.get("/")
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
+    assert (first, second, connections) == (200, 200, 2)
+
+
 def test_the_rate_search_climbs_then_bisects_then_stops() -> None:
     assert next_rate([], [], 100) == 100
     assert next_rate([100], [], 100) == 150
