@@ -6,7 +6,7 @@ import bisect
 import itertools
 import math
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,14 @@ class Measurement:
         return None if self.cpu_s is None or not self.items else 1e6 * self.cpu_s / self.items
 
     @property
+    def cpu_us_per_item_by_process(self) -> dict[str, float]:
+        """CPU per item of each process group over the steady window (`cpu_split_s`)."""
+        cpu_items = self.cpu_items or self.items
+        if not cpu_items:
+            return {}
+        return {name: round(1e6 * s / cpu_items, 1) for name, s in self.cpu_split_s.items()}
+
+    @property
     def correct(self) -> bool:
         return all(v is True for k, v in self.checks.items() if k.startswith("ok_"))
 
@@ -81,11 +89,7 @@ class Measurement:
         data.update(
             records_per_s=round(self.records_per_s, 1),
             items_per_s=round(self.items_per_s, 1),
-            cpu_us_per_item_by_process={
-                name: round(1e6 * seconds / cpu_items, 1)
-                for name, seconds in self.cpu_split_s.items()
-                if (cpu_items := self.cpu_items or self.items)
-            },
+            cpu_us_per_item_by_process=self.cpu_us_per_item_by_process,
             cpu_us_per_item=None
             if self.cpu_us_per_item is None
             else round(self.cpu_us_per_item, 1),
@@ -214,6 +218,13 @@ def _ms(value: float | None) -> str:
     return "—" if value is None or math.isnan(value) else f"{value:,.0f}"
 
 
+def cpu_split_text(system: str, by_process: Mapping[str, float]) -> str:
+    """`system · postgres · broker · harness` CPU µs per item, `—` where not measured."""
+    if not by_process:
+        return "—"
+    return " · ".join(_ms(by_process.get(k)) for k in (system, "postgres", "broker", "harness"))
+
+
 def table(measurements: Sequence[Measurement]) -> Table:
     t = Table(title="cart-release-worker bench", header_style="bold")
     for name, justify in (
@@ -227,7 +238,7 @@ def table(measurements: Sequence[Measurement]) -> Table:
         ("p95 ms", "right"),
         ("p99 ms", "right"),
         ("peak RSS MiB", "right"),
-        ("CPU µs/item", "right"),
+        ("CPU µs/item: system · postgres · broker · harness", "right"),
         ("× naive", "right"),
         ("% pgbench", "right"),
         ("% asyncpg", "right"),
@@ -248,7 +259,7 @@ def table(measurements: Sequence[Measurement]) -> Table:
             _ms(m.latency_ms.get("p95")),
             _ms(m.latency_ms.get("p99")),
             "—" if m.peak_rss_mb is None else f"{m.peak_rss_mb:,.0f}",
-            "—" if m.cpu_us_per_item is None else f"{m.cpu_us_per_item:,.0f}",
+            cpu_split_text(m.system, m.cpu_us_per_item_by_process),
             f"{r['naive']:.1f}×" if "naive" in r else "",
             f"{100 * r['db_limit/pgbench']:.0f}%" if "db_limit/pgbench" in r else "",
             f"{100 * r['db_limit/asyncpg']:.0f}%" if "db_limit/asyncpg" in r else "",
@@ -406,11 +417,7 @@ def markdown(document: dict[str, Any]) -> str:
         )
         system = m["system"] if m.get("processes", 1) == 1 else f"{m['system']} ×{m['processes']}"
         naive = f"{r['naive']:.1f}×" if "naive" in r else ""
-        cpu = (
-            " · ".join(ms(by.get(k)) for k in (m["system"], "postgres", "broker", "harness"))
-            if by
-            else "—"
-        )
+        cpu = cpu_split_text(m["system"], by)
         lines.append(
             f"| {m['scenario']} | {system} | {m['mode']} | {m['records']:,} "
             f"| {m['records_per_s']:,.0f} | {m['items_per_s']:,.0f} "
