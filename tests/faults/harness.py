@@ -104,7 +104,7 @@ class WorkerProcess:
         self.signalled = True
         with contextlib.suppress(ProcessLookupError):
             os.kill(self._proc.pid, signal.SIGKILL)
-        code = await self._proc.wait()
+        code = await asyncio.wait_for(self._proc.wait(), 10)
         assert code == -signal.SIGKILL, f"{self.name} was not killed by SIGKILL: exit {code}"
 
     async def signal(self, signum: int = signal.SIGTERM) -> None:

@@ -40,6 +40,13 @@ async def test_members_joining_and_leaving_mid_stream_lose_and_repeat_nothing(
             f"{revoked} revocations drained and committed",
         )
         assert revoked >= 2
+        # worker-1 left for good and worker-3 joined: the last assignments of worker-2 and
+        # worker-3 share all 12 partitions between them.
+        last = [w.assignments()[-1] for w in (second, third)]
+        assert all(last), f"worker-2 and worker-3 end with {last}"
+        assert sorted(last[0] + last[1]) == sorted(
+            f"{bed.settings.input_topic}/{p}" for p in range(12)
+        ), last
 
 
 async def test_a_batch_that_outlives_the_revoke_deadline_commits_safely_as_a_zombie(

@@ -96,8 +96,12 @@ async def test_records_at_the_size_limit_keep_the_worker_under_its_memory_bound(
             worker = await bed.start_worker(database_url=proxied.geturl())
             await bed.wait_applied(1, timeout_s=120)
             proxy.stall()
-            await asyncio.sleep(STALL_S)
+            await asyncio.sleep(1)  # a commit already on its way may still land
+            applied_in_stall = await bed.applied()
+            await asyncio.sleep(STALL_S - 1)
             stalled_peak = _peak_rss_mb(worker.pid)
+            # The stall reached the worker: its bytes were held and nothing was applied.
+            frozen = await bed.applied() == applied_in_stall
             await proxy.restore()
             await bed.wait_drained(timeout_s=600)
             peak = _peak_rss_mb(worker.pid)
@@ -105,6 +109,8 @@ async def test_records_at_the_size_limit_keep_the_worker_under_its_memory_bound(
         finally:
             await proxy.stop()
         assert code == 0, worker.tail()
+        assert proxy.held > 0, "the worker sent nothing to the database during the stall"
+        assert frozen, "records were applied while the database was stalled"
         counts = await bed.check(
             stream,
             f"{len(stream.events)} records of {size:,} bytes, the database stalled for "

@@ -71,6 +71,7 @@ async def test_sigterm_while_the_group_rebalances_exits_0_in_time_and_publishes_
             async with asyncio.timeout(60):
                 await listener.assigned.wait()
             revoked = first.log_lines("partitions_revoked")
+            assigned = first.log_lines("partitions_assigned")
             second = await bed.start_worker()
             # The second worker's join starts a rebalance: the first worker drains and
             # rejoins, the holder does not rejoin, so the rebalance stays open.
@@ -82,6 +83,8 @@ async def test_sigterm_while_the_group_rebalances_exits_0_in_time_and_publishes_
             await asyncio.sleep(1)
             code, seconds = await first.terminate(bed.settings.shutdown_timeout_s + 10)
             left = await bed.outbox_left()
+            # The signal came mid-rebalance: revoked, the first worker got no new assignment.
+            reassigned = first.log_lines("partitions_assigned") - assigned
         finally:
             listener.release.set()
             await holder.stop()
@@ -90,6 +93,7 @@ async def test_sigterm_while_the_group_rebalances_exits_0_in_time_and_publishes_
             f"exit {code} after {seconds:.2f}s (shutdown timeout "
             f"{bed.settings.shutdown_timeout_s:.0f}s), outbox rows left {left}"
         )
+        assert reassigned == 0, "the rebalance ended before the signal: nothing held it open"
         assert code == 0, first.tail()
         assert seconds < bed.settings.shutdown_timeout_s
         assert left == 0, "G5: what the worker committed is published before it exits"
