@@ -29,11 +29,14 @@ class _Holder(ConsumerRebalanceListener):  # type: ignore[misc]
         self.assigned = asyncio.Event()
         self.holding = asyncio.Event()
         self.release = asyncio.Event()
+        self.inside = False  # blocked in the revoke callback now: the rebalance cannot end
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         if self.assigned.is_set():
             self.holding.set()
+            self.inside = True
             await self.release.wait()
+            self.inside = False
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.assigned.set()
@@ -83,8 +86,10 @@ async def test_sigterm_while_the_group_rebalances_exits_0_in_time_and_publishes_
             await asyncio.sleep(1)
             code, seconds = await first.terminate(bed.settings.shutdown_timeout_s + 10)
             left = await bed.outbox_left()
-            # The signal came mid-rebalance: revoked, the first worker got no new assignment.
+            # The signal came mid-rebalance and the worker exited before it ended: revoked,
+            # the first worker got no new assignment, and the holder still blocks it.
             reassigned = first.log_lines("partitions_assigned") - assigned
+            held_open = listener.inside
         finally:
             listener.release.set()
             await holder.stop()
@@ -93,7 +98,8 @@ async def test_sigterm_while_the_group_rebalances_exits_0_in_time_and_publishes_
             f"exit {code} after {seconds:.2f}s (shutdown timeout "
             f"{bed.settings.shutdown_timeout_s:.0f}s), outbox rows left {left}"
         )
-        assert reassigned == 0, "the rebalance ended before the signal: nothing held it open"
+        assert held_open, "the holder was not holding the rebalance open when the worker exited"
+        assert reassigned == 0, "the first worker was assigned again before it exited"
         assert code == 0, first.tail()
         assert seconds < bed.settings.shutdown_timeout_s
         assert left == 0, "G5: what the worker committed is published before it exits"
