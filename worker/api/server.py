@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import math
 import signal
-import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -134,13 +133,14 @@ async def running_api(settings: Settings) -> AsyncIterator[RunningApi]:
             return alive() and reader.positioned and health.database_ok and health.broker_ok
 
         app = create_app(service, alive, ready)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((settings.api_host, settings.api_port))
-        resources.callback(sock.close)
+        # uvicorn binds the socket itself: asyncio sets TCP_NODELAY only on sockets whose
+        # protocol is IPPROTO_TCP, and a plain socket.socket() (proto 0) handed to it left
+        # Nagle's algorithm on: every answer then waited ~40 ms for a delayed ACK.
         server = _Server(
             uvicorn.Config(
                 app,
+                host=settings.api_host,
+                port=settings.api_port,
                 lifespan="off",
                 log_config=None,
                 access_log=False,
@@ -148,13 +148,13 @@ async def running_api(settings: Settings) -> AsyncIterator[RunningApi]:
                 timeout_graceful_shutdown=math.ceil(settings.api_timeout_s) + 1,
             )
         )
-        serving = asyncio.create_task(server.serve(sockets=[sock]), name="api_server")
+        serving = asyncio.create_task(server.serve(), name="api_server")
         while not server.started:
             if serving.done():
                 await serving  # raises what stopped it
                 raise RuntimeError("the api server stopped while starting")
             await asyncio.sleep(0.01)
-        port = sock.getsockname()[1]
+        port = server.servers[0].sockets[0].getsockname()[1]
         log.info("api_started", host=settings.api_host, port=port, input=settings.input_topic)
         try:
             yield RunningApi(port, waiters)
