@@ -23,11 +23,12 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from worker import ops, store
+from worker import store
 from worker.auth import Authenticator
 from worker.config import Settings
 from worker.consumer import ReleaseConsumer, ReportHook
 from worker.expiry import run_sweeper
+from worker.health import Health, serving
 from worker.housekeeping import run_inbox_pruner
 from worker.processor import BatchProcessor
 from worker.publisher import Publisher
@@ -126,7 +127,7 @@ async def _retry_start(settings: Settings, start: Callable[[], Awaitable[Any]], 
 
 
 async def _watch_health(
-    health: ops.Health,
+    health: Health,
     ping_database: Callable[[], Awaitable[object]],
     ping_broker: Callable[[], Awaitable[object]],
     publisher_healthy: Callable[[], bool],
@@ -158,18 +159,18 @@ async def run_worker(
     handle_signals: bool = True,
 ) -> int:
     """Run until a signal (or `stop` is set); return the process exit code."""
-    health = ops.Health(
+    health = Health(
         stall_timeout_s=settings.stall_timeout_s,
         loop_block_limit_s=settings.health_loop_block_s,
     )
     # The probes answer from the first moment, also while the servers are awaited.
-    async with ops.serving(health, settings.metrics_host, settings.metrics_port):
+    async with serving(health, settings.metrics_host, settings.metrics_port):
         return await _run(settings, health, on_report, stop or asyncio.Event(), handle_signals)
 
 
 async def _run(
     settings: Settings,
-    health: ops.Health,
+    health: Health,
     on_report: ReportHook | None,
     stop: asyncio.Event,
     handle_signals: bool,
@@ -217,7 +218,7 @@ class _Parts:
 
 async def _start(
     settings: Settings,
-    health: ops.Health,
+    health: Health,
     on_report: ReportHook | None,
     resources: contextlib.AsyncExitStack,
 ) -> _Parts:
@@ -268,7 +269,7 @@ async def _start(
     return _Parts(pool, consumer, publisher, release_consumer)
 
 
-async def _serve(settings: Settings, health: ops.Health, parts: _Parts, stop: asyncio.Event) -> int:
+async def _serve(settings: Settings, health: Health, parts: _Parts, stop: asyncio.Event) -> int:
     """Run until `stop`, then shut down as G5 says; return the exit code."""
     pool, publisher, release_consumer = parts.pool, parts.publisher, parts.release_consumer
     # Each background pass only delays work while it is down: restarted with backoff. The

@@ -9,7 +9,7 @@ import time
 
 from tests.support import http_get
 from worker.embedded import free_port
-from worker.ops import Health, Sample, StallClock, serving
+from worker.health import Health, Sample, StallClock, serving
 
 
 def sample(
@@ -108,7 +108,7 @@ async def test_idle_connections_hold_no_thread_are_timed_out_and_never_silence_h
             # Accepted in order: once this is answered, so were the idle ones.
             assert await asyncio.to_thread(http_get, port, "/healthz") == (200, "alive\n")
             added = _server_threads() - before
-            # The bound ops.py documents: one thread, however many connections.
+            # The bound health.py documents: one thread, however many connections.
             assert len(added) <= 1, f"{len(added)} threads for {IDLE_CLIENTS} idle clients"
             assert (await asyncio.to_thread(http_get, port, "/metrics"))[0] == 200
             # Every idle client is let go: past the cap at once, the rest after the timeout

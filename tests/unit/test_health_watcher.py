@@ -12,7 +12,7 @@ import asyncpg
 from aiokafka.errors import KafkaConnectionError
 
 from worker.app import _watch_health
-from worker.ops import Health
+from worker.health import Health
 
 
 async def test_the_watcher_marks_a_server_away_and_back_instead_of_dying() -> None:

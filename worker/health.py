@@ -1,4 +1,4 @@
-"""Operations endpoints: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (ready).
+"""Health and metrics: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (ready).
 
 The endpoints are served by `OpsServer` from a thread of their own, running its own
 event loop, so they answer even when the worker's event loop does not, and can tell a
