@@ -14,6 +14,7 @@ import random
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from worker import invariants
 from worker.admin import ensure_topics
 from worker.app import run_worker
 from worker.config import Settings
+from worker.demo_http import HttpCase, show_http
 from worker.embedded import embedded_stack
 from worker.migrate import migrate
 from worker.partners import add_partner
@@ -42,6 +44,7 @@ SKUS = 300
 class Plan:
     events: list[Event] = field(default_factory=list)
     cases: Counter[str] = field(default_factory=Counter)
+    http: HttpCase | None = None  # a reservation no event touches, released over HTTP
 
     def add(self, case: str, event: Event) -> None:
         self.events.append(event)
@@ -122,13 +125,38 @@ async def _demo(console: Console, settings: Settings, reservations: int, tag: st
         )
         before = await invariants.snapshot(pool)
         await _produce(settings, plan.events, console)
-        results, elapsed, processed = await _run(settings, plan, console)
+        http_ok: list[bool] = []
+
+        async def over_http(results: Results) -> None:
+            if plan.http is None:
+                return
+            seen = results.messages
+            http_ok.append(await show_http(console, settings, plan.http, tag))
+            # Its results (the release and its replay) are read before the worker stops,
+            # so the invariants below count them.
+            for _ in range(100):
+                if results.messages >= seen + 2:
+                    break
+                await asyncio.sleep(0.1)
+
+        results, elapsed, processed = await _run(settings, plan, console, over_http)
         after = await invariants.snapshot(pool)
         i1 = await invariants.i1_violations(pool)
         backlog = int(await pool.fetchval("SELECT count(*) FROM outbox"))
     finally:
         await pool.close()
-    return _summary(console, plan, results, elapsed, processed, before, after, i1, backlog)
+    return _summary(
+        console,
+        plan,
+        results,
+        elapsed,
+        processed,
+        before,
+        after,
+        i1,
+        backlog,
+        bool(http_ok) and all(http_ok),
+    )
 
 
 async def _seed_and_plan(pool: asyncpg.Pool, total: int, tag: str) -> tuple[Plan, Seed]:
@@ -153,6 +181,10 @@ async def _seed_and_plan(pool: asyncpg.Pool, total: int, tag: str) -> tuple[Plan
     explicit: list[Event] = []
     for n, (cart_id, rows) in enumerate(sorted(seed.carts(acme).items())):
         if n % 10 == 9:
+            held = [r for r in rows if r.status == "reserved"]
+            if plan.http is None and held:
+                r = held[0]
+                plan.http = HttpCase(cart_id, r.cart_item_id, r.reservation_id, keys[acme])
             continue  # left alone: overdue ones are released by the sweeper
         if n % 5 == 4:
             plan.add("whole-cart abandon", abandon_event(cart_id, None, keys[acme]))
@@ -212,7 +244,12 @@ async def _produce(settings: Settings, events: list[Event], console: Console) ->
         await producer.stop()
 
 
-async def _run(settings: Settings, plan: Plan, console: Console) -> tuple[Results, float, int]:
+async def _run(
+    settings: Settings,
+    plan: Plan,
+    console: Console,
+    before_stop: Callable[[Results], Awaitable[None]],
+) -> tuple[Results, float, int]:
     processed = 0
     outcomes: Counter[str] = Counter()
 
@@ -252,6 +289,8 @@ async def _run(settings: Settings, plan: Plan, console: Console) -> tuple[Result
                 else:
                     quiet_since = None
                 last_seen = results.messages
+        if not worker.done():
+            await before_stop(results)
     finally:
         stop.set()
         code = await worker
@@ -300,6 +339,7 @@ def _summary(
     after: invariants.StockSnapshot,
     i1: int,
     backlog: int,
+    http_ok: bool,
 ) -> int:
     cases = Table(title="Events emitted, by case")
     cases.add_column("case")
@@ -344,6 +384,7 @@ def _summary(
             f"{results.duplicates:,} duplicates",
         ),
         ("every record processed", processed >= len(plan.events), f"{processed:,}"),
+        ("HTTP: 200, same answer on retry, 403 rejection", http_ok, "release-worker api"),
     ]
     table = Table(title="Summary")
     table.add_column("check")
