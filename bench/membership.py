@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
-from worker.admin import ensure_topics
 from worker.app import make_consumer
 from worker.config import Settings
 from worker.embedded import embedded_stack
+from worker.topics import ensure_topics
 
 PARTITIONS = 12
 RESTART_PAUSE_S = 2.0  # a restarted process is back this long after it stopped

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from worker.admin import ensure_topics
 from worker.config import Settings
 from worker.partners import add_partner
 from worker.scenario import Event, abandon_event, seed_reservations, seed_stock
+from worker.topics import ensure_topics
 
 PARTITIONS = 12
 

@@ -14,10 +14,10 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from worker.admin import ensure_topics
 from worker.app import run_worker
 from worker.config import Settings
 from worker.scenario import Event
+from worker.topics import ensure_topics
 
 
 def isolated_settings(database_url: str, bootstrap: str, **overrides: Any) -> Settings:

@@ -26,7 +26,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from worker import invariants
-from worker.admin import ensure_topics
 from worker.app import run_worker
 from worker.config import Settings
 from worker.demo_http import HttpCase, show_http
@@ -35,6 +34,7 @@ from worker.migrate import migrate
 from worker.partners import add_partner
 from worker.release import BatchReport
 from worker.scenario import Event, Seed, abandon_event, seed_reservations, seed_stock
+from worker.topics import ensure_topics
 
 PARTITIONS = 12
 SKUS = 300

@@ -41,11 +41,11 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.support import Published, isolated_settings, produce, settings_env
-from worker.admin import ensure_topics
 from worker.config import Settings
 from worker.invariants import i1_violations
 from worker.partners import add_partner
 from worker.scenario import Event, abandon_event, seed_reservations, seed_stock
+from worker.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parents[2]
 ITEMS_PER_CART = 3

@@ -18,10 +18,10 @@ from tests.integration.conftest import World, reserve
 from tests.support import produce, read_results, read_topic, running_worker, settings_env
 from worker import store
 from worker.__main__ import app
-from worker.admin import ensure_topics
 from worker.config import Settings
 from worker.records import OutboxMessage
 from worker.scenario import abandon_event
+from worker.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 

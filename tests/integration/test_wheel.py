@@ -27,8 +27,8 @@ import pytest
 
 from tests.conftest import Servers
 from tests.support import http_get, isolated_settings, read_results
-from worker.admin import ensure_topics
 from worker.embedded import free_port
+from worker.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 

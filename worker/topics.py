@@ -1,4 +1,4 @@
-"""Topic administration for demo, tests, bench and `doctor`."""
+"""Kafka topic creation (input, results, dead letters) for demo, tests, bench and `doctor`."""
 
 from __future__ import annotations
 
