@@ -29,7 +29,7 @@ from worker.config import Settings
 from worker.consumer import ReleaseConsumer, ReportHook
 from worker.expiry import run_sweeper
 from worker.health import Health, serving
-from worker.housekeeping import run_inbox_pruner
+from worker.inbox_pruner import run_inbox_pruner
 from worker.processor import BatchProcessor
 from worker.publisher import Publisher
 from worker.retry import BROKER_ERRORS, DATABASE_ERRORS, transient_retrying

@@ -1,4 +1,4 @@
-"""Prune inbox rows older than `inbox_retention_hours` to tombstones, in small batches.
+"""Inbox pruning: rows older than `inbox_retention_hours` become tombstones, in small batches.
 
 Replays inside the retention get the stored results byte for byte (G2). Pruning drops
 a row's result payloads but keeps its key (partner, eventId), so a replay at any age is
@@ -18,7 +18,7 @@ from worker import store
 from worker.config import Settings
 from worker.retry import transient_retrying
 
-log = structlog.get_logger("worker.housekeeping")
+log = structlog.get_logger("worker.inbox_pruner")
 
 PRUNE_BATCH = 5000
 
