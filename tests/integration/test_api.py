@@ -116,6 +116,11 @@ async def test_a_release_answers_every_item_in_request_order(
             (f"{p}-r2", "already_released"),
             (f"{p}-r3", "confirmed"),
         ]
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
+        metrics = (await client.get("/metrics")).text
+        assert 'release_api_requests_total{status="200"}' in metrics
+        assert "release_api_request_seconds_bucket" in metrics
 
 
 async def test_a_retry_with_the_same_key_gets_the_same_answer_also_from_a_restarted_worker(

@@ -162,3 +162,15 @@ async def test_waiters_are_bounded() -> None:
     with waiters.waiting((b"p", b"3"), 1) as future:
         assert not future.done()
     await asyncio.sleep(0)
+
+
+async def test_a_malformed_value_under_a_waited_key_is_skipped_not_fatal() -> None:
+    waiters = Waiters(limit=10)
+    headers = [("event-id", b"e"), ("partner-id", b"p")]
+    with waiters.waiting((b"p", b"e"), 1) as future:
+        for value in (b"not json", b"[1]", b'{"type": "event_rejected"}', b'{"x": 1}'):
+            waiters.offer(headers, value)
+        assert not future.done()
+        waiters.offer(*_result(b"p", b"e", _item("a")))
+        assert isinstance(future.result(), Released)
+    assert waiters.malformed == 4

@@ -167,6 +167,8 @@ async def test_whole_cart_reports_every_reservation_of_the_partner_in_that_cart(
     assert outcomes(store) == [("r1", "released", 2), ("r2", "confirmed", 0)]
     # Only r1 was asked for: not the confirmed r2, another partner's r3 or another cart's r4.
     assert store.asked_to_release == ["r1"]
+    # Each result says how many the event has: a reader knows when the whole cart is in.
+    assert [headers_of(m)["result-count"] for m in store.outbox] == [b"2", b"2"]
 
 
 async def test_whole_cart_without_reservations_is_rejected_422() -> None:

@@ -16,6 +16,7 @@ import asyncio
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from worker.api import metrics
 from worker.api.waiters import Waiters
@@ -55,7 +56,12 @@ class ResultsReader:
         """Offer every result to the waiters, until cancelled."""
         waiters = self._waiters
         while True:
-            batch = await self._consumer.getmany(timeout_ms=500, max_records=FETCH_MAX_RECORDS)
+            try:
+                batch = await self._consumer.getmany(timeout_ms=500, max_records=FETCH_MAX_RECORDS)
+            except KafkaError as error:  # the client reconnects by itself; waiters time out
+                log.warning("api_results_fetch_failed", error=type(error).__name__)
+                await asyncio.sleep(1.0)
+                continue
             matched, ignored = waiters.matched, waiters.ignored
             for records in batch.values():
                 for record in records:

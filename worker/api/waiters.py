@@ -61,6 +61,7 @@ class Waiters:
         self._pending: dict[WaitKey, _Pending] = {}
         self.matched = 0  # results that completed or fed a waiter
         self.ignored = 0  # results nobody here waits for
+        self.malformed = 0  # awaited keys whose value was not a result
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -105,13 +106,16 @@ class Waiters:
         self.matched += 1
         try:
             result = orjson.loads(value)
-        except orjson.JSONDecodeError:
+            if result["type"] == "event_rejected":
+                body = {"description": result["description"], "errors": result["errors"]}
+                pending.future.set_result(Refused(int(result["status"]), body))
+                return
+            pending.items[str(result["itemReservationId"])] = result
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            # Not a result the worker wrote (another producer on the topic): the reader
+            # goes on, and this request ends as a 504 if its own results never come.
+            self.malformed += 1
             return
-        if result.get("type") == "event_rejected":
-            body = {"description": result["description"], "errors": result["errors"]}
-            pending.future.set_result(Refused(result["status"], body))
-            return
-        pending.items[result["itemReservationId"]] = result
         expected = int(count) if count and count.isdigit() else pending.expected
         if expected is not None and len(pending.items) >= expected:
             pending.future.set_result(Released(pending.items))
