@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from worker.scenario import Event
+from worker.testing.scenario import Event
 
 RELEASE_PATH = "/v1/cart/release"
 IDEMPOTENCY_HEADER = "idempotency-key"

@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from worker.app import make_consumer
 from worker.config import Settings
-from worker.embedded import embedded_stack
+from worker.testing.embedded import embedded_stack
 from worker.topics import ensure_topics
 
 PARTITIONS = 12

@@ -52,9 +52,9 @@ from bench.workload import (
     topic_settings,
 )
 from worker.config import Settings
-from worker.embedded import EmbeddedPostgres, embedded_stack
-from worker.invariants import i1_violations
 from worker.migrate import migrate
+from worker.testing.embedded import EmbeddedPostgres, embedded_stack
+from worker.testing.invariants import i1_violations
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

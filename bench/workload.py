@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaProducer
 
 from worker.config import Settings
 from worker.partners import add_partner
-from worker.scenario import Event, abandon_event, seed_reservations, seed_stock
+from worker.testing.scenario import Event, abandon_event, seed_reservations, seed_stock
 from worker.topics import ensure_topics
 
 PARTITIONS = 12

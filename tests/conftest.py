@@ -15,8 +15,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from worker.embedded import EmbeddedStack, embedded_stack
 from worker.migrate import migrate
+from worker.testing.embedded import EmbeddedStack, embedded_stack
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

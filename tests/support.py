@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from worker.app import run_worker
 from worker.config import Settings
-from worker.scenario import Event
+from worker.testing.scenario import Event
 from worker.topics import ensure_topics
 
 

@@ -127,7 +127,7 @@ def emit(
     from aiokafka import AIOKafkaProducer
 
     from worker.app import require_broker
-    from worker.scenario import abandon_event
+    from worker.testing.scenario import abandon_event
 
     items = None
     if item:

@@ -25,15 +25,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from worker import invariants
 from worker.app import run_worker
 from worker.config import Settings
 from worker.demo_http import HttpCase, show_http
-from worker.embedded import embedded_stack
 from worker.migrate import migrate
 from worker.partners import add_partner
 from worker.release import BatchReport
-from worker.scenario import Event, Seed, abandon_event, seed_reservations, seed_stock
+from worker.testing import invariants
+from worker.testing.embedded import embedded_stack
+from worker.testing.scenario import Event, Seed, abandon_event, seed_reservations, seed_stock
 from worker.topics import ensure_topics
 
 PARTITIONS = 12

@@ -42,9 +42,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.support import Published, isolated_settings, produce, settings_env
 from worker.config import Settings
-from worker.invariants import i1_violations
 from worker.partners import add_partner
-from worker.scenario import Event, abandon_event, seed_reservations, seed_stock
+from worker.testing.invariants import i1_violations
+from worker.testing.scenario import Event, abandon_event, seed_reservations, seed_stock
 from worker.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parents[2]

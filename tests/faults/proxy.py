@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from worker.embedded import HOST
+from worker.testing.embedded import HOST
 
 
 class Proxy:

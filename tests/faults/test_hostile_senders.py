@@ -14,7 +14,7 @@ import pytest
 
 from tests.faults.conftest import BedFactory
 from worker.auth import MAX_CACHED_DIGESTS
-from worker.scenario import abandon_event
+from worker.testing.scenario import abandon_event
 from worker.validate import key_digest
 
 pytestmark = pytest.mark.faults

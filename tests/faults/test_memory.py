@@ -24,8 +24,8 @@ from aiokafka import AIOKafkaProducer
 from tests.faults.conftest import BedFactory
 from tests.faults.harness import Bed
 from tests.faults.proxy import Proxy
-from worker.embedded import free_port
-from worker.scenario import Event
+from worker.testing.embedded import free_port
+from worker.testing.scenario import Event
 
 pytestmark = pytest.mark.faults
 

@@ -13,7 +13,7 @@ from tests.conftest import Servers
 from tests.faults.conftest import BedFactory
 from tests.faults.harness import fault_bed
 from tests.faults.proxy import Proxy
-from worker.embedded import EmbeddedBroker, free_port
+from worker.testing.embedded import EmbeddedBroker, free_port
 
 pytestmark = pytest.mark.faults
 

@@ -23,7 +23,7 @@ from worker.contract import API_KEY_HEADER
 from worker.doctor import check_database
 from worker.messages import message_bytes
 from worker.records import OutboxMessage
-from worker.scenario import Event
+from worker.testing.scenario import Event
 
 pytestmark = pytest.mark.faults
 

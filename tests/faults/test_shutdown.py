@@ -9,8 +9,8 @@ import pytest
 from tests.faults.conftest import BedFactory
 from tests.support import read_topic
 from worker import store
-from worker.embedded import free_port
 from worker.records import OutboxMessage
+from worker.testing.embedded import free_port
 
 pytestmark = pytest.mark.faults
 

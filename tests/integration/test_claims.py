@@ -14,8 +14,8 @@ from worker.errors import TransientError
 from worker.messages import Topics
 from worker.records import RawRecord
 from worker.release import Reservation, Work, apply_batch
-from worker.scenario import abandon_event
 from worker.store import Conn, PgReleaseStore
+from worker.testing.scenario import abandon_event
 from worker.validate import Limits, ReleaseCommand, parse_record
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ import pytest
 
 from tests.integration.conftest import World
 from tests.support import exported_series, http_get, queried_series, running_worker
-from worker.embedded import free_port
+from worker.testing.embedded import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from tests.conftest import Servers
 from tests.integration.conftest import World, reserve
 from tests.support import isolated_settings, produce, read_results, running_worker
 from worker.inbox_pruner import prune_once
-from worker.scenario import abandon_event
+from worker.testing.scenario import abandon_event
 
 pytestmark = pytest.mark.integration
 

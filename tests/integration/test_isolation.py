@@ -17,8 +17,8 @@ from structlog.testing import capture_logs
 from tests.conftest import WORKER_LOGIN, Servers
 from tests.integration.conftest import World, reserve
 from tests.support import produce, read_topic, running_worker
-from worker.invariants import i1_violations
-from worker.scenario import abandon_event
+from worker.testing.invariants import i1_violations
+from worker.testing.scenario import abandon_event
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from worker import store
 from worker.__main__ import app
 from worker.config import Settings
 from worker.records import OutboxMessage
-from worker.scenario import abandon_event
+from worker.testing.scenario import abandon_event
 from worker.topics import ensure_topics
 
 pytestmark = pytest.mark.integration

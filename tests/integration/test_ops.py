@@ -28,9 +28,9 @@ from tests.support import http_get as http_get_blocking
 from worker import store
 from worker.config import Settings
 from worker.doctor import check_database, check_kafka
-from worker.embedded import free_port
 from worker.metrics import RETRIES
-from worker.scenario import Event, abandon_event
+from worker.testing.embedded import free_port
+from worker.testing.scenario import Event, abandon_event
 from worker.topics import ensure_topics
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,8 @@ from tests.integration.conftest import World, reserve
 from tests.support import Published, produce, read_results, running_worker
 from worker import retry
 from worker.config import Settings
-from worker.invariants import i1_violations
-from worker.scenario import abandon_event
+from worker.testing.invariants import i1_violations
+from worker.testing.scenario import abandon_event
 
 pytestmark = pytest.mark.integration
 

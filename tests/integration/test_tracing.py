@@ -18,7 +18,7 @@ from tests.integration.conftest import World, reserve
 from tests.support import produce, read_results, running_worker
 from worker import tracing
 from worker.contract import ResultHeaders
-from worker.scenario import Event, abandon_event
+from worker.testing.scenario import Event, abandon_event
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import Servers
 from tests.integration.conftest import World
 from tests.support import produce, read_topic, running_worker
-from worker.scenario import abandon_event
+from worker.testing.scenario import abandon_event
 
 pytestmark = pytest.mark.integration
 

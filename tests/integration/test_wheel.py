@@ -27,7 +27,7 @@ import pytest
 
 from tests.conftest import Servers
 from tests.support import http_get, isolated_settings, read_results
-from worker.embedded import free_port
+from worker.testing.embedded import free_port
 from worker.topics import ensure_topics
 
 pytestmark = pytest.mark.integration

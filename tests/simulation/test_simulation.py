@@ -76,7 +76,7 @@ from worker.contract import EVENT_ID_HEADER, SESSION_HEADER
 from worker.processor import BatchProcessor
 from worker.records import OutboxMessage
 from worker.release import Reservation
-from worker.scenario import abandon_event
+from worker.testing.scenario import abandon_event
 from worker.validate import key_digest
 
 # Steps, examples and faults of this session, for the terminal summary (conftest.py).

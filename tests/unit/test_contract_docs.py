@@ -18,7 +18,7 @@ from worker.cli.contract import ASYNCAPI, CONTRACT_DIR, REGENERATE, documents, s
 from worker.contract import REJECTION_STATUSES, Outcome, ReleaseRequest, Trigger
 from worker.messages import dead_letter, item_result_payload, rejection_payload, result_headers
 from worker.records import Headers, RawRecord
-from worker.scenario import abandon_event
+from worker.testing.scenario import abandon_event
 from worker.validate import DESCRIPTIONS, Limits, Rejection, parse_record
 
 NOW = datetime(2026, 11, 27, 15, 0, 0, 123456, tzinfo=UTC)

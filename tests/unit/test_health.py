@@ -8,8 +8,8 @@ import threading
 import time
 
 from tests.support import http_get
-from worker.embedded import free_port
 from worker.health import Health, Sample, StallClock, serving
+from worker.testing.embedded import free_port
 
 
 def sample(

@@ -17,7 +17,7 @@ from worker.config import Settings
 from worker.processor import BatchProcessor
 from worker.records import RawRecord
 from worker.release import BatchReport, ReleaseStore, Reservation, TopicPartition
-from worker.scenario import abandon_event
+from worker.testing.scenario import abandon_event
 
 API_KEY = "key"
 

@@ -11,7 +11,7 @@ from tests.unit.fake_store import FakeStore
 from worker.messages import Topics
 from worker.records import OutboxMessage, RawRecord
 from worker.release import Reservation, Work, apply_batch
-from worker.scenario import abandon_event
+from worker.testing.scenario import abandon_event
 from worker.validate import Limits, Rejection, ReleaseCommand, parse_record
 
 TOPICS = Topics("results", "dlq")
