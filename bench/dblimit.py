@@ -31,7 +31,7 @@ from bench.workload import Scenario, Workload, prepare, vacuum_analyze
 from worker import store
 from worker.messages import Topics
 from worker.records import RawRecord
-from worker.release import Work, apply_batch
+from worker.release import Accepted, apply_batch
 from worker.validate import Limits, ReleaseCommand, parse_record
 
 
@@ -56,16 +56,16 @@ class DbLimitResult:
         return self.items / self.seconds
 
 
-def _works(workload: Workload, lanes: int) -> list[list[Work]]:
+def _works(workload: Workload, lanes: int) -> list[list[Accepted]]:
     """The workload's records as `lanes` partitions of parsed, authorised work."""
     limits = Limits()
-    per_lane: list[list[Work]] = [[] for _ in range(lanes)]
+    per_lane: list[list[Accepted]] = [[] for _ in range(lanes)]
     for n, e in enumerate(workload.events):
         lane = n % lanes
         record = RawRecord("dblimit", lane, len(per_lane[lane]), e.key, e.value, e.headers)
         command = parse_record(record, limits)
         assert isinstance(command, ReleaseCommand), command
-        per_lane[lane].append(Work(record, command=command, partner_id=workload.partner_id))
+        per_lane[lane].append(Accepted(record, command, workload.partner_id))
     return per_lane
 
 
@@ -82,7 +82,7 @@ async def run_asyncpg(
     group = f"dblimit-{uuid.uuid4().hex[:6]}"
     topics = Topics("dblimit.results", "dblimit.dlq")
 
-    async def drive(works: list[Work]) -> None:
+    async def drive(works: list[Accepted]) -> None:
         async with pool.acquire() as conn:
             for start in range(0, len(works), batch):
                 async with conn.transaction():
@@ -136,7 +136,7 @@ class _Recorder:
 
 
 async def _capture(
-    pool: asyncpg.Pool, lanes: list[list[Work]], batch: int, group: str
+    pool: asyncpg.Pool, lanes: list[list[Accepted]], batch: int, group: str
 ) -> list[list[list[tuple[str, tuple[Any, ...]]]]]:
     """The worker's statements and arguments for every batch of every lane, from running
     `apply_batch` on the seeded data in transactions that are rolled back (so the database

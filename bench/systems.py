@@ -2,8 +2,8 @@
 
 - `kafka_pipe`: consume the input topic and produce one result-sized record per item,
   no database: what the broker and the Python clients allow on this machine.
-- `naive`: the worker's own parse, auth and release transaction, but one transaction per
-  record and one awaited send per result, the way hand-written workers start.
+- `naive`: the worker's own processor (parse, auth, release transaction), but one
+  transaction per record and one awaited send per result, the way hand-written workers start.
 
 Both read WORKER_* settings and stop on SIGTERM.
 """
@@ -22,23 +22,9 @@ from worker import store
 from worker.app import create_pool, make_consumer, make_producer
 from worker.auth import Authenticator
 from worker.config import Settings
+from worker.consumer import raw_record
 from worker.contract import EVENT_ID_HEADER, format_timestamp
-from worker.messages import Topics
-from worker.records import RawRecord
-from worker.release import Work, apply_batch
-from worker.validate import Limits, Rejection, parse_record
-
-
-def _raw(m: object) -> RawRecord:
-    return RawRecord(
-        m.topic,  # type: ignore[attr-defined]
-        m.partition,  # type: ignore[attr-defined]
-        m.offset,  # type: ignore[attr-defined]
-        m.key,  # type: ignore[attr-defined]
-        m.value,  # type: ignore[attr-defined]
-        tuple(m.headers or ()),  # type: ignore[attr-defined]
-        m.timestamp,  # type: ignore[attr-defined]
-    )
+from worker.processor import BatchProcessor
 
 
 async def kafka_pipe(settings: Settings, stop: asyncio.Event) -> None:
@@ -92,8 +78,7 @@ async def kafka_pipe(settings: Settings, stop: asyncio.Event) -> None:
 async def naive(settings: Settings, stop: asyncio.Event) -> None:
     pool = await create_pool(settings)
     auth = Authenticator(lambda d: store.find_partners(pool, d), settings.auth_cache_ttl_s)
-    limits = Limits(settings.max_record_bytes, settings.max_items, settings.max_attributes)
-    topics = Topics(settings.results_topic, settings.dlq_topic)
+    processor = BatchProcessor(store.PgTransactions(pool, settings.group_id), settings, auth)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=settings.group_id,
@@ -109,31 +94,21 @@ async def naive(settings: Settings, stop: asyncio.Event) -> None:
             fetched = await consumer.getmany(timeout_ms=200, max_records=100)
             for messages in fetched.values():
                 for m in messages:
-                    record = _raw(m)
-                    parsed = parse_record(record, limits)
-                    if isinstance(parsed, Rejection):
-                        work = Work(record, rejection=parsed)
-                    else:
-                        ((_, verdict),) = await auth.authorize([parsed])
-                        work = (
-                            Work(record, rejection=verdict)
-                            if isinstance(verdict, Rejection)
-                            else Work(record, command=parsed, partner_id=verdict.partner_id)
-                        )
-                    async with pool.acquire() as conn, conn.transaction():
-                        report = await apply_batch(
-                            store.PgReleaseStore(conn, settings.group_id), [work], topics
-                        )
-                    for message in report.messages:
+                    # The worker's processor, one record at a time; one that waited for a
+                    # row lock is given back (`BatchReport.deferred`) and tried again.
+                    records, results = [raw_record(m)], []
+                    while records:
+                        report = await processor.process(records)
+                        results += report.messages
+                        records = report.deferred
+                    for message in results:
                         await producer.send_and_wait(
                             message.topic,
                             message.payload,
                             key=message.key,
                             headers=list(message.headers),
                         )
-                    await store.delete_outbox(
-                        pool, [x.outbox_id for x in report.messages if x.outbox_id]
-                    )
+                    await store.delete_outbox(pool, [x.outbox_id for x in results if x.outbox_id])
     finally:
         await consumer.stop()
         await producer.stop()

@@ -70,6 +70,13 @@ class FetchedRecord(Protocol):
     def timestamp(self) -> int: ...
 
 
+def raw_record(m: FetchedRecord) -> RawRecord:
+    """A fetched record as the worker's own type."""
+    return RawRecord(
+        m.topic, m.partition, m.offset, m.key, m.value, tuple(m.headers or ()), m.timestamp
+    )
+
+
 class KafkaSource(Protocol):
     """The part of `AIOKafkaConsumer` that `ReleaseConsumer` uses, so a fake can drive it.
 
@@ -335,18 +342,7 @@ class ReleaseConsumer:
                 self._untaken[tp] = min(self._untaken.get(tp, first), first)
                 continue
             self._offsets.handed(tp, messages[-1].offset)
-            self._lane(tp).add(
-                RawRecord(
-                    m.topic,
-                    m.partition,
-                    m.offset,
-                    m.key,
-                    m.value,
-                    tuple(m.headers or ()),
-                    m.timestamp,
-                )
-                for m in messages
-            )
+            self._lane(tp).add(map(raw_record, messages))
 
     async def _isolate_unreadable(self) -> None:
         """aiokafka could not parse a fetched record (a header name that is not UTF-8).

@@ -17,10 +17,10 @@ import structlog
 from worker import metrics, store
 from worker.config import Settings
 from worker.contract import EXPIRY_EVENT_PREFIX, Outcome, Trigger
-from worker.messages import item_result_payload, result_headers
+from worker.messages import result_headers, result_messages
 from worker.publisher import Publisher
 from worker.records import OutboxMessage
-from worker.release import Reservation, stock_deltas
+from worker.release import ItemDecision, Reservation, item_payloads, stock_deltas
 from worker.retry import transient_retrying
 
 log = structlog.get_logger("worker.expiry")
@@ -47,18 +47,11 @@ async def sweep_once(pool: asyncpg.Pool, settings: Settings) -> list[OutboxMessa
 def expiry_result(row: Reservation, topic: str, now: datetime) -> OutboxMessage:
     """The `item_result` of an expired reservation; it names the reservation's partner."""
     event_id = f"{EXPIRY_EVENT_PREFIX}{row.reservation_id}"
-    payload = item_result_payload(
-        event_id=event_id,
-        trigger=Trigger.EXPIRY,
-        cart_id=row.cart_id,
-        cart_item_id=row.cart_item_id,
-        reservation_id=row.reservation_id,
-        outcome=Outcome.EXPIRED,
-        quantity=row.quantity,
-        processed_at=now,
-    )
+    expired = ItemDecision(row.cart_item_id, row.reservation_id, Outcome.EXPIRED, row.quantity)
+    payloads = item_payloads(event_id, Trigger.EXPIRY, row.cart_id, [expired], now)
     headers = result_headers(event_id, row.partner_id, None)
-    return OutboxMessage(topic, row.cart_id.encode(), payload, headers)
+    (message,) = result_messages(topic, row.cart_id, payloads, headers)
+    return message
 
 
 async def run_sweeper(pool: asyncpg.Pool, settings: Settings, publisher: Publisher) -> None:

@@ -7,6 +7,7 @@ from there: a re-sent result is byte-for-byte the first one (G2).
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -60,6 +61,21 @@ def result_headers(
         (n, v) for n in COPIED_HEADERS if (v := record.header(n)) and acceptable_header(v)
     )
     return own + copied + record.trace_headers
+
+
+def result_messages(
+    topic: str,
+    cart_id: str,
+    payloads: Iterable[bytes],
+    headers: Headers,
+    record: RawRecord | None = None,
+) -> list[OutboxMessage]:
+    """An event's results as they are published, first time or replayed, of a release or an
+    expiry: one message per payload, keyed by its cartId, all with the event's headers; the
+    consumed `record`'s timestamp starts the record->result latency (none for an expiry)."""
+    key = cart_id.encode()
+    source_ts_ms = record.timestamp_ms if record is not None else 0
+    return [OutboxMessage(topic, key, p, headers, None, source_ts_ms) for p in payloads]
 
 
 def item_result_payload(

@@ -21,17 +21,16 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
 
 import structlog
 
 from worker import metrics, tracing
-from worker.auth import Authenticator
+from worker.auth import Authenticator, Partner
 from worker.config import Settings
 from worker.logs import LineBudget
 from worker.messages import Topics
 from worker.records import RawRecord
-from worker.release import BatchReport, Transactions, Work, apply_batch
+from worker.release import Accepted, BatchReport, Prepared, Rejected, Transactions, apply_batch
 from worker.retry import Verdict, classify, note_retry, transient_retrying
 from worker.validate import Limits, Rejection, parse_record
 
@@ -97,28 +96,28 @@ class BatchProcessor:
         _count(report, self._cross_partner_lines, self._rejection_lines)
         return report
 
-    async def _prepare(self, records: Sequence[RawRecord]) -> list[Work]:
+    async def _prepare(self, records: Sequence[RawRecord]) -> list[Prepared]:
+        """Parse and authenticate the records (the partners' lookup retried through
+        outages): each is a command accepted for its partner, or rejected."""
         parsed = [parse_record(r, self._limits) for r in records]
         commands = [p for p in parsed if not isinstance(p, Rejection)]
-        decisions: dict[int, Any] = {}
+        decisions: dict[int, Partner | Rejection] = {}
         if commands:
             async for attempt in transient_retrying(self._settings, self._on_retry):
                 with attempt:
                     authorized = await self._auth.authorize(commands)
             decisions = {id(c): verdict for c, verdict in authorized}
-        works = []
+        works: list[Prepared] = []
         for record, item in zip(records, parsed, strict=True):
             if isinstance(item, Rejection):
-                works.append(Work(record, rejection=item))
-                continue
-            verdict = decisions[id(item)]
-            if isinstance(verdict, Rejection):
-                works.append(Work(record, rejection=verdict))
+                works.append(Rejected(record, item))
+            elif isinstance(verdict := decisions[id(item)], Rejection):
+                works.append(Rejected(record, verdict))
             else:
-                works.append(Work(record, command=item, partner_id=verdict.partner_id))
+                works.append(Accepted(record, item, verdict.partner_id))
         return works
 
-    async def _apply_isolating(self, works: list[Work], deferral: _Deferral) -> BatchReport:
+    async def _apply_isolating(self, works: list[Prepared], deferral: _Deferral) -> BatchReport:
         works = deferral.hold_back(works)
         if not works:
             return BatchReport()
@@ -136,13 +135,14 @@ class BatchProcessor:
             first = await self._apply_isolating(works[:middle], deferral)
             return _merge(first, await self._apply_isolating(works[middle:], deferral))
 
-    async def _apply_single(self, work: Work, deferral: _Deferral) -> BatchReport:
+    async def _apply_single(self, work: Prepared, deferral: _Deferral) -> BatchReport:
         """One record: outages are retried for as long as they last; a lock wait defers it
         (with its partition); any other failure is retried `poison_max_attempts` times,
         then it is rejected (504 or 500)."""
         record = work.record
-        event_id = work.command.event_id if work.command else record.position
-        cart_id = work.command.cart_id if work.command else None
+        command = work.command if isinstance(work, Accepted) else None
+        event_id = command.event_id if command else record.position
+        cart_id = command.cart_id if command else None
         # Bound once: these logs, and the retries' own, all name the record.
         with structlog.contextvars.bound_contextvars(
             topic=record.topic,
@@ -170,7 +170,7 @@ class BatchProcessor:
                     attempt += 1
 
     async def _reject(
-        self, work: Work, attempt: int, error: Exception, event_id: str, cart_id: str | None
+        self, work: Prepared, attempt: int, error: Exception, event_id: str, cart_id: str | None
     ) -> BatchReport:
         timeout = classify(error) is Verdict.STATEMENT_TIMEOUT
         status, code, message = (
@@ -196,17 +196,18 @@ class BatchProcessor:
             cart_id,
             dead_letter=True,
             attempts=attempt,
-            partner_id=work.partner_id,  # an authenticated command's result names its partner
+            # An authenticated command's result names its partner.
+            partner_id=work.partner_id if isinstance(work, Accepted) else None,
         )
         log.error("record_dead_lettered", status=status, error=repr(error)[:300])
         # Writing the rejection is retried whatever fails (a busy offset row, a slow
         # statement): raising here would end the lane, and with it every partition it serves.
         return await self._apply(
-            [replace(work, command=None, partner_id=None, rejection=rejection)],
+            [Rejected(work.record, rejection)],
             retry_on=_ALL_BUT_FATAL,
         )
 
-    async def _apply(self, works: list[Work], retry_on: frozenset[Verdict]) -> BatchReport:
+    async def _apply(self, works: list[Prepared], retry_on: frozenset[Verdict]) -> BatchReport:
         async for attempt in transient_retrying(self._settings, self._on_retry, retry_on=retry_on):
             with attempt:
                 async with self._transactions.begin() as store:
@@ -224,13 +225,13 @@ class _Deferral:
     def __init__(self) -> None:
         self._held: dict[tuple[str, int], list[RawRecord]] = {}
 
-    def defer(self, work: Work) -> None:
+    def defer(self, work: Prepared) -> None:
         record = work.record
         self._held[(record.topic, record.partition)] = [
             replace(record, lock_waits=record.lock_waits + 1)
         ]
 
-    def hold_back(self, works: list[Work]) -> list[Work]:
+    def hold_back(self, works: list[Prepared]) -> list[Prepared]:
         """`works` without the records of deferred partitions, which are held back."""
         kept = []
         for work in works:

@@ -1,9 +1,12 @@
 """The domain: decide and apply the releases of a batch of records in one transaction.
 
-No Kafka here. `apply_batch` runs inside a database transaction through the
-`ReleaseStore` protocol; it takes locks in one fixed order (offset rows, then
-reservations by id, then stock by (sku, location), then inbox keys) so concurrent batches,
-the expiry sweeper and confirmations serialise instead of deadlocking.
+No Kafka here. `apply_batch` reads (offsets, stored results, reservations), hands the
+reads to `plan_batch`, which decides every record without any I/O (outcomes, rendered
+results and the list of writes: a `BatchPlan`), and writes the plan. It runs inside a
+database transaction through the `ReleaseStore` protocol; it takes locks in one fixed
+order (offset rows, then reservations by id, then stock by (sku, location), then inbox
+keys) so concurrent batches, the expiry sweeper and confirmations serialise instead of
+deadlocking.
 Reservations are read without a lock and claimed by the release `UPDATE` itself,
 only where they are still `reserved`: a reservation leaves `reserved` at most once
 (released, expired and confirmed are final), so a row read is either still as read
@@ -28,6 +31,7 @@ from worker.messages import (
     rejection_messages,
     rejection_payload,
     result_headers,
+    result_messages,
 )
 from worker.records import Headers, OutboxMessage, RawRecord
 from worker.validate import Rejection, ReleaseCommand
@@ -72,13 +76,30 @@ class StoredResults:
 
 
 @dataclass(frozen=True, slots=True)
-class Work:
-    """One record of a batch: an authorised command, or the rejection it earned."""
+class Accepted:
+    """A record that is a valid command, authenticated as its partner: it is decided."""
 
     record: RawRecord
-    command: ReleaseCommand | None = None
-    partner_id: str | None = None
-    rejection: Rejection | None = None
+    command: ReleaseCommand
+    partner_id: str
+
+    @property
+    def key(self) -> EventKey:
+        """The event's identity: a partner's eventIds are its own."""
+        return (self.partner_id, self.command.event_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A record refused before it reached the reservations (parse, auth, or a poison record's
+    500/504): its rejection is published, nothing else changes."""
+
+    record: RawRecord
+    rejection: Rejection
+
+
+# One record of a batch, parsed and authenticated (`processor.BatchProcessor`).
+Prepared = Accepted | Rejected
 
 
 class ReleaseStore(Protocol):
@@ -286,166 +307,227 @@ def _decide_item(row: Reservation, status: dict[str, str]) -> ItemDecision:
     return ItemDecision(row.cart_item_id, rid, outcome, 0)
 
 
+@dataclass(frozen=True, slots=True)
+class BatchReads:
+    """What `apply_batch` read for a batch, all `plan_batch` needs to decide it."""
+
+    applied_up_to: Mapping[TopicPartition, int]  # the next offset to apply (absent: any)
+    stored: Mapping[EventKey, StoredResults]  # of the fresh commands' events, if recorded
+    reservations: Sequence[Reservation]  # named by the looked-up commands, by id
+    foreign: set[str]  # ids named but not found that exist under another partner
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPlan:
+    """The writes of a batch, each list in its lock order, and what to report of it.
+
+    Inbox rows and outbox messages are kept apart: the inbox records what each event
+    answered (for replays), the outbox holds what is to be published, in record order.
+    """
+
+    releases: list[tuple[str, str, str]]  # (reservation_id, partner_id, event_id), by id
+    stock_deltas: list[tuple[str, str, int]]  # (sku, location_id, quantity), sorted
+    inbox: list[InboxEntry]
+    outbox: list[OutboxMessage]  # results, replays, rejections and dead letters
+    next_offsets: dict[TopicPartition, int]
+    report: BatchReport  # its `messages` are the outbox's once enqueued
+
+
 async def apply_batch(
-    store: ReleaseStore, works: Sequence[Work], topics: Topics, now: datetime | None = None
+    store: ReleaseStore, items: Sequence[Prepared], topics: Topics, now: datetime | None = None
 ) -> BatchReport:
-    """Apply a batch (records in offset order per partition) inside the caller's transaction."""
-    report = BatchReport(records=len(works))
-    processed_at = now or datetime.now(UTC)
-    partitions = sorted({(w.record.topic, w.record.partition) for w in works})
-    applied_up_to = await store.lock_offsets(partitions)
-    fresh = [
-        w
-        for w in works
-        if w.record.offset >= applied_up_to.get((w.record.topic, w.record.partition), -1)
-    ]
-    report.skipped = len(works) - len(fresh)
-    for w in works:
-        tp = (w.record.topic, w.record.partition)
-        report.next_offsets[tp] = max(report.next_offsets.get(tp, 0), w.record.next_offset)
-
-    commands = [w for w in fresh if w.command is not None and w.partner_id is not None]
-    keys = [(w.partner_id or "", w.command.event_id) for w in commands if w.command]
-    stored = await store.stored_results(sorted(set(keys))) if keys else {}
-
-    # A record whose (partner, eventId) has results, stored or produced earlier in this
-    # batch, is a replay: it gets those results again and changes nothing. A rejected
-    # event records nothing, so the same eventId again is decided afresh, here as in a
-    # later batch (the same body earns the same rejection). So every record without
-    # stored results has its reservations looked up and locked, and replays whose stored
-    # results were pruned too: the reservations tell what the event did.
-    looked_up = [
-        w
-        for w, key in zip(commands, keys, strict=True)
-        if key not in stored or stored[key].results is None
-    ]
-
-    explicit = sorted(
-        {
-            (item.item_reservation_id, w.partner_id or "")
-            for w in looked_up
-            if w.command and w.command.items
-            for item in w.command.items
-        }
-    )
-    carts = sorted(
-        {
-            (w.partner_id or "", w.command.cart_id)
-            for w in looked_up
-            if w.command and not w.command.items
-        }
-    )
+    """Apply a batch (records in offset order per partition) inside the caller's transaction:
+    read (in the lock order), plan, write (in the lock order)."""
+    applied_up_to = await store.lock_offsets(sorted({_partition(i.record) for i in items}))
+    fresh = unapplied(items, applied_up_to)
+    keys = sorted({i.key for i in fresh if isinstance(i, Accepted)})
+    stored = await store.stored_results(keys) if keys else {}
+    explicit, carts = reservations_to_read(fresh, stored)
     rows = await store.find_reservations(explicit, carts) if (explicit or carts) else []
-    found = {r.reservation_id: r for r in rows}
+    found = {r.reservation_id for r in rows}
     missing = [(rid, partner) for rid, partner in explicit if rid not in found]
     foreign = await store.foreign_reservations(missing) if missing else set()
+    reads = BatchReads(applied_up_to, stored, rows, foreign)
+    plan = plan_batch(items, reads, topics, now or datetime.now(UTC))
+
+    if plan.releases:
+        moved = await store.release(plan.releases)
+        if len(moved) != len(plan.releases):
+            # Confirmed, expired or released elsewhere since it was read: decide again.
+            raise TransientError("a reservation left 'reserved' after it was read; retrying")
+        if stock_deltas(moved) != plan.stock_deltas:
+            # The results quote the quantities read: a claim returning others decides again.
+            raise TransientError("a reservation changed after it was read; retrying")
+        await store.return_stock(plan.stock_deltas)
+    if plan.inbox:
+        inserted = await store.record_inbox(plan.inbox)
+        if len(inserted) != len(plan.inbox):
+            raise TransientError("a concurrent transaction recorded the same event; retrying")
+    plan.report.messages = await store.enqueue(plan.outbox) if plan.outbox else []
+    await store.advance_offsets(plan.next_offsets)
+    return plan.report
+
+
+def _partition(record: RawRecord) -> TopicPartition:
+    return (record.topic, record.partition)
+
+
+def unapplied(
+    items: Sequence[Prepared], applied_up_to: Mapping[TopicPartition, int]
+) -> list[Prepared]:
+    """The items at or past their partition's stored offset: the others were applied before
+    a crash or rebalance."""
+    return [i for i in items if i.record.offset >= applied_up_to.get(_partition(i.record), -1)]
+
+
+def reservations_to_read(
+    fresh: Sequence[Prepared], stored: Mapping[EventKey, StoredResults]
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(reservation_id, partner_id) named and (partner_id, cart_id) of whole carts, sorted,
+    of the commands to decide.
+
+    A record whose (partner, eventId) has results, stored or produced earlier in this
+    batch, is a replay: it gets those results again and changes nothing. A rejected
+    event records nothing, so the same eventId again is decided afresh, here as in a
+    later batch (the same body earns the same rejection). So every record without
+    stored results has its reservations looked up and locked, and replays whose stored
+    results were pruned too: the reservations tell what the event did.
+    """
+    looked_up = [
+        i
+        for i in fresh
+        if isinstance(i, Accepted) and (i.key not in stored or stored[i.key].results is None)
+    ]
+    explicit = sorted(
+        {
+            (item.item_reservation_id, i.partner_id)
+            for i in looked_up
+            if i.command.items
+            for item in i.command.items
+        }
+    )
+    carts = sorted({(i.partner_id, i.command.cart_id) for i in looked_up if not i.command.items})
+    return explicit, carts
+
+
+def plan_batch(
+    items: Sequence[Prepared], reads: BatchReads, topics: Topics, processed_at: datetime
+) -> BatchPlan:
+    """Decide every record of a batch from its reads, render its results and list the
+    writes. Pure: no I/O, and the same inputs give the same plan, byte for byte."""
+    report = BatchReport(records=len(items))
+    next_offsets = report.next_offsets
+    for i in items:
+        tp = _partition(i.record)
+        next_offsets[tp] = max(next_offsets.get(tp, 0), i.record.next_offset)
+    fresh = unapplied(items, reads.applied_up_to)
+    report.skipped = len(items) - len(fresh)
+
+    found = {r.reservation_id: r for r in reads.reservations}
     by_cart: dict[tuple[str, str], list[Reservation]] = {}
-    for r in rows:
+    for r in reads.reservations:
         by_cart.setdefault((r.partner_id, r.cart_id), []).append(r)
-
-    status: dict[str, str] = {}
-    releases: list[tuple[str, str, str]] = []  # (reservation_id, partner_id, event_id)
+    status: dict[str, str] = {}  # the batch's running view of the reservations' status
+    produced: dict[EventKey, StoredResults] = dict(reads.stored)
+    releases: list[tuple[str, str, str]] = []
     inbox: list[InboxEntry] = []
-    produced: dict[EventKey, StoredResults] = dict(stored)
-    messages: list[OutboxMessage] = []
+    outbox: list[OutboxMessage] = []
 
-    for w in fresh:
-        if w.rejection is not None or w.command is None or w.partner_id is None:
-            rejection = w.rejection
-            assert rejection is not None
-            messages.extend(_reject(report, w.record, rejection, topics, processed_at))
+    for i in fresh:
+        if isinstance(i, Rejected):
+            report.rejected.append((i.record, i.rejection))
+            outbox.extend(rejection_messages(i.record, i.rejection, topics, processed_at))
             continue
-        command, partner_id = w.command, w.partner_id
-        key = (partner_id, command.event_id)
-        if key in produced:
+        command, partner_id, record = i.command, i.partner_id, i.record
+        if i.key in produced:
             report.replays += 1
-            first = produced[key]
-            payloads = first.results
-            count: int | None = None  # item results the replay has (none for a rejection)
-            if payloads is None:  # pruned: the reservations tell what the event did
+            first, count = produced[i.key], None  # count: a rebuilt replay's item results
+            if first.results is None:  # pruned: the reservations tell what the event did
                 cart_rows = by_cart.get((partner_id, command.cart_id), [])
-                replayed = decide_pruned_replay(command, partner_id, found, cart_rows, status)
-                if isinstance(replayed, Rejection):
-                    payloads = [rejection_payload(replayed, processed_at)]
-                else:
-                    payloads = [_item_payload(command, d, processed_at) for d in replayed]
-                    count = len(payloads)
-                first = produced[key] = StoredResults(command.cart_id, payloads, None)
-            headers = first.headers or result_headers(command.event_id, partner_id, w.record, count)
-            key_bytes = first.cart_id.encode()
-            messages.extend(
-                OutboxMessage(topics.results, key_bytes, p, headers, None, w.record.timestamp_ms)
-                for p in payloads
-            )
+                first, count = _rebuilt_replay(i, found, cart_rows, status, processed_at)
+                produced[i.key] = first
+            headers = first.headers or result_headers(command.event_id, partner_id, record, count)
+            payloads = first.results or []
+            outbox.extend(result_messages(topics.results, first.cart_id, payloads, headers, record))
             continue
         cart_rows = by_cart.get((partner_id, command.cart_id), []) if command.whole_cart else []
-        decided = decide(command, partner_id, found, cart_rows, foreign, status)
+        decided = decide(command, partner_id, found, cart_rows, reads.foreign, status)
         if isinstance(decided, Rejection):
             # Recorded like any result: the same eventId again is a replay of this 422,
             # even once the cart has reservations (a replay never releases anything new).
-            rejected = _reject(report, w.record, decided, topics, processed_at)
+            report.rejected.append((record, decided))
+            rejected = rejection_messages(record, decided, topics, processed_at)
             answer = rejected[0]
             assert answer.payload is not None
-            produced[key] = StoredResults(command.cart_id, [answer.payload], answer.headers)
-            inbox.append(
-                InboxEntry(
-                    partner_id,
-                    command.event_id,
-                    command.cart_id,
-                    w.record,
-                    [answer.payload],
-                    answer.headers,
-                )
+            payloads, headers = [answer.payload], answer.headers
+            outbox.extend(rejected)
+        else:
+            for d in decided:
+                report.outcomes[d.outcome.value] += 1
+                if d.foreign:
+                    report.cross_partner.append((partner_id, command.event_id, d.reservation_id))
+                if d.outcome is Outcome.RELEASED:
+                    releases.append((d.reservation_id, partner_id, command.event_id))
+                    report.released_quantity += d.quantity
+            payloads = item_payloads(
+                command.event_id, Trigger.RELEASE_REQUEST, command.cart_id, decided, processed_at
             )
-            messages.extend(rejected)
-            continue
-        payloads = []
-        for d in decided:
-            report.outcomes[d.outcome.value] += 1
-            if d.foreign:
-                report.cross_partner.append((partner_id, command.event_id, d.reservation_id))
-            if d.outcome is Outcome.RELEASED:
-                releases.append((d.reservation_id, partner_id, command.event_id))
-            payloads.append(_item_payload(command, d, processed_at))
-        headers = result_headers(command.event_id, partner_id, w.record, len(payloads))
-        produced[key] = StoredResults(command.cart_id, payloads, headers)
+            headers = result_headers(command.event_id, partner_id, record, len(payloads))
+            outbox.extend(
+                result_messages(topics.results, command.cart_id, payloads, headers, record)
+            )
+        produced[i.key] = StoredResults(command.cart_id, payloads, headers)
         inbox.append(
-            InboxEntry(partner_id, command.event_id, command.cart_id, w.record, payloads, headers)
-        )
-        messages.extend(
-            OutboxMessage(
-                topics.results, command.cart_id.encode(), p, headers, None, w.record.timestamp_ms
-            )
-            for p in payloads
+            InboxEntry(partner_id, command.event_id, command.cart_id, record, payloads, headers)
         )
 
-    if releases:
-        moved = await store.release(sorted(releases))
-        if len(moved) != len(releases):
-            # Confirmed, expired or released elsewhere since it was read: decide again.
-            raise TransientError("a reservation left 'reserved' after it was read; retrying")
-        report.released_quantity = sum(quantity for _, _, quantity in moved)
-        await store.return_stock(stock_deltas(moved))
-    if inbox:
-        inserted = await store.record_inbox(inbox)
-        if len(inserted) != len(inbox):
-            raise TransientError("a concurrent transaction recorded the same event; retrying")
-    report.messages = await store.enqueue(messages) if messages else []
-    await store.advance_offsets(report.next_offsets)
-    return report
+    releases.sort()
+    released = (found[rid] for rid, _, _ in releases)
+    deltas = stock_deltas((r.sku, r.location_id, r.quantity) for r in released)
+    return BatchPlan(releases, deltas, inbox, outbox, next_offsets, report)
 
 
-def _item_payload(command: ReleaseCommand, d: ItemDecision, processed_at: datetime) -> bytes:
-    return item_result_payload(
-        event_id=command.event_id,
-        trigger=Trigger.RELEASE_REQUEST,
-        cart_id=command.cart_id,
-        cart_item_id=d.cart_item_id,
-        reservation_id=d.reservation_id,
-        outcome=d.outcome,
-        quantity=d.quantity,
-        processed_at=processed_at,
+def _rebuilt_replay(
+    accepted: Accepted,
+    found: dict[str, Reservation],
+    cart_rows: Sequence[Reservation],
+    status: dict[str, str],
+    processed_at: datetime,
+) -> tuple[StoredResults, int | None]:
+    """The results of a replay whose stored ones were pruned, from what its reservations
+    say now (`decide_pruned_replay`), and how many item results (None: a rejection)."""
+    command, cart_id = accepted.command, accepted.command.cart_id
+    replayed = decide_pruned_replay(command, accepted.partner_id, found, cart_rows, status)
+    if isinstance(replayed, Rejection):
+        return StoredResults(cart_id, [rejection_payload(replayed, processed_at)], None), None
+    payloads = item_payloads(
+        command.event_id, Trigger.RELEASE_REQUEST, cart_id, replayed, processed_at
     )
+    return StoredResults(cart_id, payloads, None), len(payloads)
+
+
+def item_payloads(
+    event_id: str,
+    trigger: Trigger,
+    cart_id: str,
+    decisions: Iterable[ItemDecision],
+    processed_at: datetime,
+) -> list[bytes]:
+    """The `item_result` bodies of one event's items: of a release request, of a replay
+    rebuilt after pruning, or of an expiry."""
+    return [
+        item_result_payload(
+            event_id=event_id,
+            trigger=trigger,
+            cart_id=cart_id,
+            cart_item_id=d.cart_item_id,
+            reservation_id=d.reservation_id,
+            outcome=d.outcome,
+            quantity=d.quantity,
+            processed_at=processed_at,
+        )
+        for d in decisions
+    ]
 
 
 def stock_deltas(moved: Iterable[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
@@ -456,14 +538,3 @@ def stock_deltas(moved: Iterable[tuple[str, str, int]]) -> list[tuple[str, str, 
         key = (sku, location_id)
         totals[key] = totals.get(key, 0) + quantity
     return [(sku, loc, qty) for (sku, loc), qty in sorted(totals.items())]
-
-
-def _reject(
-    report: BatchReport,
-    record: RawRecord,
-    rejection: Rejection,
-    topics: Topics,
-    processed_at: datetime,
-) -> list[OutboxMessage]:
-    report.rejected.append((record, rejection))
-    return rejection_messages(record, rejection, topics, processed_at)

@@ -13,7 +13,7 @@ from tests.integration.conftest import World, reserve
 from worker.errors import TransientError
 from worker.messages import Topics
 from worker.records import RawRecord
-from worker.release import Reservation, Work, apply_batch
+from worker.release import Accepted, Reservation, apply_batch
 from worker.store import Conn, PgReleaseStore
 from worker.testing.scenario import abandon_event
 from worker.validate import Limits, ReleaseCommand, parse_record
@@ -57,7 +57,7 @@ async def test_a_reservation_confirmed_after_it_was_read_is_not_released_and_rep
     record = RawRecord("in", 0, 0, event.key, event.value, event.headers)
     command = parse_record(record, Limits())
     assert isinstance(command, ReleaseCommand)
-    works = [Work(record, command=command, partner_id=world.partner_id)]
+    works = [Accepted(record, command, world.partner_id)]
     topics = Topics("results", "dlq")
     group = f"claims-{world.prefix}"
 

@@ -10,7 +10,7 @@ import pytest
 from tests.unit.fake_store import FakeStore
 from worker.messages import Topics
 from worker.records import OutboxMessage, RawRecord
-from worker.release import Reservation, Work, apply_batch
+from worker.release import Accepted, Rejected, Reservation, apply_batch
 from worker.testing.scenario import abandon_event
 from worker.validate import Limits, Rejection, ReleaseCommand, parse_record
 
@@ -36,12 +36,12 @@ def work(
     event_id: str | None = None,
     partner: str = "p1",
     partition: int = 0,
-) -> Work:
+) -> Accepted:
     event = abandon_event(cart, items, "key", event_id=event_id)
     record = RawRecord("in", partition, offset, event.key, event.value, event.headers)
     command = parse_record(record, Limits())
     assert isinstance(command, ReleaseCommand)
-    return Work(record, command=command, partner_id=partner)
+    return Accepted(record, command, partner)
 
 
 def bodies(store: FakeStore) -> list[dict[str, Any]]:
@@ -235,7 +235,7 @@ async def test_a_rejection_is_published_and_its_offset_advances(dead_letter: boo
     store = FakeStore()
     record = RawRecord("in", 3, 7, b"k", b"{bad", ())
     rejection = Rejection(400, "invalid_json", "bad", None, record.position, None, dead_letter)
-    await apply_batch(store, [Work(record, rejection=rejection)], TOPICS)
+    await apply_batch(store, [Rejected(record, rejection)], TOPICS)
     assert [m.topic for m in store.outbox] == ["results", "dlq"][: 1 + dead_letter]
     assert store.offsets == {("in", 3): 8}
 
@@ -287,7 +287,7 @@ async def test_a_rejection_before_the_partner_is_known_is_keyed_by_the_record() 
     store = FakeStore()
     record = RawRecord("in", 0, 1, b"record-key", b"{}", (("rokt-session-id", b"s"),))
     rejection = Rejection(401, "unknown_api_key", "unknown", None, "e1", "someone-elses-cart")
-    await apply_batch(store, [Work(record, rejection=rejection)], TOPICS)
+    await apply_batch(store, [Rejected(record, rejection)], TOPICS)
     (result,) = store.outbox
     assert result.key == b"record-key"
     assert headers_of(result) == {"event-id": b"e1", "rokt-session-id": b"s"}

@@ -41,7 +41,7 @@ from worker.config import Settings
 from worker.errors import TransientError
 from worker.messages import DLQ_HEADER_PREFIX, DLQ_PARTNER_ID_HEADER, Topics
 from worker.records import OutboxMessage, RawRecord
-from worker.release import BatchReport, TopicPartition, Work, apply_batch
+from worker.release import Accepted, BatchReport, TopicPartition, apply_batch
 from worker.store import PgReleaseStore
 from worker.validate import Limits, Rejection, parse_record
 
@@ -222,11 +222,11 @@ async def redrive_one(
     admitted = admit(command, partner)
     if isinstance(admitted, Rejection):
         return Outcome(letter, "refused", f"{admitted.status} {admitted.code}: {admitted.message}")
-    work = Work(letter.original(), command=command, partner_id=partner_id)
+    accepted = Accepted(letter.original(), command, partner_id)
     topics = Topics(settings.results_topic, settings.dlq_topic, settings.max_message_bytes)
     for attempt in range(3):
         try:
-            return await _apply(pool, settings, letter, work, topics, dry_run)
+            return await _apply(pool, settings, letter, accepted, topics, dry_run)
         except TransientError:  # a concurrent re-drive recorded it first: look again
             if attempt == 2:
                 raise
@@ -237,17 +237,17 @@ async def _apply(
     pool: asyncpg.Pool,
     settings: Settings,
     letter: DeadLetter,
-    work: Work,
+    accepted: Accepted,
     topics: Topics,
     dry_run: bool,
 ) -> Outcome:
-    assert work.command is not None
-    assert work.partner_id is not None
     async with pool.acquire() as conn:
         transaction = conn.transaction()
         await transaction.start()
         try:
-            done = await operator_store.applied_from(conn, work.partner_id, work.command.event_id)
+            done = await operator_store.applied_from(
+                conn, accepted.partner_id, accepted.command.event_id
+            )
             if done is not None:
                 await transaction.rollback()
                 how = (
@@ -256,7 +256,7 @@ async def _apply(
                     else f"applied from {done} (the partner sent the eventId again)"
                 )
                 return Outcome(letter, "already_applied", f"{how}; nothing changed")
-            report = await apply_batch(_PastItsOffset(conn, settings.group_id), [work], topics)
+            report = await apply_batch(_PastItsOffset(conn, settings.group_id), [accepted], topics)
         except BaseException:
             await transaction.rollback()
             raise
