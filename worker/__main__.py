@@ -161,7 +161,7 @@ def demo(
 ) -> None:
     """Start embedded PostgreSQL and broker (unless given), seed, emit every case, run the
     worker with live progress, and print a summary with the invariants checked in SQL."""
-    from worker.demo import run_demo
+    from worker.cli.demo import run_demo
 
     settings = load_settings()
     logs.configure("console", "warning")
@@ -231,7 +231,7 @@ def bench(
 @app.command("config")
 def show_config() -> None:
     """Print every setting: environment variable, default and description."""
-    from worker.settings_doc import settings_table
+    from worker.cli.settings_doc import settings_table
 
     typer.echo(settings_table())
 
@@ -242,7 +242,7 @@ def doctor() -> None:
 
     Changes nothing: topics are only listed, and the group check joins a throwaway group.
     """
-    from worker.doctor import render, run_checks
+    from worker.cli.doctor import render, run_checks
 
     settings = load_settings()
     # The checks report connection failures themselves; aiokafka's own lines are noise here.

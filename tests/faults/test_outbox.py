@@ -18,9 +18,9 @@ from tests.faults.conftest import BedFactory
 from tests.faults.harness import Bed
 from tests.support import read_topic
 from worker import store
+from worker.cli.doctor import check_database
 from worker.config import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 from worker.contract import API_KEY_HEADER
-from worker.doctor import check_database
 from worker.messages import message_bytes
 from worker.records import OutboxMessage
 from worker.testing.scenario import Event

@@ -26,8 +26,8 @@ from tests.integration.conftest import World, reserve
 from tests.support import Published, produce, read_topic, running_worker
 from tests.support import http_get as http_get_blocking
 from worker import store
+from worker.cli.doctor import check_database, check_kafka
 from worker.config import Settings
-from worker.doctor import check_database, check_kafka
 from worker.metrics import RETRIES
 from worker.testing.embedded import free_port
 from worker.testing.scenario import Event, abandon_event

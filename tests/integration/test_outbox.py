@@ -28,8 +28,8 @@ from aiokafka.errors import (
 
 from tests.conftest import Servers
 from worker import store
+from worker.cli.doctor import check_database
 from worker.config import Settings
-from worker.doctor import check_database
 from worker.publisher import Publisher
 from worker.records import OutboxMessage
 

@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from worker.__main__ import app
+from worker.cli.settings_doc import END, START, embedded_table, settings_table
 from worker.config import Settings
-from worker.settings_doc import END, START, embedded_table, settings_table
 
 ROOT = Path(__file__).resolve().parents[2]
 

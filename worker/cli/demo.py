@@ -26,8 +26,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from worker.app import run_worker
+from worker.cli.demo_http import HttpCase, show_http
 from worker.config import Settings
-from worker.demo_http import HttpCase, show_http
 from worker.migrate import migrate
 from worker.partners import add_partner
 from worker.release import BatchReport
