@@ -25,7 +25,10 @@ from worker.testing.scenario import Event
 
 RELEASE_PATH = "/v1/cart/release"
 IDEMPOTENCY_HEADER = "idempotency-key"
-NO_ANSWER = 0  # the status of a request that got no answer (connection lost, client timeout)
+# Statuses of a request without an HTTP answer: the connection was lost, or the client gave
+# up waiting (`OpenLoopClient.timeout_s` after the request was due).
+LOST = 0
+TIMED_OUT = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,32 +109,37 @@ class OpenLoopClient:
         self._slots = asyncio.Semaphore(max_connections)
 
     async def send(self, request: bytes, scheduled: float) -> Answer:
-        async with self._slots:
-            connection: _Connection | None = None
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    connection = await self._take()
-                    try:
-                        status, body, keep = await connection.exchange(request)
-                    except _LOST:
-                        if not connection.used:
-                            raise
-                        # Closed by the server while idle: the request never arrived (the
-                        # Idempotency-Key would make even a repeat harmless).
-                        connection.close()
-                        connection = await self._open()
-                        status, body, keep = await connection.exchange(request)
-            except (*_LOST, TimeoutError, ValueError) as error:
-                if connection is not None:
+        """Send `request` on a connection, read its answer. A client gives up `timeout_s`
+        after the request was due, the wait for a connection included: TIMED_OUT."""
+        connection: _Connection | None = None
+        try:
+            async with (
+                asyncio.timeout(max(0.0, scheduled + self.timeout_s - time.monotonic())),
+                self._slots,
+            ):
+                connection = await self._take()
+                try:
+                    status, body, keep = await connection.exchange(request)
+                except _LOST:
+                    if not connection.used:
+                        raise
+                    # Closed by the server while idle: the request never arrived (the
+                    # Idempotency-Key would make even a repeat harmless).
                     connection.close()
-                return Answer(scheduled, time.monotonic(), NO_ANSWER, repr(error).encode())
-            done = time.monotonic()
-            if keep:
-                connection.idle_since = done
-                self._idle.append(connection)
-            else:
+                    connection = await self._open()
+                    status, body, keep = await connection.exchange(request)
+                done = time.monotonic()
+                if keep:
+                    connection.idle_since = done
+                    self._idle.append(connection)
+                else:
+                    connection.close()
+                return Answer(scheduled, done, status, body)
+        except (*_LOST, TimeoutError, ValueError) as error:
+            if connection is not None:
                 connection.close()
-            return Answer(scheduled, done, status, body)
+            status = TIMED_OUT if isinstance(error, TimeoutError) else LOST
+            return Answer(scheduled, time.monotonic(), status, repr(error).encode())
 
     async def _take(self) -> _Connection:
         """The most recently used idle connection (those idle too long are closed: they
@@ -201,7 +209,10 @@ def released_everything(answer: Answer, items: int) -> bool:
 
 
 def statuses(answers: Sequence[Answer]) -> dict[str, int]:
-    return {str(status): n for status, n in sorted(Counter(a.status for a in answers).items())}
+    """How many answers of each status ("lost", "timed_out" for those without one)."""
+    names = {LOST: "lost", TIMED_OUT: "timed_out"}
+    counted = sorted(Counter(a.status for a in answers).items())
+    return {names.get(status, str(status)): n for status, n in counted}
 
 
 def next_rate(

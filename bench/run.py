@@ -663,7 +663,6 @@ class Bench:
         released = await self._released(workload)
         items = scenario.items_per_cart
         whole = [http.released_everything(a, items) for a in answers]
-        timed_out = sum(a.status == 504 for a in answers)
         latency = latency_figures([a.latency_ms for a in measured])
         m = Measurement(
             "api+worker",
@@ -681,12 +680,15 @@ class Bench:
         m.checks.update(
             answers=http.statuses(answers),
             released_in_db=released,
-            # A 504 is a documented answer (the release is applied later): correct, but slow.
-            ok_answered=all(ok or a.status == 504 for ok, a in zip(whole, answers, strict=True)),
+            # A 504 is a documented answer (the release is applied later), and a request the
+            # client gave up on is slow, not wrong: both count against the p99 target only.
+            ok_answered=all(
+                ok or a.status in (504, http.TIMED_OUT)
+                for ok, a in zip(whole, answers, strict=True)
+            ),
             ok_released_in_db=released == workload.expected_items,
-            within_p99_target=timed_out == 0
-            and all(whole)
-            and latency["p99"] <= self.plan.http_p99_ms,
+            # Sustained: every answer a 200 that released everything, and p99 within target.
+            within_p99_target=all(whole) and latency["p99"] <= self.plan.http_p99_ms,
         )
         return m
 

@@ -4,10 +4,19 @@ converges; no timing is asserted."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
-from bench.http import Answer, OpenLoopClient, next_rate, offer, released_everything
+from bench.http import (
+    TIMED_OUT,
+    Answer,
+    OpenLoopClient,
+    next_rate,
+    offer,
+    released_everything,
+    statuses,
+)
 
 
 async def test_requests_go_out_on_schedule_whatever_the_answers_do() -> None:
@@ -78,6 +87,24 @@ async def test_a_keep_alive_connection_the_server_closed_is_replaced_not_counted
         server.close()
         await server.wait_closed()
     assert (first, second, connections) == (200, 200, 2)
+
+
+async def test_a_request_is_given_up_its_timeout_after_it_was_due_not_after_it_went_out() -> None:
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    client = OpenLoopClient("127.0.0.1", server.sockets[0].getsockname()[1], timeout_s=5)
+    try:
+        async with asyncio.timeout(10):
+            late = await client.send(b"GET / HTTP/1.1\r\n\r\n", time.monotonic() - 60)
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
+    assert late.status == TIMED_OUT
+    assert late.latency_ms >= 60_000
+    assert statuses([late]) == {"timed_out": 1}
 
 
 def test_the_rate_search_climbs_then_bisects_then_stops() -> None:
