@@ -30,8 +30,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from worker.api.results import ResultsReader
 from worker.api.waiters import Waiters
 from worker.contract import Outcome, Trigger
-from worker.messages import item_result_payload, result_headers
 from worker.records import RawRecord
+from worker.results import item_result_payload, result_headers
 from worker.testing.embedded import EmbeddedBroker
 
 PARTITIONS = 12

@@ -29,9 +29,9 @@ import asyncpg
 from bench.observe import CpuSplit
 from bench.workload import Scenario, Workload, prepare, vacuum_analyze
 from worker import store
-from worker.messages import Topics
 from worker.records import RawRecord
 from worker.release import Accepted, apply_batch
+from worker.results import Topics
 from worker.validate import Limits, ReleaseCommand, parse_record
 
 

@@ -85,7 +85,7 @@ def make_producer(settings: Settings) -> AIOKafkaProducer:
         max_batch_size=256 * 1024,
         # The broker's limit, enforced here too: a message over it is refused at once, and
         # so parked (publisher.py), also by a broker that does not enforce one (Tansu).
-        # Dead letters are shrunk below it (messages.dead_letter).
+        # Dead letters are shrunk below it (results.dead_letter).
         max_request_size=settings.max_message_bytes,
         compression_type=None if settings.compression == "none" else settings.compression,
         client_id="cart-release-worker",

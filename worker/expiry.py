@@ -17,10 +17,10 @@ import structlog
 from worker import metrics, store
 from worker.config import Settings
 from worker.contract import EXPIRY_EVENT_PREFIX, Outcome, Trigger
-from worker.messages import result_headers, result_messages
 from worker.publisher import Publisher
 from worker.records import OutboxMessage
 from worker.release import ItemDecision, Reservation, item_payloads, stock_deltas
+from worker.results import result_headers, result_messages
 from worker.retry import transient_retrying
 
 log = structlog.get_logger("worker.expiry")

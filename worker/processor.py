@@ -28,9 +28,9 @@ from worker import metrics, tracing
 from worker.auth import Authenticator, Partner
 from worker.config import Settings
 from worker.logs import LineBudget
-from worker.messages import Topics
 from worker.records import RawRecord
 from worker.release import Accepted, BatchReport, Prepared, Rejected, Transactions, apply_batch
+from worker.results import Topics
 from worker.retry import Verdict, classify, note_retry, transient_retrying
 from worker.validate import Limits, Rejection, parse_record
 

@@ -25,7 +25,8 @@ from typing import NamedTuple, Protocol
 
 from worker.contract import Outcome, Trigger
 from worker.errors import TransientError
-from worker.messages import (
+from worker.records import Headers, OutboxMessage, RawRecord
+from worker.results import (
     Topics,
     item_result_payload,
     rejection_messages,
@@ -33,7 +34,6 @@ from worker.messages import (
     result_headers,
     result_messages,
 )
-from worker.records import Headers, OutboxMessage, RawRecord
 from worker.validate import Rejection, ReleaseCommand
 
 TopicPartition = tuple[str, int]

@@ -21,8 +21,8 @@ from worker import store
 from worker.cli.doctor import check_database
 from worker.config import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 from worker.contract import API_KEY_HEADER
-from worker.messages import message_bytes
 from worker.records import OutboxMessage
+from worker.results import message_bytes
 from worker.testing.scenario import Event
 
 pytestmark = pytest.mark.faults

@@ -11,9 +11,9 @@ import pytest
 
 from tests.integration.conftest import World, reserve
 from worker.errors import TransientError
-from worker.messages import Topics
 from worker.records import RawRecord
 from worker.release import Accepted, Reservation, apply_batch
+from worker.results import Topics
 from worker.store import Conn, PgReleaseStore
 from worker.testing.scenario import abandon_event
 from worker.validate import Limits, ReleaseCommand, parse_record

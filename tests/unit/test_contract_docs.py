@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from worker.__main__ import app
 from worker.cli.contract import ASYNCAPI, CONTRACT_DIR, REGENERATE, documents, stale, write
 from worker.contract import REJECTION_STATUSES, Outcome, ReleaseRequest, Trigger
-from worker.messages import dead_letter, item_result_payload, rejection_payload, result_headers
 from worker.records import Headers, RawRecord
+from worker.results import dead_letter, item_result_payload, rejection_payload, result_headers
 from worker.testing.scenario import abandon_event
 from worker.validate import DESCRIPTIONS, Limits, Rejection, parse_record
 

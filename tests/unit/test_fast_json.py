@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from worker.contract import ItemResult, Outcome, Trigger
-from worker.messages import item_result_payload
+from worker.results import item_result_payload
 
 _text = st.text(min_size=1, max_size=40)
 

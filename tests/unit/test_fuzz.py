@@ -38,8 +38,8 @@ from worker.contract import (
     Trigger,
     is_reserved_event_id,
 )
-from worker.messages import Topics, item_result_payload, rejection_messages
 from worker.records import RawRecord
+from worker.results import Topics, item_result_payload, rejection_messages
 from worker.store import decode_headers, encode_headers
 from worker.validate import (
     DESCRIPTIONS,

@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 import orjson
 
 from tests.unit.test_release import reservation, work
-from worker.messages import Topics
 from worker.records import RawRecord
 from worker.release import (
     BatchPlan,
@@ -21,6 +20,7 @@ from worker.release import (
     TopicPartition,
     plan_batch,
 )
+from worker.results import Topics
 from worker.validate import Rejection
 
 TOPICS = Topics("results", "dlq")

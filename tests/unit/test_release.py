@@ -8,9 +8,9 @@ import orjson
 import pytest
 
 from tests.unit.fake_store import FakeStore
-from worker.messages import Topics
 from worker.records import OutboxMessage, RawRecord
 from worker.release import Accepted, Rejected, Reservation, apply_batch
+from worker.results import Topics
 from worker.testing.scenario import abandon_event
 from worker.validate import Limits, Rejection, ReleaseCommand, parse_record
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from worker.messages import Topics, rejection_messages
 from worker.records import RawRecord
+from worker.results import Topics, rejection_messages
 from worker.validate import (
     DESCRIPTIONS,
     MAX_ECHO_CHARS,

@@ -1,4 +1,4 @@
-"""Render results, rejections and dead letters as the messages DESIGN.md §2 specifies.
+"""Outgoing messages: results, rejections and dead letters, rendered as DESIGN.md §2 says.
 
 Payloads are rendered once, stored in the outbox (and the inbox), and published
 from there: a re-sent result is byte-for-byte the first one (G2).
