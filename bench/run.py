@@ -98,7 +98,8 @@ class Plan:
     http_search: bool = False
     http_step_s: float = 8.0
     http_p99_ms: float = 250.0
-    profile: bool = False  # py-spy the worker processes (collapsed stacks in out_dir/profiles)
+    # py-spy the worker processes, and the api's (collapsed stacks in out_dir/profiles)
+    profile: bool = False
     # The scale scenario: processes in the group at each step, each step this long, at
     # this rate (None: `scale_fraction` of the worker's measured steady maximum).
     scale_steps: tuple[int, ...] = ()
@@ -564,7 +565,15 @@ class Bench:
         port = http.free_port(API_HOST)
         env = _env(settings) | {"WORKER_API_HOST": API_HOST, "WORKER_API_PORT": str(port)}
         log = self.out_dir / "logs" / f"{settings.group_id}.log"
-        worker, api = Processes(WORKER, env, log), Processes(API, env, log)
+        profiles = self.out_dir / "profiles"
+        if self.plan.profile:
+            profiles.mkdir(parents=True, exist_ok=True)
+
+        def profile(name: str) -> Path | None:
+            return profiles / f"{settings.group_id}-{name}.txt" if self.plan.profile else None
+
+        worker = Processes(WORKER, env, log, profile=profile("worker"))
+        api = Processes(API, env, log, profile=profile("api"))
         split = CpuSplit(
             self.server_pids,
             {
