@@ -54,6 +54,7 @@ from bench.workload import (
 from worker.config import Settings
 from worker.migrate import migrate
 from worker.testing.embedded import EmbeddedPostgres, embedded_stack
+from worker.testing.environment import settings_env
 from worker.testing.invariants import i1_violations
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -721,19 +722,14 @@ class Bench:
 
 
 def _env(settings: Settings) -> dict[str, str]:
-    return {
-        "WORKER_DATABASE_URL": settings.database_url or "",
-        "WORKER_KAFKA_BOOTSTRAP": settings.kafka_bootstrap or "",
-        "WORKER_INPUT_TOPIC": settings.input_topic,
-        "WORKER_RESULTS_TOPIC": settings.results_topic,
-        "WORKER_DLQ_TOPIC": settings.dlq_topic,
-        "WORKER_GROUP_ID": settings.group_id,
-        "WORKER_METRICS_PORT": "0",
-        "WORKER_LOG_LEVEL": os.environ.get("WORKER_LOG_LEVEL", "warning"),
-        # The embedded broker delays a group's first join by about the session timeout; a
-        # shorter one only shortens start-up, which no figure includes (as in the demo).
-        "WORKER_SESSION_TIMEOUT_MS": os.environ.get("WORKER_SESSION_TIMEOUT_MS", "6000"),
-    }
+    # The embedded broker delays a group's first join by about the session timeout; a
+    # shorter one only shortens start-up, which no figure includes (as in the demo).
+    return settings_env(
+        settings,
+        metrics_port=0,
+        log_level=os.environ.get("WORKER_LOG_LEVEL", "warning"),
+        session_timeout_ms=os.environ.get("WORKER_SESSION_TIMEOUT_MS", "6000"),
+    )
 
 
 @contextlib.asynccontextmanager

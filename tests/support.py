@@ -41,17 +41,6 @@ def isolated_settings(database_url: str, bootstrap: str, **overrides: Any) -> Se
     return Settings(**values)
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The WORKER_* environment variables that make a command use these settings."""
-    env = {}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        text = str(value).lower() if isinstance(value, bool) else str(value)
-        env[f"WORKER_{name.upper()}"] = text
-    return env
-
-
 @dataclass(frozen=True)
 class Published:
     topic: str

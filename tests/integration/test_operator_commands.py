@@ -15,11 +15,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from typer.testing import CliRunner, Result
 
 from tests.integration.conftest import World, reserve
-from tests.support import produce, read_results, read_topic, running_worker, settings_env
+from tests.support import produce, read_results, read_topic, running_worker
 from worker import store
 from worker.__main__ import app
 from worker.config import Settings
 from worker.records import OutboxMessage
+from worker.testing.environment import settings_env
 from worker.testing.scenario import abandon_event
 from worker.topics import ensure_topics
 

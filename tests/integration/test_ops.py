@@ -30,6 +30,7 @@ from worker.cli.doctor import check_database, check_kafka
 from worker.config import Settings
 from worker.metrics import RETRIES
 from worker.testing.embedded import free_port
+from worker.testing.environment import settings_env
 from worker.testing.scenario import Event, abandon_event
 from worker.topics import ensure_topics
 
@@ -278,14 +279,7 @@ async def run_doctor(env: dict[str, str]) -> tuple[int, str]:
 
 
 def doctor_env(settings: Settings, database_url: str) -> dict[str, str]:
-    return {
-        "WORKER_DATABASE_URL": database_url,
-        "WORKER_KAFKA_BOOTSTRAP": settings.kafka_bootstrap or "",
-        "WORKER_INPUT_TOPIC": settings.input_topic,
-        "WORKER_RESULTS_TOPIC": settings.results_topic,
-        "WORKER_DLQ_TOPIC": settings.dlq_topic,
-        "WORKER_GROUP_ID": settings.group_id,
-    }
+    return settings_env(settings, database_url=database_url)
 
 
 async def test_doctor_passes_on_a_migrated_database_with_all_topics(world: World) -> None:

@@ -28,6 +28,7 @@ import pytest
 from tests.conftest import Servers
 from tests.support import http_get, isolated_settings, read_results
 from worker.testing.embedded import free_port
+from worker.testing.environment import settings_env
 from worker.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
@@ -240,17 +241,7 @@ async def test_the_installed_wheel_migrates_runs_releases_and_passes_doctor(
     settings = isolated_settings(worker_url, servers.bootstrap)
     await ensure_topics(settings, 1)
     port = free_port()
-    worker_env = {
-        "WORKER_DATABASE_URL": worker_url,
-        "WORKER_KAFKA_BOOTSTRAP": servers.bootstrap,
-        "WORKER_INPUT_TOPIC": settings.input_topic,
-        "WORKER_RESULTS_TOPIC": settings.results_topic,
-        "WORKER_DLQ_TOPIC": settings.dlq_topic,
-        "WORKER_GROUP_ID": settings.group_id,
-        "WORKER_METRICS_PORT": str(port),
-        "WORKER_SESSION_TIMEOUT_MS": "6000",
-        "WORKER_EXPIRY_ENABLED": "false",
-    }
+    worker_env = settings_env(settings, metrics_port=port)
     log = scratch / "run.log"
     with log.open("wb") as out:
         worker = await asyncio.create_subprocess_exec(
