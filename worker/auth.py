@@ -11,18 +11,28 @@ a suspension, a change of `tag_ids`, a new partner or a revoked key takes effect
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from worker.validate import Rejection, ReleaseCommand
-from worker.validate import key_digest as key_digest  # re-exported: partners use it too
+from worker.contract import Rejection
+
+if TYPE_CHECKING:  # validate imports key_digest from here
+    from worker.validate import ReleaseCommand
 
 # A bound on the cache: past it the least recently used digests are dropped, so a flood of
 # random keys costs a bounded amount of memory and cannot push out the keys in use.
 MAX_CACHED_DIGESTS = 100_000
+
+
+def key_digest(api_key: bytes | str) -> bytes:
+    """sha256 of a key; partners are stored and found by this digest, never by the key."""
+    raw = api_key.encode("utf-8") if isinstance(api_key, str) else api_key
+    return hashlib.sha256(raw).digest()
 
 
 @dataclass(frozen=True, slots=True)

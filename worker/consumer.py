@@ -1,4 +1,4 @@
-"""Fetch, keep per-partition order, batch, commit after the database commit, rebalance.
+"""The Kafka consumer: fetch, order per partition, batch, commit after the database, rebalance.
 
 Records are fetched in batches (`getmany`) and routed to a fixed lane per partition
 (`partition % lanes`). Each lane applies its batches one at a time, so one

@@ -1,4 +1,4 @@
-"""The Kafka contract (DESIGN.md §2) as pydantic models: input, results, rejections, headers.
+"""The Kafka contract (DESIGN.md §2): wire models, headers, rejections and their statuses.
 
 Field names on the wire are camelCase; Python code uses snake_case. The JSON Schemas and
 the AsyncAPI document in docs/contract/ are generated from these models
@@ -8,6 +8,7 @@ the AsyncAPI document in docs/contract/ are generated from these models
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -216,6 +217,37 @@ class EventRejected(_WireModel):
     description: str
     errors: list[ErrorDetail] = Field(json_schema_extra={"minItems": 1})
     processed_at: Timestamp
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An `event_rejected` to publish; `dead_letter` also sends the record to the DLQ."""
+
+    status: int
+    code: str
+    message: str
+    value: Any = None
+    event_id: str = ""
+    cart_id: str | None = None
+    dead_letter: bool = False
+    attempts: int = 1
+    # Known once the record was authenticated (403, 422 cart_not_found, 500/504 of a command):
+    # its result then names the partner. None before that (400, 401, validation's 422).
+    partner_id: str | None = None
+
+    @property
+    def description(self) -> str:
+        return DESCRIPTIONS[self.status]
+
+
+DESCRIPTIONS = {
+    400: "Bad request: the record could not be read or does not follow the schema.",
+    401: "Unauthorized: rokt-api-key is missing, empty or unknown.",
+    403: "Forbidden: the partner may not release with this key or tag.",
+    422: "Unprocessable entity: the request is well-formed but cannot be applied.",
+    500: "Internal error: the record failed repeatedly and was dead-lettered.",
+    504: "Gateway timeout: the database timed out repeatedly and the record was dead-lettered.",
+}
 
 
 # Header names (DESIGN.md §2). Kafka header names are matched case-insensitively,

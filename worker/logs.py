@@ -1,4 +1,4 @@
-"""structlog set-up: JSON lines in production, a readable console in the demo.
+"""Logging: structlog set-up (JSON in production, console in the demo) and line budgets.
 
 Per-record context is bound once with `structlog.contextvars.bound_contextvars`.
 The API key is never bound or logged; a processor drops it if it ever appears.
@@ -74,6 +74,3 @@ class LineBudget:
         self._written += 1
         held_back, self._held_back = self._held_back, 0
         return held_back
-
-
-log = structlog.get_logger("worker")

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
-from worker.contract import Outcome
-from worker.validate import DESCRIPTIONS
+from worker.contract import DESCRIPTIONS, Outcome
 
 # `*_created` timestamps double the series for little use; Prometheus does not need them.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream

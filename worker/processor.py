@@ -1,4 +1,6 @@
-"""Turn a batch of consumed records into one committed database transaction.
+"""The batch processor: parse, authenticate and apply records, isolating the failing ones.
+
+A batch of consumed records becomes one committed database transaction.
 
 How each failure is handled follows its verdict (`worker/retry.py`):
 - outages (and lost races: serialisation failures, deadlocks) retry the whole
@@ -27,12 +29,13 @@ import structlog
 from worker import metrics, tracing
 from worker.auth import Authenticator, Partner
 from worker.config import Settings
+from worker.contract import Rejection
 from worker.logs import LineBudget
 from worker.records import RawRecord
 from worker.release import Accepted, BatchReport, Prepared, Rejected, Transactions, apply_batch
 from worker.results import Topics
 from worker.retry import Verdict, classify, note_retry, transient_retrying
-from worker.validate import Limits, Rejection, parse_record
+from worker.validate import Limits, parse_record
 
 log = structlog.get_logger("worker.processor")
 

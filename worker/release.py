@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import NamedTuple, Protocol
 
-from worker.contract import Outcome, Trigger
+from worker.contract import Outcome, Rejection, Trigger
 from worker.errors import TransientError
 from worker.records import Headers, OutboxMessage, RawRecord
 from worker.results import (
@@ -34,7 +34,7 @@ from worker.results import (
     result_headers,
     result_messages,
 )
-from worker.validate import Rejection, ReleaseCommand
+from worker.validate import ReleaseCommand
 
 TopicPartition = tuple[str, int]
 EventKey = tuple[str, str]  # (partner_id, event_id)

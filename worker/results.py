@@ -24,11 +24,12 @@ from worker.contract import (
     ErrorDetail,
     EventRejected,
     Outcome,
+    Rejection,
     Trigger,
     format_timestamp,
 )
 from worker.records import Headers, OutboxMessage, RawRecord
-from worker.validate import Rejection, acceptable_header
+from worker.validate import acceptable_header
 
 DLQ_HEADER_PREFIX = "dlq-"
 DLQ_PARTNER_ID_HEADER = "dlq-partner-id"

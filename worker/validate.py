@@ -1,4 +1,4 @@
-"""Parse and validate one consumed record, without any I/O.
+"""Record validation: one consumed record to a `ReleaseCommand` or a `Rejection`, no I/O.
 
 A record is checked in this order; the first failure is the rejection:
 1. framing: value present, within the size limit, `content-type`, UTF-8 JSON object, strict
@@ -16,7 +16,6 @@ or one rejection (the fuzz tests hold it to that). Every code is listed in docs/
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -26,6 +25,7 @@ import orjson
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails, from_json
 
+from worker.auth import key_digest
 from worker.contract import (
     API_KEY_HEADER,
     CONTENT_TYPE_HEADER,
@@ -34,6 +34,7 @@ from worker.contract import (
     MAX_HEADERS_BYTES,
     SESSION_HEADER,
     TAG_HEADER,
+    Rejection,
     ReleaseItem,
     ReleaseRequest,
     is_reserved_event_id,
@@ -49,37 +50,6 @@ class Limits:
     max_record_bytes: int = 1_048_576
     max_items: int = 100
     max_attributes: int = 50
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """An `event_rejected` to publish; `dead_letter` also sends the record to the DLQ."""
-
-    status: int
-    code: str
-    message: str
-    value: Any = None
-    event_id: str = ""
-    cart_id: str | None = None
-    dead_letter: bool = False
-    attempts: int = 1
-    # Known once the record was authenticated (403, 422 cart_not_found, 500/504 of a command):
-    # its result then names the partner. None before that (400, 401, validation's 422).
-    partner_id: str | None = None
-
-    @property
-    def description(self) -> str:
-        return DESCRIPTIONS[self.status]
-
-
-DESCRIPTIONS = {
-    400: "Bad request: the record could not be read or does not follow the schema.",
-    401: "Unauthorized: rokt-api-key is missing, empty or unknown.",
-    403: "Forbidden: the partner may not release with this key or tag.",
-    422: "Unprocessable entity: the request is well-formed but cannot be applied.",
-    500: "Internal error: the record failed repeatedly and was dead-lettered.",
-    504: "Gateway timeout: the database timed out repeatedly and the record was dead-lettered.",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +71,6 @@ class ReleaseCommand:
     @property
     def whole_cart(self) -> bool:
         return self.items is None
-
-
-def key_digest(api_key: bytes | str) -> bytes:
-    """sha256 of a key; partners are stored and found by this digest, never by the key."""
-    raw = api_key.encode("utf-8") if isinstance(api_key, str) else api_key
-    return hashlib.sha256(raw).digest()
 
 
 def parse_record(record: RawRecord, limits: Limits) -> ReleaseCommand | Rejection:

@@ -13,9 +13,8 @@ import uuid
 import pytest
 
 from tests.faults.conftest import BedFactory
-from worker.auth import MAX_CACHED_DIGESTS
+from worker.auth import MAX_CACHED_DIGESTS, key_digest
 from worker.testing.scenario import abandon_event
-from worker.validate import key_digest
 
 pytestmark = pytest.mark.faults
 

@@ -37,10 +37,10 @@ from tests.conftest import Servers
 from tests.integration.conftest import World, reserve
 from tests.support import Published, isolated_settings, read_topic, running_worker
 from worker.config import Settings
+from worker.contract import DESCRIPTIONS
 from worker.partners import add_partner
 from worker.testing.embedded import free_port
 from worker.testing.invariants import i1_violations
-from worker.validate import DESCRIPTIONS
 
 pytestmark = pytest.mark.integration
 

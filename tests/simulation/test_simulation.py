@@ -69,7 +69,7 @@ from tests.simulation.world import (
     relay,
 )
 from tests.unit.fake_store import FakeStore
-from worker.auth import Authenticator, Partner
+from worker.auth import Authenticator, Partner, key_digest
 from worker.config import Settings
 from worker.consumer import ReleaseConsumer
 from worker.contract import EVENT_ID_HEADER, SESSION_HEADER
@@ -77,7 +77,6 @@ from worker.processor import BatchProcessor
 from worker.records import OutboxMessage
 from worker.release import Reservation
 from worker.testing.scenario import abandon_event
-from worker.validate import key_digest
 
 # Steps, examples and faults of this session, for the terminal summary (conftest.py).
 TALLY: Counter[str] = Counter()

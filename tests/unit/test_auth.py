@@ -8,9 +8,10 @@ from dataclasses import replace
 
 import pytest
 
-from worker.auth import MAX_CACHED_DIGESTS, Authenticator, Partner
+from worker.auth import MAX_CACHED_DIGESTS, Authenticator, Partner, key_digest
+from worker.contract import Rejection
 from worker.records import RawRecord
-from worker.validate import Rejection, ReleaseCommand, key_digest
+from worker.validate import ReleaseCommand
 
 KEY = "rk_auth_unit_key"
 TTL = 5.0

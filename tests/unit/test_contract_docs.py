@@ -15,11 +15,18 @@ from typer.testing import CliRunner
 
 from worker.__main__ import app
 from worker.cli.contract import ASYNCAPI, CONTRACT_DIR, REGENERATE, documents, stale, write
-from worker.contract import REJECTION_STATUSES, Outcome, ReleaseRequest, Trigger
+from worker.contract import (
+    DESCRIPTIONS,
+    REJECTION_STATUSES,
+    Outcome,
+    Rejection,
+    ReleaseRequest,
+    Trigger,
+)
 from worker.records import Headers, RawRecord
 from worker.results import dead_letter, item_result_payload, rejection_payload, result_headers
 from worker.testing.scenario import abandon_event
-from worker.validate import DESCRIPTIONS, Limits, Rejection, parse_record
+from worker.validate import Limits, parse_record
 
 NOW = datetime(2026, 11, 27, 15, 0, 0, 123456, tzinfo=UTC)
 

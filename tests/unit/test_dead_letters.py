@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from worker.contract import Rejection
 from worker.records import Headers, OutboxMessage, RawRecord
 from worker.results import dead_letter
-from worker.validate import Rejection
 
 KAFKA_DEFAULT = 1_048_588  # the broker's default message.max.bytes
 INVALID_JSON = Rejection(400, "invalid_json", "not JSON", dead_letter=True)

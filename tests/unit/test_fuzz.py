@@ -30,10 +30,13 @@ import orjson
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from worker.auth import key_digest
 from worker.contract import (
+    DESCRIPTIONS,
     MAX_HEADER_BYTES,
     MAX_HEADERS_BYTES,
     Outcome,
+    Rejection,
     ReleaseItem,
     Trigger,
     is_reserved_event_id,
@@ -41,14 +44,7 @@ from worker.contract import (
 from worker.records import RawRecord
 from worker.results import Topics, item_result_payload, rejection_messages
 from worker.store import decode_headers, encode_headers
-from worker.validate import (
-    DESCRIPTIONS,
-    Limits,
-    Rejection,
-    ReleaseCommand,
-    key_digest,
-    parse_record,
-)
+from worker.validate import Limits, ReleaseCommand, parse_record
 
 LIMITS = Limits(max_record_bytes=4096, max_items=5, max_attributes=3)
 TOPICS = Topics("results", "dlq")

@@ -14,10 +14,10 @@ from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from worker import processor
+from worker.contract import Rejection
 from worker.logs import LineBudget
 from worker.records import RawRecord
 from worker.release import BatchReport
-from worker.validate import Rejection
 
 METRIC = "release_worker_cross_partner_attempts_total"
 

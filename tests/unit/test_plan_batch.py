@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import orjson
 
 from tests.unit.test_release import reservation, work
+from worker.contract import Rejection
 from worker.records import RawRecord
 from worker.release import (
     BatchPlan,
@@ -21,7 +22,6 @@ from worker.release import (
     plan_batch,
 )
 from worker.results import Topics
-from worker.validate import Rejection
 
 TOPICS = Topics("results", "dlq")
 NOW = datetime(2026, 12, 3, 8, 0, tzinfo=UTC)

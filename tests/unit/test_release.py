@@ -8,11 +8,12 @@ import orjson
 import pytest
 
 from tests.unit.fake_store import FakeStore
+from worker.contract import Rejection
 from worker.records import OutboxMessage, RawRecord
 from worker.release import Accepted, Rejected, Reservation, apply_batch
 from worker.results import Topics
 from worker.testing.scenario import abandon_event
-from worker.validate import Limits, Rejection, ReleaseCommand, parse_record
+from worker.validate import Limits, ReleaseCommand, parse_record
 
 TOPICS = Topics("results", "dlq")
 

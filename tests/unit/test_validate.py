@@ -8,17 +8,11 @@ from typing import Any
 
 import pytest
 
+from worker.auth import key_digest
+from worker.contract import DESCRIPTIONS, Rejection
 from worker.records import RawRecord
 from worker.results import Topics, rejection_messages
-from worker.validate import (
-    DESCRIPTIONS,
-    MAX_ECHO_CHARS,
-    Limits,
-    Rejection,
-    ReleaseCommand,
-    key_digest,
-    parse_record,
-)
+from worker.validate import MAX_ECHO_CHARS, Limits, ReleaseCommand, parse_record
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 LIMITS = Limits(max_record_bytes=16_384, max_items=3, max_attributes=2)

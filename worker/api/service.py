@@ -33,20 +33,16 @@ from worker.contract import (
     ACCEPT_LANGUAGE_HEADER,
     API_KEY_HEADER,
     CONTENT_TYPE_HEADER,
+    DESCRIPTIONS,
     SESSION_HEADER,
     TAG_HEADER,
     EventId,
+    Rejection,
     ReleaseItem,
 )
 from worker.records import RawRecord
 from worker.retry import DATABASE_ERRORS
-from worker.validate import (
-    DESCRIPTIONS,
-    Limits,
-    Rejection,
-    parse_record,
-    too_large,
-)
+from worker.validate import Limits, parse_record, too_large
 
 log = structlog.get_logger("worker.api")
 

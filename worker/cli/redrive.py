@@ -38,12 +38,13 @@ from worker import operator_store
 from worker.auth import admit
 from worker.cli.kafka import Message
 from worker.config import Settings
+from worker.contract import Rejection
 from worker.errors import TransientError
 from worker.records import OutboxMessage, RawRecord
 from worker.release import Accepted, BatchReport, TopicPartition, apply_batch
 from worker.results import DLQ_HEADER_PREFIX, DLQ_PARTNER_ID_HEADER, Topics
 from worker.store import PgReleaseStore
-from worker.validate import Limits, Rejection, parse_record
+from worker.validate import Limits, parse_record
 
 log = structlog.get_logger("worker.cli.redrive")
 
