@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import IO
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from worker.contract import EVENT_ID_HEADER
+from worker.testing.topic_reader import reading
 
 
 @dataclass
@@ -72,32 +72,26 @@ class ResultReader:
 
     async def run(self, stall_s: float, on_progress: Callable[[int], None] | None = None) -> None:
         """Read until complete, or until nothing new arrived for `stall_s`."""
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap,
-            enable_auto_commit=False,
+        async with reading(
+            self._bootstrap,
+            self._topic,
+            self._partitions,
             fetch_max_wait_ms=100,
             max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_bytes=32 * 1024 * 1024,
-        )
-        await consumer.start()
-        try:
-            consumer.assign([TopicPartition(self._topic, p) for p in range(self._partitions)])
-            await consumer.seek_to_beginning()
+        ) as reader:
             last_new = time.monotonic()
             c = self.collected
             while not c.complete and time.monotonic() - last_new < stall_s:
-                batch = await consumer.getmany(timeout_ms=100, max_records=10_000)
+                records = await reader.batch(timeout_ms=100, max_records=10_000)
                 now_ms = int(time.time() * 1000)
-                for messages in batch.values():
-                    for m in messages:
-                        self._take(m.value, m.headers, m.timestamp, now_ms)
-                if batch:
+                for m in records:
+                    self._take(m.value, m.headers, m.timestamp, now_ms)
+                if records:
                     self._progress.set()
                     last_new = time.monotonic()
                     if on_progress is not None:
                         on_progress(len(c.distinct))
-        finally:
-            await consumer.stop()
 
     def _take(
         self, value: bytes, headers: Sequence[tuple[str, bytes]], ts_ms: int, now_ms: int

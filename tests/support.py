@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from worker.app import run_worker
 from worker.config import Settings
 from worker.testing.scenario import Event
+from worker.testing.topic_reader import reading
 from worker.topics import ensure_topics
 
 
@@ -82,32 +83,16 @@ async def read_topic(
     timeout_s: float = 60.0,
 ) -> list[Published]:
     """Read a topic from the beginning (no group) until `until(records)` or the timeout."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = await _partitions(consumer, topic)
-        consumer.assign([TopicPartition(topic, p) for p in partitions])
-        await consumer.seek_to_beginning()
+    async with reading(bootstrap, topic) as reader:
         seen: list[Published] = []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while not until(seen) and loop.time() < deadline:
-            batch = await consumer.getmany(timeout_ms=200)
-            for messages in batch.values():
-                seen.extend(
-                    Published(
-                        m.topic,
-                        m.partition,
-                        m.offset,
-                        m.key,
-                        m.value,
-                        {k: v for k, v in (m.headers or ())},
-                    )
-                    for m in messages
-                )
+            seen.extend(
+                Published(m.topic, m.partition, m.offset, m.key, m.value, dict(m.headers or ()))
+                for m in await reader.batch()
+            )
         return seen
-    finally:
-        await consumer.stop()
 
 
 async def read_results(settings: Settings, count: int, timeout_s: float = 60.0) -> list[Published]:
@@ -116,16 +101,6 @@ async def read_results(settings: Settings, count: int, timeout_s: float = 60.0) 
     return await read_topic(
         settings.kafka_bootstrap, settings.results_topic, lambda seen: len(seen) >= count, timeout_s
     )
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
-    for _ in range(50):
-        found = consumer.partitions_for_topic(topic)
-        if found:
-            return sorted(found)
-        await consumer.topics()
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"topic {topic} has no partitions")
 
 
 @asynccontextmanager

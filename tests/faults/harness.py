@@ -46,6 +46,7 @@ from worker.partners import add_partner
 from worker.testing.environment import settings_env
 from worker.testing.invariants import i1_violations
 from worker.testing.scenario import Event, abandon_event, seed_reservations, seed_stock
+from worker.testing.topic_reader import reading
 from worker.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -476,28 +477,21 @@ class Bed:
 
     async def read_results(self, want: set[ResultKey], timeout_s: float = 60) -> list[Published]:
         """The whole results topic, read until every wanted key was seen and the end reached."""
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
-        await consumer.start()
-        try:
-            tps = [TopicPartition(self.settings.results_topic, p) for p in range(self.partitions)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning()
+        topic = self.settings.results_topic
+        async with reading(self.bootstrap, topic, self.partitions) as reader:
             seen: list[Published] = []
             keys: set[ResultKey] = set()
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
-                batch = await consumer.getmany(timeout_ms=300, max_records=20_000)
-                for messages in batch.values():
-                    for m in messages:
-                        p = Published(m.topic, m.partition, m.offset, m.key, m.value, {})
-                        seen.append(p)
-                        keys.add(_key(p.body))
-                if not batch and want <= keys and await _at_end(consumer, tps):
+                records = await reader.batch(timeout_ms=300, max_records=20_000)
+                for m in records:
+                    p = Published(m.topic, m.partition, m.offset, m.key, m.value, {})
+                    seen.append(p)
+                    keys.add(_key(p.body))
+                if not records and want <= keys and await reader.at_end():
                     return seen
             missing = len(want - keys)
             raise AssertionError(f"{missing} expected results not published in {timeout_s}s")
-        finally:
-            await consumer.stop()
 
     async def check(
         self,
@@ -618,14 +612,6 @@ class Bed:
             assert rid not in confirmed or status == "confirmed", f"I2: {rid} confirmed lost"
             returned += sum(q for _, q in got)
         return returned
-
-
-async def _at_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> bool:
-    for tp in tps:
-        high = consumer.highwater(tp)
-        if high is None or await consumer.position(tp) < high:
-            return False
-    return True
 
 
 # pg_stat_activity.backend_xid is a 32-bit xid; pg_xact_status wants the xid8 (epoch and

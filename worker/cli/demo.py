@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -34,6 +34,7 @@ from worker.release import BatchReport
 from worker.testing import invariants
 from worker.testing.embedded import embedded_stack
 from worker.testing.scenario import Event, Seed, abandon_event, seed_reservations, seed_stock
+from worker.testing.topic_reader import reading
 from worker.topics import ensure_topics
 
 PARTITIONS = 12
@@ -303,19 +304,12 @@ async def _run(
 
 
 async def _read_results(settings: Settings, results: Results) -> None:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
-    await consumer.start()
-    try:
-        consumer.assign([TopicPartition(settings.results_topic, p) for p in range(PARTITIONS)])
-        await consumer.seek_to_beginning()
+    assert settings.kafka_bootstrap
+    async with reading(settings.kafka_bootstrap, settings.results_topic, PARTITIONS) as reader:
         while True:
-            batch = await consumer.getmany(timeout_ms=200)
-            for messages in batch.values():
-                for m in messages:
-                    if m.value is not None:
-                        results.add(m.value)
-    finally:
-        await consumer.stop()
+            for m in await reader.batch():
+                if m.value is not None:
+                    results.add(m.value)
 
 
 def _progress(console: Console) -> Progress:
