@@ -11,7 +11,7 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 
 from worker.config import Settings
-from worker.partners import add_partner
+from worker.operator_store import add_partner
 from worker.testing.scenario import Event, abandon_event, seed_reservations, seed_stock
 from worker.topics import ensure_topics
 

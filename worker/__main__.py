@@ -93,7 +93,7 @@ def partner_add(
 ) -> None:
     """Create a partner and print its new API key once; only its sha256 is stored."""
     from worker.app import create_pool
-    from worker.partners import add_partner
+    from worker.operator_store import add_partner
 
     settings = load_settings()
 

@@ -1,11 +1,14 @@
-"""The SQL of the operator commands (`worker/cli/`): reading the worker's books, and the
-two explicit actions on parked outbox rows. The running worker never calls these.
+"""The SQL of the operator commands (`worker/cli/`): reading the worker's books, the
+two explicit actions on parked outbox rows, and adding partners. The running worker
+never calls these.
 
-Every statement runs as the worker's own login (`release_worker`'s grants suffice).
+Every statement runs as the worker's own login (`release_worker`'s grants suffice), except
+`add_partner`: partners are the owner's to add.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,8 +16,37 @@ from typing import Any
 
 import orjson
 
-from worker.auth import Partner
+from worker.auth import Partner, key_digest
 from worker.store import Db, decode_headers
+
+
+def new_api_key() -> str:
+    return "rk_" + secrets.token_urlsafe(32)
+
+
+async def add_partner(
+    db: Db,
+    partner_id: str,
+    name: str,
+    tag_ids: Sequence[str] = (),
+    api_key: str | None = None,
+    status: str = "active",
+) -> str:
+    """Create the partner; return its API key (the only time it is available: only its
+    sha256 is stored)."""
+    key = api_key or new_api_key()
+    await db.execute(
+        """
+        INSERT INTO partners (partner_id, name, api_key_sha256, tag_ids, status)
+        VALUES ($1, $2, $3, $4, $5)
+        """,
+        partner_id,
+        name,
+        key_digest(key),
+        list(tag_ids),
+        status,
+    )
+    return key
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.support import Published, isolated_settings, produce
 from worker.config import Settings
-from worker.partners import add_partner
+from worker.operator_store import add_partner
 from worker.testing.environment import settings_env
 from worker.testing.invariants import i1_violations
 from worker.testing.scenario import Event, abandon_event, seed_reservations, seed_stock

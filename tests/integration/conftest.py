@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import Servers
 from tests.support import isolated_settings
 from worker.config import Settings
-from worker.partners import add_partner
+from worker.operator_store import add_partner
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from tests.integration.conftest import World, reserve
 from tests.support import read_topic, running_worker
 from worker.api.server import running_api
 from worker.config import Settings
-from worker.partners import add_partner
+from worker.operator_store import add_partner
 from worker.topics import ensure_topics
 
 pytestmark = pytest.mark.integration

@@ -38,7 +38,7 @@ from tests.integration.conftest import World, reserve
 from tests.support import Published, isolated_settings, read_topic, running_worker
 from worker.config import Settings
 from worker.contract import DESCRIPTIONS
-from worker.partners import add_partner
+from worker.operator_store import add_partner
 from worker.testing.embedded import free_port
 from worker.testing.invariants import i1_violations
 

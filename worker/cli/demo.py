@@ -29,7 +29,7 @@ from worker.app import run_worker
 from worker.cli.demo_http import HttpCase, show_http
 from worker.config import Settings
 from worker.migrate import migrate
-from worker.partners import add_partner
+from worker.operator_store import add_partner
 from worker.release import BatchReport
 from worker.testing import invariants
 from worker.testing.embedded import embedded_stack
