@@ -291,14 +291,7 @@ class Bench:
             task, total=workload.expected_items, description=f"{scenario.name} · {label} · {mode}"
         )
         sent_at: dict[str, int] = {}
-        reader = ResultReader(
-            settings.kafka_bootstrap or "",
-            settings.results_topic,
-            workload.expected_items,
-            sent_at,
-            scenario.items_per_cart,
-            PARTITIONS,
-        )
+        reader = _reader(settings, workload, scenario, sent_at)
         log = self.out_dir / "logs" / f"{settings.group_id}.log"
         profile = None
         if self.plan.profile and module == WORKER:
@@ -376,14 +369,7 @@ class Bench:
         n = len(workload.events)
         self.progress.update(task, total=workload.expected_items, description=f"scale · {mode}")
         sent_at: dict[str, int] = {}
-        reader = ResultReader(
-            settings.kafka_bootstrap or "",
-            settings.results_topic,
-            workload.expected_items,
-            sent_at,
-            scenario.items_per_cart,
-            PARTITIONS,
-        )
+        reader = _reader(settings, workload, scenario, sent_at)
         log = self.out_dir / "logs" / f"{settings.group_id}.log"
         env = _env(settings)
         live: list[Processes] = []  # one entry per step up, newest last
@@ -719,6 +705,20 @@ class Bench:
             if count < workload.expected_items:
                 await asyncio.sleep(0.2)
         return count
+
+
+def _reader(
+    settings: Settings, workload: Workload, scenario: Scenario, sent_at: dict[str, int]
+) -> ResultReader:
+    """A reader of this run's results topic that knows how many items complete it."""
+    return ResultReader(
+        settings.kafka_bootstrap or "",
+        settings.results_topic,
+        workload.expected_items,
+        sent_at,
+        scenario.items_per_cart,
+        PARTITIONS,
+    )
 
 
 def _env(settings: Settings) -> dict[str, str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from worker.app import run_worker
 from worker.config import Settings
@@ -93,6 +93,20 @@ async def read_topic(
                 for m in await reader.batch()
             )
         return seen
+
+
+async def committed_offsets(settings: Settings, partitions: Iterable[int]) -> dict[int, int | None]:
+    """The group's committed offset of these input partitions, read without joining it."""
+    client = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=settings.group_id
+    )
+    await client.start()
+    try:
+        return {
+            p: await client.committed(TopicPartition(settings.input_topic, p)) for p in partitions
+        }
+    finally:
+        await client.stop()
 
 
 async def read_results(settings: Settings, count: int, timeout_s: float = 60.0) -> list[Published]:

@@ -11,11 +11,11 @@ import asyncpg
 import orjson
 import pytest
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from typer.testing import CliRunner, Result
 
 from tests.integration.conftest import World, reserve
-from tests.support import produce, read_results, read_topic, running_worker
+from tests.support import committed_offsets, produce, read_results, read_topic, running_worker
 from worker import store
 from worker.__main__ import app
 from worker.config import Settings
@@ -45,20 +45,6 @@ def json_lines(result: Result) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-async def kafka_committed(settings: Settings, partitions: int) -> dict[int, int | None]:
-    client = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, group_id=settings.group_id
-    )
-    await client.start()
-    try:
-        return {
-            p: await client.committed(TopicPartition(settings.input_topic, p))
-            for p in range(partitions)
-        }
-    finally:
-        await client.stop()
-
-
 async def test_offsets_shows_what_the_worker_committed_in_postgresql_and_kafka(
     world: World, db: asyncpg.Pool
 ) -> None:
@@ -72,7 +58,7 @@ async def test_offsets_shows_what_the_worker_committed_in_postgresql_and_kafka(
     async with running_worker(settings, partitions=3):
         await produce(settings, events)
         await read_results(settings, 6)
-    committed = await kafka_committed(settings, 3)
+    committed = await committed_offsets(settings, range(3))
     stored = await store.stored_offsets(db, settings.group_id, settings.input_topic)
 
     rows = {r["partition"]: r for r in json_lines(await cli(settings, "offsets", "--json"))}

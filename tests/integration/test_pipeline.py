@@ -6,14 +6,12 @@ import asyncio
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from asyncpg.exceptions import SerializationError
 from prometheus_client import REGISTRY
 
 from tests.integration.conftest import World, reserve
-from tests.support import Published, produce, read_results, running_worker
+from tests.support import Published, committed_offsets, produce, read_results, running_worker
 from worker import retry
-from worker.config import Settings
 from worker.testing.invariants import i1_violations
 from worker.testing.scenario import abandon_event
 
@@ -147,7 +145,7 @@ async def test_offset_is_not_committed_while_the_database_transaction_fails(
             retries = REGISTRY.get_sample_value("release_worker_retries_total", label) or 0
             assert retries - retries_before >= 2, "the retries were not counted"
             # While it fails, neither offset passes the record, and nothing was released.
-            committed = await committed_offset(settings, partition)
+            committed = (await committed_offsets(settings, [partition]))[partition]
             assert committed is None or committed <= offset
             stored = await db.fetchval(
                 "SELECT next_offset FROM consumer_offsets WHERE group_id = $1 AND partition = $2",
@@ -164,10 +162,10 @@ async def test_offset_is_not_committed_while_the_database_transaction_fails(
             assert records[0].body["outcome"] == "released"
             # Once it succeeds, both offsets move past the record.
             for _ in range(100):
-                if (await committed_offset(settings, partition) or 0) > offset:
+                if ((await committed_offsets(settings, [partition]))[partition] or 0) > offset:
                     break
                 await asyncio.sleep(0.1)
-            assert (await committed_offset(settings, partition) or 0) == offset + 1
+            assert ((await committed_offsets(settings, [partition]))[partition] or 0) == offset + 1
             stored = await db.fetchval(
                 "SELECT next_offset FROM consumer_offsets WHERE group_id = $1 AND partition = $2",
                 settings.group_id,
@@ -184,21 +182,6 @@ async def test_offset_is_not_committed_while_the_database_transaction_fails(
         await db.execute(f"DROP TRIGGER IF EXISTS {function} ON reservations")
         await db.execute(f"DROP FUNCTION IF EXISTS {function}()")
         await db.execute(f"DROP SEQUENCE IF EXISTS {function}_attempts")
-
-
-async def committed_offset(settings: Settings, partition: int) -> int | None:
-    """The group's committed offset, read without joining the group."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, group_id=settings.group_id
-    )
-    await consumer.start()
-    try:
-        value: int | None = await consumer.committed(
-            TopicPartition(settings.input_topic, partition)
-        )
-        return value
-    finally:
-        await consumer.stop()
 
 
 async def test_results_name_their_partner_and_a_later_replay_repeats_key_and_headers(
