@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import os
 import re
+import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +76,57 @@ async def produce(settings: Settings, events: Iterable[Event]) -> list[tuple[int
         return [(m.partition, m.offset) for m in metadata]
     finally:
         await producer.stop()
+
+
+# Run with AIOKAFKA_NO_EXTENSIONS: the pure-Python record builder asks a header name for its
+# bytes, so a `str` can hand it some that are not UTF-8.
+_ONE_BATCH_PRODUCER = """
+import asyncio, json, sys
+from aiokafka import AIOKafkaProducer
+
+class RawName(str):
+    def encode(self, *args, **kwargs):
+        return b"x-\\xff-name"
+
+async def main(bootstrap, topic, records):
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=500)
+    await producer.start()
+    try:
+        futures = []
+        for r in json.loads(records):
+            headers = [(n, v.encode()) for n, v in r["headers"]]
+            if r["bad"]:
+                headers.append((RawName("x"), b"v"))
+            futures.append(await producer.send(
+                topic, r["value"].encode(), key=r["key"].encode(), headers=headers))
+        print(json.dumps([(await f).offset for f in futures]))
+    finally:
+        await producer.stop()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def produce_in_one_batch(
+    bootstrap: str, topic: str, records: Sequence[dict[str, Any]]
+) -> list[int]:
+    """Produce `records` ({"key", "value", "headers": [(name, value)], "bad"}, all str but
+    "bad") in one record batch (a long linger); a record marked bad gets a header name that
+    is not UTF-8, which the Kafka client cannot decode. Returns their offsets."""
+    producer = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _ONE_BATCH_PRODUCER,
+        bootstrap,
+        topic,
+        orjson.dumps(list(records)).decode(),
+        env={**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await producer.communicate()
+    assert producer.returncode == 0
+    offsets: list[int] = orjson.loads(out)
+    return offsets
 
 
 async def read_topic(

@@ -14,10 +14,8 @@ import enum
 import inspect
 import json
 import logging
-import os
 import random
 import re
-import sys
 import uuid
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +33,13 @@ from structlog.testing import capture_logs
 
 from tests.conftest import Servers
 from tests.integration.conftest import World, reserve
-from tests.support import Published, isolated_settings, read_topic, running_worker
+from tests.support import (
+    Published,
+    isolated_settings,
+    produce_in_one_batch,
+    read_topic,
+    running_worker,
+)
 from worker.config import Settings
 from worker.contract import DESCRIPTIONS
 from worker.operator_store import add_partner
@@ -669,43 +673,13 @@ def test_the_documented_table_is_exactly_what_these_tests_produce() -> None:
     assert documented == produced
 
 
-# A producer that writes a header *name* that is not UTF-8: aiokafka's pure-Python record
-# builder (selected by AIOKAFKA_NO_EXTENSIONS) asks the name for its bytes.
-_BAD_HEADER_PRODUCER = """
-import asyncio, sys
-from aiokafka import AIOKafkaProducer
-
-class RawName(str):
-    def encode(self, *args, **kwargs):
-        return b"x-\\xff-name"
-
-async def main(bootstrap, topic):
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    await producer.start()
-    try:
-        await producer.send_and_wait(topic, b'{"cartId": "c"}', key=b"c",
-                                     headers=[(RawName("x"), b"v")])
-    finally:
-        await producer.stop()
-
-asyncio.run(main(*sys.argv[1:]))
-"""
-
-
 async def test_a_header_name_that_is_not_utf8_does_not_stop_the_worker(
     world: World, servers: Servers
 ) -> None:
     after = record("after_bad_header", {"items": None}, api_key=world.api_key.encode())
     async with running_worker(world.settings):
-        producer = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            _BAD_HEADER_PRODUCER,
-            servers.bootstrap,
-            world.settings.input_topic,
-            env={**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"},
-        )
-        assert await producer.wait() == 0
+        bad_record = {"key": "c", "value": '{"cartId": "c"}', "headers": [], "bad": True}
+        await produce_in_one_batch(servers.bootstrap, world.settings.input_topic, [bad_record])
         await produce_raw(world.settings, [after])
         # Both answers, whichever comes first: the two records are on different partitions
         # (and lanes), so the unreadable one's rejection may follow the other's result.

@@ -9,49 +9,16 @@ test_consumer.py cover gaps in the offsets with a fake source.)
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 import uuid
 
-import orjson
 import pytest
 
 from tests.conftest import Servers
 from tests.integration.conftest import World
-from tests.support import produce, read_topic, running_worker
+from tests.support import produce, produce_in_one_batch, read_topic, running_worker
 from worker.testing.scenario import abandon_event
 
 pytestmark = pytest.mark.integration
-
-# Sends its records in one batch (one key, a long linger); a record marked bad gets a
-# header name that is not UTF-8 (aiokafka's pure-Python builder, AIOKAFKA_NO_EXTENSIONS,
-# asks the name for its bytes). Prints the offsets it got.
-_ONE_BATCH_PRODUCER = """
-import asyncio, json, sys
-from aiokafka import AIOKafkaProducer
-
-class RawName(str):
-    def encode(self, *args, **kwargs):
-        return b"x-\\xff-name"
-
-async def main(bootstrap, topic, records):
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=500)
-    await producer.start()
-    try:
-        futures = []
-        for r in json.loads(records):
-            headers = [(n, v.encode()) for n, v in r["headers"]]
-            if r["bad"]:
-                headers.append((RawName("x"), b"v"))
-            futures.append(await producer.send(
-                topic, r["value"].encode(), key=r["key"].encode(), headers=headers))
-        print(json.dumps([(await f).offset for f in futures]))
-    finally:
-        await producer.stop()
-
-asyncio.run(main(*sys.argv[1:]))
-"""
 
 
 async def test_a_bad_header_mid_batch_costs_one_rejection_for_the_rest_of_its_batch(
@@ -73,19 +40,9 @@ async def test_a_bad_header_mid_batch_costs_one_rejection_for_the_rest_of_its_ba
         for name in ("before", "bad", "behind")
     ]
     async with running_worker(world.settings):
-        producer = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            _ONE_BATCH_PRODUCER,
-            servers.bootstrap,
-            world.settings.input_topic,
-            orjson.dumps(batch).decode(),
-            env={**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"},
-            stdout=asyncio.subprocess.PIPE,
+        before, bad, behind = await produce_in_one_batch(
+            servers.bootstrap, world.settings.input_topic, batch
         )
-        out, _ = await producer.communicate()
-        assert producer.returncode == 0
-        before, bad, behind = orjson.loads(out)
         [(partition, after)] = await produce(world.settings, [events["after"]])
         results = await read_topic(
             servers.bootstrap,
