@@ -1,5 +1,5 @@
 """The operator commands (issue 12, DESIGN.md §9) through the real CLI entry (typer's
-CliRunner on `worker.__main__.app`), against the embedded servers and the real worker."""
+CliRunner on `worker.cli.main.app`), against the embedded servers and the real worker."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typer.testing import CliRunner, Result
 from tests.integration.conftest import World, reserve
 from tests.support import committed_offsets, produce, read_results, read_topic, running_worker
 from worker import store
-from worker.__main__ import app
+from worker.cli.main import app
 from worker.config import Settings
 from worker.records import OutboxMessage
 from worker.testing.environment import settings_env

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from worker.__main__ import app
+from worker.cli.main import app
 from worker.cli.settings_doc import END, START, embedded_table, settings_table
 from worker.config import Settings
 

@@ -13,8 +13,8 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from worker.__main__ import app
 from worker.cli.contract import ASYNCAPI, CONTRACT_DIR, REGENERATE, documents, stale, write
+from worker.cli.main import app
 from worker.contract import (
     DESCRIPTIONS,
     REJECTION_STATUSES,

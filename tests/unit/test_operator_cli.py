@@ -8,7 +8,7 @@ import socket
 import pytest
 from typer.testing import CliRunner
 
-from worker.__main__ import app
+from worker.cli.main import app
 
 COMMANDS = [
     ["offsets"],

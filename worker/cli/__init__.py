@@ -1,5 +1,5 @@
 """Operator and tooling commands of `release-worker`, one module a command group.
 
-The running worker never imports this package; `worker/__main__.py` registers each
-group on the top-level typer app.
+The running worker never imports this package. `main.py` is the top-level typer app (the
+`release-worker` entry point); it registers each command group.
 """
