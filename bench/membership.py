@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from worker.app import make_consumer
 from worker.config import Settings
 from worker.testing.embedded import embedded_stack
-from worker.topics import ensure_topics
+from worker.testing.topics import ensure_topics
 
 PARTITIONS = 12
 RESTART_PAUSE_S = 2.0  # a restarted process is back this long after it stopped

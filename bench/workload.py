@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaProducer
 from worker.config import Settings
 from worker.operator_store import add_partner
 from worker.testing.scenario import Event, abandon_event, seed_reservations, seed_stock
-from worker.topics import ensure_topics
+from worker.testing.topics import ensure_topics
 
 PARTITIONS = 12
 

@@ -20,7 +20,7 @@ from worker.app import run_worker
 from worker.config import Settings
 from worker.testing.scenario import Event
 from worker.testing.topic_reader import reading
-from worker.topics import ensure_topics
+from worker.testing.topics import ensure_topics
 
 
 def isolated_settings(database_url: str, bootstrap: str, **overrides: Any) -> Settings:

@@ -47,7 +47,7 @@ from worker.testing.environment import settings_env
 from worker.testing.invariants import i1_violations
 from worker.testing.scenario import Event, abandon_event, seed_reservations, seed_stock
 from worker.testing.topic_reader import reading
-from worker.topics import ensure_topics
+from worker.testing.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parents[2]
 ITEMS_PER_CART = 3

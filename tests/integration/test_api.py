@@ -18,7 +18,7 @@ from tests.support import read_topic, running_worker
 from worker.api.server import running_api
 from worker.config import Settings
 from worker.operator_store import add_partner
-from worker.topics import ensure_topics
+from worker.testing.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import Servers
 from tests.support import isolated_settings, read_topic
 from worker.store import SCHEMA_VERSION
-from worker.topics import ensure_topics
+from worker.testing.topics import ensure_topics
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 

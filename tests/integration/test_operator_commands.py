@@ -22,7 +22,7 @@ from worker.config import Settings
 from worker.records import OutboxMessage
 from worker.testing.environment import settings_env
 from worker.testing.scenario import abandon_event
-from worker.topics import ensure_topics
+from worker.testing.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 

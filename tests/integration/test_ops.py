@@ -32,7 +32,7 @@ from worker.metrics import RETRIES
 from worker.testing.embedded import free_port
 from worker.testing.environment import settings_env
 from worker.testing.scenario import Event, abandon_event
-from worker.topics import ensure_topics
+from worker.testing.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 

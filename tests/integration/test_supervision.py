@@ -20,7 +20,7 @@ from tests.integration.test_busy_rows import answered, released_once
 from tests.integration.test_rejections import items, produce_raw, record
 from tests.support import running_worker
 from worker.app import run_worker
-from worker.topics import ensure_topics
+from worker.testing.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 

@@ -29,7 +29,7 @@ from tests.conftest import Servers
 from tests.support import http_get, isolated_settings, read_results
 from worker.testing.embedded import free_port
 from worker.testing.environment import settings_env
-from worker.topics import ensure_topics
+from worker.testing.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 

@@ -35,7 +35,7 @@ from worker.testing import invariants
 from worker.testing.embedded import embedded_stack
 from worker.testing.scenario import Event, Seed, abandon_event, seed_reservations, seed_stock
 from worker.testing.topic_reader import reading
-from worker.topics import ensure_topics
+from worker.testing.topics import ensure_topics
 
 PARTITIONS = 12
 SKUS = 300

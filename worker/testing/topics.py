@@ -1,4 +1,4 @@
-"""Kafka topic creation (input, results, dead letters) for demo, tests, bench and `doctor`."""
+"""Kafka topic creation (input, results, dead letters) for the demo, the bench and the tests."""
 
 from __future__ import annotations
 
