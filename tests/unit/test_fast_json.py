@@ -14,39 +14,14 @@ from worker.results import item_result_payload
 _text = st.text(min_size=1, max_size=40)
 
 
-def assert_fast_equals_model(
-    *,
-    event_id: str,
-    trigger: Trigger,
-    cart_id: str,
-    cart_item_id: str,
-    reservation_id: str,
-    outcome: Outcome,
-    quantity: int,
-    processed_at: datetime,
-) -> None:
+def assert_fast_equals_model(**fields: Any) -> None:
+    """`fields` are `item_result_payload`'s arguments; the model gets the same values."""
     model = ItemResult(
-        event_id=event_id,
-        trigger=trigger,
-        cart_id=cart_id,
-        cart_item_id=cart_item_id,
-        item_reservation_id=reservation_id,
-        success=outcome.success,
-        outcome=outcome,
-        quantity=quantity,
-        processed_at=processed_at,
+        **{name: value for name, value in fields.items() if name != "reservation_id"},
+        item_reservation_id=fields["reservation_id"],
+        success=fields["outcome"].success,
     )
-    fast = item_result_payload(
-        event_id=event_id,
-        trigger=trigger,
-        cart_id=cart_id,
-        cart_item_id=cart_item_id,
-        reservation_id=reservation_id,
-        outcome=outcome,
-        quantity=quantity,
-        processed_at=processed_at,
-    )
-    assert fast == model.model_dump_json().encode()
+    assert item_result_payload(**fields) == model.model_dump_json().encode()
 
 
 @given(
