@@ -105,6 +105,9 @@ def fill_wheelhouse(wheel: Path) -> None:
     wanted = [str(wheel), "setuptools>=69", "wheel"]
     pip = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:"]
     filled = _run([*pip, "--dest", str(WHEELHOUSE), *wanted], os.environ, timeout=300)
+    # pip saves the project's wheel there too; a copy left from an earlier fill has the same
+    # file name, and pip would resolve the dependencies from its stale metadata next time.
+    (WHEELHOUSE / wheel.name).unlink(missing_ok=True)
     assert filled.returncode == 0, filled.stderr
 
 
