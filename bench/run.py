@@ -55,7 +55,7 @@ from worker.config import Settings
 from worker.migrate import migrate
 from worker.testing.embedded import EmbeddedPostgres, embedded_stack
 from worker.testing.environment import settings_env
-from worker.testing.invariants import i1_violations
+from worker.testing.store import i1_violations
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

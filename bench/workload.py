@@ -12,7 +12,8 @@ from aiokafka import AIOKafkaProducer
 
 from worker.config import Settings
 from worker.operator_store import add_partner
-from worker.testing.scenario import Event, abandon_event, seed_reservations, seed_stock
+from worker.testing.scenario import Event, abandon_event
+from worker.testing.store import seed_reservations, seed_stock
 from worker.testing.topics import ensure_topics
 
 PARTITIONS = 12

@@ -44,8 +44,8 @@ from tests.support import Published, isolated_settings, produce
 from worker.config import Settings
 from worker.operator_store import add_partner
 from worker.testing.environment import settings_env
-from worker.testing.invariants import i1_violations
-from worker.testing.scenario import Event, abandon_event, seed_reservations, seed_stock
+from worker.testing.scenario import Event, abandon_event
+from worker.testing.store import i1_violations, seed_reservations, seed_stock
 from worker.testing.topic_reader import reading
 from worker.testing.topics import ensure_topics
 

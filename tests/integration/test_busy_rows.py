@@ -25,7 +25,7 @@ from tests.integration.conftest import World, reserve
 from tests.integration.test_rejections import items, produce_raw, record
 from tests.support import Published, read_topic, running_worker
 from worker.config import Settings
-from worker.testing.invariants import i1_violations
+from worker.testing.store import i1_violations
 
 pytestmark = pytest.mark.integration
 

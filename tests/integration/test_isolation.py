@@ -17,8 +17,8 @@ from structlog.testing import capture_logs
 from tests.conftest import WORKER_LOGIN, Servers
 from tests.integration.conftest import World, reserve
 from tests.support import produce, read_topic, running_worker
-from worker.testing.invariants import i1_violations
 from worker.testing.scenario import abandon_event
+from worker.testing.store import i1_violations
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ from prometheus_client import REGISTRY
 from tests.integration.conftest import World, reserve
 from tests.support import Published, committed_offsets, produce, read_results, running_worker
 from worker import retry
-from worker.testing.invariants import i1_violations
 from worker.testing.scenario import abandon_event
+from worker.testing.store import i1_violations
 
 pytestmark = pytest.mark.integration
 

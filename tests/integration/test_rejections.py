@@ -44,7 +44,7 @@ from worker.config import Settings
 from worker.contract import DESCRIPTIONS
 from worker.operator_store import add_partner
 from worker.testing.embedded import free_port
-from worker.testing.invariants import i1_violations
+from worker.testing.store import i1_violations
 
 pytestmark = pytest.mark.integration
 

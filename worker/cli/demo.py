@@ -31,9 +31,10 @@ from worker.config import Settings
 from worker.migrate import migrate
 from worker.operator_store import add_partner
 from worker.release import BatchReport
-from worker.testing import invariants
+from worker.testing import store as kit_store
 from worker.testing.embedded import embedded_stack
-from worker.testing.scenario import Event, Seed, abandon_event, seed_reservations, seed_stock
+from worker.testing.scenario import Event, abandon_event
+from worker.testing.store import Seed, seed_reservations, seed_stock
 from worker.testing.topic_reader import reading
 from worker.testing.topics import ensure_topics
 
@@ -124,7 +125,7 @@ async def _demo(console: Console, settings: Settings, reservations: int, tag: st
             f"[green]✓[/] Seeded {len(seeded.reservations):,} reservations over {SKUS} SKUs "
             f"for partners acme-{tag} and globex-{tag}"
         )
-        before = await invariants.snapshot(pool)
+        before = await kit_store.snapshot(pool)
         await _produce(settings, plan.events, console)
         http_ok: list[bool] = []
 
@@ -141,8 +142,8 @@ async def _demo(console: Console, settings: Settings, reservations: int, tag: st
                 await asyncio.sleep(0.1)
 
         results, elapsed, processed = await _run(settings, plan, console, over_http)
-        after = await invariants.snapshot(pool)
-        i1 = await invariants.i1_violations(pool)
+        after = await kit_store.snapshot(pool)
+        i1 = await kit_store.i1_violations(pool)
         backlog = int(await pool.fetchval("SELECT count(*) FROM outbox"))
     finally:
         await pool.close()
@@ -329,8 +330,8 @@ def _summary(
     results: Results,
     elapsed: float,
     processed: int,
-    before: invariants.StockSnapshot,
-    after: invariants.StockSnapshot,
+    before: kit_store.StockSnapshot,
+    after: kit_store.StockSnapshot,
     i1: int,
     backlog: int,
     http_ok: bool,
