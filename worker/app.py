@@ -21,7 +21,6 @@ from typing import Any
 import asyncpg
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaError
 
 from worker import store
 from worker.auth import Authenticator
@@ -33,6 +32,7 @@ from worker.inbox_pruner import run_inbox_pruner
 from worker.processor import BatchProcessor
 from worker.publisher import Publisher
 from worker.retry import BROKER_ERRORS, DATABASE_ERRORS, transient_retrying
+from worker.runtime import close_bounded, close_pool
 from worker.supervisor import Supervisor
 
 log = structlog.get_logger("worker.app")
@@ -224,12 +224,12 @@ async def _start(
 ) -> _Parts:
     """Connect everything; each part is closed by `resources` (in reverse order)."""
     pool = await create_pool(settings)
-    resources.push_async_callback(_close_pool, pool)
+    resources.push_async_callback(close_pool, pool)
     await store.check_schema(pool)
     health.database_ok = True
 
     producer = make_producer(settings)
-    resources.push_async_callback(_bounded, producer.stop)
+    resources.push_async_callback(close_bounded, producer.stop)
     await _retry_start(settings, producer.start, "producer")
     publisher = Publisher(
         producer, pool, settings.outbox_relay_interval_s, settings.outbox_relay_grace_s
@@ -262,7 +262,7 @@ async def _start(
     )
     consumer.subscribe([settings.input_topic], listener=release_consumer.listener())
     # Stopping the consumer leaves the group, so the partitions move at once.
-    resources.push_async_callback(_bounded, consumer.stop)
+    resources.push_async_callback(close_bounded, consumer.stop)
     await _retry_start(settings, consumer.start, "consumer")
     health.broker_ok = True
     health.progress, health.fetch = release_consumer, consumer
@@ -332,18 +332,3 @@ async def _serve(settings: Settings, health: Health, parts: _Parts, stop: asynci
         await asyncio.gather(stopper, failed, return_exceptions=True)
     # A task that failed for good (the consumer, or a fatal error) was logged as it ended.
     return 1 if tasks.failed.is_set() else exit_code
-
-
-async def _bounded(close: Callable[[], Awaitable[Any]], seconds: float = 5.0) -> None:
-    """Close a client without hanging on a broker that is away (it may flush or leave)."""
-    with contextlib.suppress(KafkaError, TimeoutError):
-        async with asyncio.timeout(seconds):
-            await close()
-
-
-async def _close_pool(pool: asyncpg.Pool) -> None:
-    try:
-        async with asyncio.timeout(5):
-            await pool.close()
-    except TimeoutError:
-        pool.terminate()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import orjson
 
 from worker.auth import Partner, key_digest
@@ -82,23 +83,35 @@ async def outbox_rows(db: Db, parked: bool, limit: int) -> list[dict[str, Any]]:
         parked,
         limit,
     )
-    out = []
-    for r in rows:
-        headers = dict(decode_headers(r["headers"]))
-        out.append(
+    return [
+        _outbox_row(
+            r,
             {
-                "id": r["id"],
                 "topic": r["topic"],
                 "key": None if r["key"] is None else bytes(r["key"]).decode(errors="replace"),
-                "event_id": _text(headers.get("event-id")),
-                "partner_id": _text(headers.get("partner-id")),
-                "payload_bytes": r["payload_bytes"],
-                "created_at": r["created_at"],
-                "parked_at": r["parked_at"],
-                "park_reason": r["park_reason"],
-            }
+            },
+            {"payload_bytes": r["payload_bytes"]},
         )
-    return out
+        for r in rows
+    ]
+
+
+def _outbox_row(
+    r: asyncpg.Record, identity: dict[str, Any], content: dict[str, Any]
+) -> dict[str, Any]:
+    """An outbox row for the operator: id, `identity`, event and partner (from its
+    headers), `content`, then when it was written and parked (and why)."""
+    headers = dict(decode_headers(r["headers"]))
+    return {
+        "id": r["id"],
+        **identity,
+        "event_id": _text(headers.get("event-id")),
+        "partner_id": _text(headers.get("partner-id")),
+        **content,
+        "created_at": r["created_at"],
+        "parked_at": r["parked_at"],
+        "park_reason": r["park_reason"],
+    }
 
 
 def _text(value: bytes | None) -> str | None:
@@ -179,21 +192,10 @@ async def cart_outbox(db: Db, cart_id: str, topic: str) -> list[dict[str, Any]]:
         cart_id,
         topic,
     )
-    out = []
-    for r in rows:
-        headers = dict(decode_headers(r["headers"]))
-        out.append(
-            {
-                "id": r["id"],
-                "event_id": _text(headers.get("event-id")),
-                "partner_id": _text(headers.get("partner-id")),
-                "result": None if r["payload"] is None else orjson.loads(r["payload"]),
-                "created_at": r["created_at"],
-                "parked_at": r["parked_at"],
-                "park_reason": r["park_reason"],
-            }
-        )
-    return out
+    return [
+        _outbox_row(r, {}, {"result": None if r["payload"] is None else orjson.loads(r["payload"])})
+        for r in rows
+    ]
 
 
 async def partner_by_id(db: Db, partner_id: str) -> Partner | None:

@@ -25,11 +25,12 @@ from worker.api.http import create_app
 from worker.api.results import ResultsReader
 from worker.api.service import MAX_WAITERS, ReleaseService
 from worker.api.waiters import Waiters
-from worker.app import _bounded, _close_pool, create_pool, require_broker
+from worker.app import create_pool, require_broker
 from worker.auth import Authenticator
 from worker.config import Settings
 from worker.contract import MAX_HEADERS_BYTES
 from worker.retry import BROKER_ERRORS, DATABASE_ERRORS
+from worker.runtime import close_bounded, close_pool
 from worker.validate import Limits
 
 log = structlog.get_logger("worker.api")
@@ -78,7 +79,7 @@ async def running_api(settings: Settings) -> AsyncIterator[RunningApi]:
     bootstrap = require_broker(settings)
     async with contextlib.AsyncExitStack() as resources:
         pool = await create_pool(settings, size=max(2, settings.db_pool_size))
-        resources.push_async_callback(_close_pool, pool)
+        resources.push_async_callback(close_pool, pool)
         await store.check_schema(pool)
         producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
@@ -88,7 +89,7 @@ async def running_api(settings: Settings) -> AsyncIterator[RunningApi]:
             max_request_size=settings.max_record_bytes + 2 * MAX_HEADERS_BYTES,
             client_id="cart-release-api",
         )
-        resources.push_async_callback(_bounded, producer.stop)
+        resources.push_async_callback(close_bounded, producer.stop)
         await producer.start()
         consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
@@ -97,7 +98,7 @@ async def running_api(settings: Settings) -> AsyncIterator[RunningApi]:
             client_id="cart-release-api",
             fetch_max_wait_ms=20,
         )
-        resources.push_async_callback(_bounded, consumer.stop)
+        resources.push_async_callback(close_bounded, consumer.stop)
         await consumer.start()
         waiters = Waiters(MAX_WAITERS)
         reader = ResultsReader(consumer, settings.results_topic, waiters)
