@@ -183,6 +183,15 @@ async def running_worker(settings: Settings, partitions: int = 3) -> AsyncIterat
         assert await asyncio.wait_for(task, 60) == 0
 
 
+async def worker_results(
+    settings: Settings, events: Iterable[Event], count: int, partitions: int = 3
+) -> list[Published]:
+    """Run the real worker, produce `events`, and return once `count` results arrived."""
+    async with running_worker(settings, partitions):
+        await produce(settings, events)
+        return await read_results(settings, count)
+
+
 def http_get(port: int, path: str, timeout_s: float = 10.0) -> tuple[int, str]:
     """GET http://127.0.0.1:<port><path>, blocking: (status, body). From async code, run it
     in a thread (`asyncio.to_thread`), as the probes of a blocked loop are."""

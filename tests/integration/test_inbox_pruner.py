@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import Servers
 from tests.integration.conftest import World, reserve
-from tests.support import isolated_settings, produce, read_results, running_worker
+from tests.support import isolated_settings, worker_results
 from worker.inbox_pruner import prune_once
 from worker.testing.scenario import abandon_event
 
@@ -48,9 +48,7 @@ async def test_pruning_keeps_a_tombstone_past_the_retention_and_a_later_replay_c
     p = world.prefix
     await reserve(db, world, f"{p}-r1", f"{p}-c", "a", 2)
     event = abandon_event(f"{p}-c", [("a", f"{p}-r1")], world.api_key, event_id=f"{p}-old")
-    async with running_worker(world.settings):
-        await produce(world.settings, [event])
-        await read_results(world.settings, 1)
+    await worker_results(world.settings, [event], 1)
     await db.execute(
         "INSERT INTO inbox (partner_id, event_id, cart_id, source_topic, source_partition, "
         "source_offset, results) VALUES ($1, $2, 'c', 't', 0, 0, '{}')",
@@ -62,9 +60,7 @@ async def test_pruning_keeps_a_tombstone_past_the_retention_and_a_later_replay_c
     assert await inbox_rows(db, world.partner_id) == {f"{p}-old": None, f"{p}-recent": 0}
 
     # The pruned event replayed: answered from what it left in the reservation.
-    async with running_worker(world.settings):
-        await produce(world.settings, [event])
-        results = await read_results(world.settings, 2)
+    results = await worker_results(world.settings, [event], 2)
     first, replayed = (r.body for r in results)
     assert [first["outcome"], replayed["outcome"]] == ["released", "released"]
     assert replayed["quantity"] == first["quantity"] == 2
@@ -80,16 +76,12 @@ async def test_a_whole_cart_replay_past_the_retention_releases_nothing_added_sin
     await reserve(db, world, f"{p}-r2", f"{p}-c", "b", 3)
     await reserve(db, world, f"{p}-r0", f"{p}-c", "z", 1, status="confirmed")
     event = abandon_event(f"{p}-c", None, world.api_key, event_id=f"{p}-all")
-    async with running_worker(world.settings):
-        await produce(world.settings, [event])
-        first = await read_results(world.settings, 3)
+    first = await worker_results(world.settings, [event], 3)
     assert await age_and_prune(db, servers, world.partner_id, f"{p}-all") >= 1
     # The shopper comes back and reserves again in the same cart.
     await reserve(db, world, f"{p}-r3", f"{p}-c", "c", 4)
 
-    async with running_worker(world.settings):
-        await produce(world.settings, [event])
-        results = await read_results(world.settings, 6)
+    results = await worker_results(world.settings, [event], 6)
     assert (
         await db.fetchval("SELECT status FROM reservations WHERE reservation_id = $1", f"{p}-r3")
         == "reserved"

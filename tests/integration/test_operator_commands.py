@@ -15,7 +15,14 @@ from aiokafka import AIOKafkaProducer
 from typer.testing import CliRunner, Result
 
 from tests.integration.conftest import World, reserve
-from tests.support import committed_offsets, produce, read_results, read_topic, running_worker
+from tests.support import (
+    committed_offsets,
+    produce,
+    read_results,
+    read_topic,
+    running_worker,
+    worker_results,
+)
 from worker import store
 from worker.cli.main import app
 from worker.config import Settings
@@ -55,9 +62,7 @@ async def test_offsets_shows_what_the_worker_committed_in_postgresql_and_kafka(
         abandon_event(f"{world.prefix}-oc{n}", [("i0", f"{world.prefix}-o{n}")], world.api_key)
         for n in range(6)
     ]
-    async with running_worker(settings, partitions=3):
-        await produce(settings, events)
-        await read_results(settings, 6)
+    await worker_results(settings, events, 6, partitions=3)
     committed = await committed_offsets(settings, range(3))
     stored = await store.stored_offsets(db, settings.group_id, settings.input_topic)
 

@@ -10,7 +10,14 @@ from asyncpg.exceptions import SerializationError
 from prometheus_client import REGISTRY
 
 from tests.integration.conftest import World, reserve
-from tests.support import Published, committed_offsets, produce, read_results, running_worker
+from tests.support import (
+    Published,
+    committed_offsets,
+    produce,
+    read_results,
+    running_worker,
+    worker_results,
+)
 from worker import retry
 from worker.testing.scenario import abandon_event
 from worker.testing.store import i1_violations
@@ -40,9 +47,7 @@ async def test_every_outcome_is_reported_and_only_reserved_stock_returns(
         ("i6", f"{p}-nope"),
     ]
     event = abandon_event(f"{p}-c1", items, world.api_key, event_id=f"{p}-e1")
-    async with running_worker(world.settings):
-        await produce(world.settings, [event])
-        records = await read_results(world.settings, len(items))
+    records = await worker_results(world.settings, [event], len(items))
     by_reservation = {r["itemReservationId"]: r for r in results_for(records, f"{p}-e1")}
     assert {k: (v["outcome"], v["success"], v["quantity"]) for k, v in by_reservation.items()} == {
         f"{p}-r1": ("released", True, 2),
@@ -69,9 +74,7 @@ async def test_whole_cart_release_reports_each_of_the_partners_reservations(
     await reserve(db, world, f"{p}-w3", f"{p}-cart", "c", 5, status="confirmed")
     await reserve(db, world, f"{p}-w4", f"{p}-cart", "d", 1, partner_id=world.other_partner_id)
     event = abandon_event(f"{p}-cart", None, world.api_key, event_id=f"{p}-whole")
-    async with running_worker(world.settings):
-        await produce(world.settings, [event])
-        records = await read_results(world.settings, 3)
+    records = await worker_results(world.settings, [event], 3)
     got = {r["itemReservationId"]: r["outcome"] for r in results_for(records, f"{p}-whole")}
     assert got == {f"{p}-w1": "released", f"{p}-w2": "released", f"{p}-w3": "confirmed"}
     assert await db.fetchval("SELECT reserved FROM stock WHERE sku = $1", world.sku) == 1
@@ -86,9 +89,7 @@ async def test_a_replayed_event_changes_stock_once_and_repeats_identical_results
     items = [("a", f"{p}-r1")]
     same = abandon_event(f"{p}-c", items, world.api_key, event_id=f"{p}-e1")
     fresh = abandon_event(f"{p}-c", items, world.api_key, event_id=f"{p}-e2")
-    async with running_worker(world.settings):
-        await produce(world.settings, [same, same, fresh, same])
-        records = await read_results(world.settings, 4)
+    records = await worker_results(world.settings, [same, same, fresh, same], 4)
     first = [r.value for r in records if r.body["eventId"] == f"{p}-e1"]
     assert len(first) == 3
     assert len(set(first)) == 1, "a replay must repeat the first result byte for byte"
