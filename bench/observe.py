@@ -115,9 +115,14 @@ class ResultReader:
 
 def peak_rss_mb(pid: int) -> float:
     """The process's peak resident set (VmHWM), in MiB; 0 if it is gone."""
+    return _status_mb(pid, "VmHWM:")
+
+
+def _status_mb(pid: int, field: str) -> float:
+    """A kB `field` of /proc/<pid>/status, in MiB; 0 if the process is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -183,13 +188,8 @@ class CpuSplit:
 
 
 def rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    """The process's resident set (VmRSS), in MiB; 0 if it is gone."""
+    return _status_mb(pid, "VmRSS:")
 
 
 class Processes:

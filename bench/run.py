@@ -27,7 +27,7 @@ from typing import Any
 
 import asyncpg
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from bench import dblimit, http
 from bench.observe import CpuSplit, Processes, ResultReader, peak_rss_mb
@@ -51,6 +51,7 @@ from bench.workload import (
     produce,
     topic_settings,
 )
+from worker.cli.demo import progress_bars
 from worker.config import Settings
 from worker.migrate import migrate
 from worker.testing.embedded import EmbeddedPostgres, embedded_stack
@@ -775,13 +776,7 @@ async def run_bench(
     async with servers(settings) as (given, server_pids):
         pool = await asyncpg.create_pool(given.database_url, min_size=2, max_size=12)
         try:
-            with Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-            ) as progress:
+            with progress_bars(console) as progress:
                 bench = Bench(given, pool, plan, out_dir, progress, server_pids)
                 measurements = await bench.run_all()
         finally:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 import orjson
@@ -29,50 +31,52 @@ from worker.processor import BatchProcessor
 
 async def kafka_pipe(settings: Settings, stop: asyncio.Event) -> None:
     consumer, producer = make_consumer(settings), make_producer(settings)
-    consumer.subscribe([settings.input_topic])
-    await producer.start()
-    await consumer.start()
-    try:
-        while not stop.is_set():
-            fetched = await consumer.getmany(timeout_ms=200, max_records=2000)
-            futures = []
-            for messages in fetched.values():
-                for m in messages:
-                    body = orjson.loads(m.value)
-                    headers = [(EVENT_ID_HEADER, body["eventId"].encode())]
-                    processed_at = format_timestamp(datetime.now(UTC))
-                    for item in body["items"]:
-                        # A result of the contract's shape and size, rendered the fast way.
-                        payload = orjson.dumps(
-                            {
-                                "type": "item_result",
-                                "eventId": body["eventId"],
-                                "trigger": "release_request",
-                                "cartId": body["cartId"],
-                                "cartItemId": item["cartItemId"],
-                                "itemReservationId": item["itemReservationId"],
-                                "success": True,
-                                "outcome": "released",
-                                "quantity": 0,
-                                "processedAt": processed_at,
-                            }
+    async with _running(settings, consumer, producer):
+        try:
+            await _pipe(settings, stop, consumer, producer)
+        finally:
+            await producer.flush()
+
+
+async def _pipe(
+    settings: Settings, stop: asyncio.Event, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer
+) -> None:
+    while not stop.is_set():
+        fetched = await consumer.getmany(timeout_ms=200, max_records=2000)
+        futures = []
+        for messages in fetched.values():
+            for m in messages:
+                body = orjson.loads(m.value)
+                headers = [(EVENT_ID_HEADER, body["eventId"].encode())]
+                processed_at = format_timestamp(datetime.now(UTC))
+                for item in body["items"]:
+                    # A result of the contract's shape and size, rendered the fast way.
+                    payload = orjson.dumps(
+                        {
+                            "type": "item_result",
+                            "eventId": body["eventId"],
+                            "trigger": "release_request",
+                            "cartId": body["cartId"],
+                            "cartItemId": item["cartItemId"],
+                            "itemReservationId": item["itemReservationId"],
+                            "success": True,
+                            "outcome": "released",
+                            "quantity": 0,
+                            "processedAt": processed_at,
+                        }
+                    )
+                    futures.append(
+                        await producer.send(
+                            settings.results_topic,
+                            payload,
+                            key=m.key,
+                            headers=headers,
                         )
-                        futures.append(
-                            await producer.send(
-                                settings.results_topic,
-                                payload,
-                                key=m.key,
-                                headers=headers,
-                            )
-                        )
-            if fetched:
-                await consumer.commit()
-            # Bounded in flight, like the worker: do not run ahead of the acks forever.
-            await asyncio.gather(*futures)
-    finally:
-        await producer.flush()
-        await consumer.stop()
-        await producer.stop()
+                    )
+        if fetched:
+            await consumer.commit()
+        # Bounded in flight, like the worker: do not run ahead of the acks forever.
+        await asyncio.gather(*futures)
 
 
 async def naive(settings: Settings, stop: asyncio.Event) -> None:
@@ -86,33 +90,46 @@ async def naive(settings: Settings, stop: asyncio.Event) -> None:
         auto_offset_reset="earliest",
     )
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    try:
+        async with _running(settings, consumer, producer):
+            while not stop.is_set():
+                fetched = await consumer.getmany(timeout_ms=200, max_records=100)
+                for messages in fetched.values():
+                    for m in messages:
+                        # The worker's processor, one record at a time; one that waited for a
+                        # row lock is given back (`BatchReport.deferred`) and tried again.
+                        records, results = [raw_record(m)], []
+                        while records:
+                            report = await processor.process(records)
+                            results += report.messages
+                            records = report.deferred
+                        for message in results:
+                            await producer.send_and_wait(
+                                message.topic,
+                                message.payload,
+                                key=message.key,
+                                headers=list(message.headers),
+                            )
+                        await store.delete_outbox(
+                            pool, [x.outbox_id for x in results if x.outbox_id]
+                        )
+    finally:
+        await pool.close()
+
+
+@asynccontextmanager
+async def _running(
+    settings: Settings, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer
+) -> AsyncIterator[None]:
+    """Both clients started, on the input topic, for the block; stopped after it."""
     consumer.subscribe([settings.input_topic])
     await producer.start()
     await consumer.start()
     try:
-        while not stop.is_set():
-            fetched = await consumer.getmany(timeout_ms=200, max_records=100)
-            for messages in fetched.values():
-                for m in messages:
-                    # The worker's processor, one record at a time; one that waited for a
-                    # row lock is given back (`BatchReport.deferred`) and tried again.
-                    records, results = [raw_record(m)], []
-                    while records:
-                        report = await processor.process(records)
-                        results += report.messages
-                        records = report.deferred
-                    for message in results:
-                        await producer.send_and_wait(
-                            message.topic,
-                            message.payload,
-                            key=message.key,
-                            headers=list(message.headers),
-                        )
-                    await store.delete_outbox(pool, [x.outbox_id for x in results if x.outbox_id])
+        yield
     finally:
         await consumer.stop()
         await producer.stop()
-        await pool.close()
 
 
 SYSTEMS = {"kafka_pipe": kafka_pipe, "naive": naive}

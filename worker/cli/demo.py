@@ -229,7 +229,7 @@ async def _produce(settings: Settings, events: list[Event], console: Console) ->
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5)
     await producer.start()
     try:
-        with _progress(console) as progress:
+        with progress_bars(console) as progress:
             task = progress.add_task("Emitting abandon events", total=len(events))
             futures = []
             for n, e in enumerate(events):
@@ -273,7 +273,7 @@ async def _run(
     total = len(plan.events)
     elapsed = 0.0
     try:
-        with _progress(console) as progress:
+        with progress_bars(console) as progress:
             task = progress.add_task("Worker releasing", total=total)
             quiet_since: float | None = None
             last_seen = -1
@@ -313,7 +313,8 @@ async def _read_results(settings: Settings, results: Results) -> None:
                     results.add(m.value)
 
 
-def _progress(console: Console) -> Progress:
+def progress_bars(console: Console) -> Progress:
+    """The progress display of `demo` and `bench`: description, bar, n of total, time."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
