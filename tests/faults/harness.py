@@ -420,19 +420,20 @@ class Bed:
             for r in rows:
                 held[(r[1], r[2])] += r[3]
             keys = sorted(held)
+            skus, locations = [k[0] for k in keys], [k[1] for k in keys]
             await conn.execute(
                 "SELECT 1 FROM stock s JOIN unnest($1::text[], $2::text[]) AS u(sku, loc) "
                 "ON s.sku = u.sku AND s.location_id = u.loc "
                 "ORDER BY s.sku, s.location_id FOR UPDATE OF s",
-                [k[0] for k in keys],
-                [k[1] for k in keys],
+                skus,
+                locations,
             )
             await conn.execute(
                 "UPDATE stock s SET reserved = s.reserved - u.q, on_hand = s.on_hand - u.q "
                 "FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(sku, loc, q) "
                 "WHERE s.sku = u.sku AND s.location_id = u.loc",
-                [k[0] for k in keys],
-                [k[1] for k in keys],
+                skus,
+                locations,
                 [held[k] for k in keys],
             )
         return {r[0] for r in rows}
