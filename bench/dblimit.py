@@ -86,8 +86,12 @@ async def run_asyncpg(
         async with pool.acquire() as conn:
             for start in range(0, len(works), batch):
                 async with conn.transaction():
+                    # As the worker: fresh results stay in the inbox (no outbox rows).
                     report = await apply_batch(
-                        store.PgReleaseStore(conn, group), works[start : start + batch], topics
+                        store.PgReleaseStore(conn, group),
+                        works[start : start + batch],
+                        topics,
+                        fresh_from_inbox=True,
                     )
                 await store.delete_outbox(
                     conn, [m.outbox_id for m in report.messages if m.outbox_id]
@@ -152,7 +156,9 @@ async def _capture(
                 await transaction.start()
                 try:
                     release_store = store.PgReleaseStore(cast(store.Conn, recorder), group)
-                    await apply_batch(release_store, works[start : start + batch], topics)
+                    await apply_batch(
+                        release_store, works[start : start + batch], topics, fresh_from_inbox=True
+                    )
                 finally:
                     await transaction.rollback()
                 batches.append(recorder.calls)

@@ -102,6 +102,8 @@ async def naive(settings: Settings, stop: asyncio.Event) -> None:
                         while records:
                             report = await processor.process(records)
                             results += report.messages
+                            # Fresh results are stored in the inbox only: sent from memory too.
+                            results += [x for p in report.publications for x in p.messages]
                             records = report.deferred
                         for message in results:
                             await producer.send_and_wait(

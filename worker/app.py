@@ -232,7 +232,12 @@ async def _start(
     resources.push_async_callback(close_bounded, producer.stop)
     await _retry_start(settings, producer.start, "producer")
     publisher = Publisher(
-        producer, pool, settings.outbox_relay_interval_s, settings.outbox_relay_grace_s
+        producer,
+        pool,
+        settings.outbox_relay_interval_s,
+        settings.outbox_relay_grace_s,
+        group_id=settings.group_id,
+        results_topic=settings.results_topic,
     )
     # Leftovers of a previous crash go out before anything new (or, if the broker is
     # away, by the periodic pass later).
@@ -245,7 +250,8 @@ async def _start(
         health.database_ok = True
 
     processor = BatchProcessor(
-        store.PgTransactions(pool, settings.group_id),
+        # A batch's offset UPDATE carries the published watermark this process knows.
+        store.PgTransactions(pool, settings.group_id, publisher.watermarks.claim),
         settings,
         Authenticator(lambda d: store.find_partners(pool, d), settings.auth_cache_ttl_s),
         on_retry=on_db_retry,
@@ -277,6 +283,7 @@ async def _serve(settings: Settings, health: Health, parts: _Parts, stop: asynci
     tasks = Supervisor(settings.retry_initial_s, settings.retry_max_s)
     tasks.start("outbox_deleter", publisher.run_deleter)
     tasks.start("outbox_relay", publisher.run_relay)
+    tasks.start("results_watermarks", publisher.run_watermarks)
     tasks.start(
         "health_watcher",
         lambda: _watch_health(
@@ -309,6 +316,9 @@ async def _serve(settings: Settings, health: Health, parts: _Parts, stop: asynci
             async with asyncio.timeout(settings.shutdown_timeout_s):
                 await running
                 await publisher.flush(settings.shutdown_timeout_s)
+                # What the broker acknowledged is stored, so the next owner republishes
+                # only what it did not.
+                await publisher.release(publisher.watermarks.owned(), settings.shutdown_timeout_s)
                 await release_consumer.commit()
         except TimeoutError:
             log.error("shutdown_timeout", seconds=settings.shutdown_timeout_s)

@@ -32,7 +32,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from worker import metrics
 from worker.config import Settings
 from worker.offsets import OffsetBook
-from worker.records import Headers, OutboxMessage, RawRecord
+from worker.records import Headers, OutboxMessage, Publication, RawRecord
 from worker.release import BatchReport
 from worker.retry import BROKER_ERRORS, backoff_s, transient_retrying
 
@@ -127,13 +127,20 @@ class Processor(Protocol):
 class ResultPublisher(Protocol):
     """Sends a committed batch's results (`publisher.Publisher`).
 
-    The results are already in the database's outbox, so neither call may lose them:
-    `publish` starts sending and returns without waiting for the broker (a refusal leaves
-    the row for the relay); `flush` waits at most `timeout_s` for the sends in flight.
+    The results are already in the database (outbox rows, or for fresh item results the
+    inbox rows below the partition's published watermark), so no call may lose them:
+    `publish` and `publish_fresh` start sending and return without waiting for the broker
+    (a refusal leaves an outbox row for the relay, a fresh result for a catch-up from the
+    inbox); `flush` waits at most `timeout_s` for the sends in flight. `recover` catches
+    newly assigned partitions up (republishes their unacknowledged inbox results) before
+    anything new is applied; `release` stores revoked partitions' watermarks after a flush.
     """
 
     async def publish(self, messages: Sequence[OutboxMessage]) -> None: ...
+    async def publish_fresh(self, publications: Sequence[Publication]) -> None: ...
     async def flush(self, timeout_s: float) -> None: ...
+    async def recover(self, partitions: Sequence[tuple[str, int]], timeout_s: float) -> None: ...
+    async def release(self, partitions: Sequence[tuple[str, int]], timeout_s: float) -> None: ...
 
 
 class Lane:
@@ -524,6 +531,7 @@ class ReleaseConsumer:
                 lane.busy_bytes = 0  # applied, or given back to the queue here:
                 self._hold(lane, report.deferred, owners)
                 await self._publisher.publish(report.messages)
+                await self._publisher.publish_fresh(report.publications)
                 self._offsets.applied(report.next_offsets)
                 if report.next_offsets:  # not when every record waited for a lock
                     self.last_progress = time.monotonic()
@@ -673,6 +681,7 @@ class ReleaseConsumer:
         # One deadline for draining and publishing; the commit after it is bounded on its
         # own, and `rebalance_timeout_ms` covers both (see app.make_consumer).
         await self._publisher.flush(max(0.0, deadline - loop.time()))
+        await self._publisher.release(sorted(revoked), max(0.0, deadline - loop.time()))
         await self.commit(revoked)
         self._offsets.forget(revoked)
         for tp in revoked:
@@ -701,6 +710,9 @@ class ReleaseConsumer:
                 for tp in assigned
                 if tp.topic == topic and tp.partition in by_partition
             )
+        # Results of these partitions' inbox rows not known acknowledged go out again
+        # first (a predecessor crashed between its commit and the broker's answer).
+        await self._publisher.recover(sorted(assigned), self._settings.rebalance_drain_timeout_s)
         for tp in sorted(assigned):
             start = stored.get(tp)
             if start is None and tp in untaken:

@@ -79,6 +79,11 @@ OUTBOX_BACKLOG = Gauge(
     "Outbox rows waiting to be acknowledged by the broker, parked rows not included "
     "(the table is shared by all workers).",
 )
+UNPUBLISHED_BACKLOG = Gauge(
+    "release_worker_unpublished_inbox_rows",
+    "Inbox rows at or above their partition's published watermark: fresh results not yet "
+    "known acknowledged, republished from the inbox by the partition's owner (all workers).",
+)
 OUTBOX_PARKED = Gauge(
     "release_worker_outbox_parked_rows",
     "Outbox rows parked because the broker refused them for good (too large, not "

@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 
 from worker.auth import Partner, key_digest
-from worker.store import Db, decode_headers
+from worker.store import Db, decode_headers, unpublished_backlog
 
 
 def new_api_key() -> str:
@@ -56,6 +56,9 @@ class OutboxSummary:
     oldest_waiting: datetime | None
     parked: int  # refused by the broker for good; wait for `outbox retry` or `outbox drop`
     oldest_parked: datetime | None
+    # Inbox rows at or above their partition's published watermark: fresh results not yet
+    # known acknowledged (no outbox rows); the partition's owner republishes them.
+    unpublished: int = 0
 
 
 async def outbox_summary(db: Db) -> OutboxSummary:
@@ -68,7 +71,8 @@ async def outbox_summary(db: Db) -> OutboxSummary:
         """
     )
     assert row is not None
-    return OutboxSummary(int(row[0]), row[1], int(row[2]), row[3])
+    unpublished = await unpublished_backlog(db)
+    return OutboxSummary(int(row[0]), row[1], int(row[2]), row[3], unpublished)
 
 
 async def outbox_rows(db: Db, parked: bool, limit: int) -> list[dict[str, Any]]:

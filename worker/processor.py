@@ -214,7 +214,7 @@ class BatchProcessor:
         async for attempt in transient_retrying(self._settings, self._on_retry, retry_on=retry_on):
             with attempt:
                 async with self._transactions.begin() as store:
-                    report = await apply_batch(store, works, self._topics)
+                    report = await apply_batch(store, works, self._topics, fresh_from_inbox=True)
         if self._on_success is not None:
             self._on_success()
         return report
@@ -251,6 +251,7 @@ class _Deferral:
 
 def _merge(first: BatchReport, second: BatchReport) -> BatchReport:
     first.messages.extend(second.messages)
+    first.publications.extend(second.publications)
     first.outcomes.update(second.outcomes)
     first.records += second.records
     first.skipped += second.skipped

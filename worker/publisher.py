@@ -28,8 +28,9 @@ import structlog
 from aiokafka.partitioner import DefaultPartitioner
 
 from worker import metrics, store
-from worker.records import OutboxMessage
+from worker.records import OutboxMessage, Publication
 from worker.retry import BROKER_ERRORS, BROKER_REFUSAL_REASONS, DATABASE_ERRORS, broker_refusal
+from worker.watermarks import Batch, TopicPartition, Watermarks
 
 log = structlog.get_logger("worker.publisher")
 
@@ -41,6 +42,9 @@ _RELAY_SEND_TIMEOUT_S = 30.0
 _TOPIC_WAIT_S = 5.0
 # Failures a background pass outlives: the rows stay in the outbox, the next pass takes them.
 _RELAY_FAILURES = (*BROKER_ERRORS, *DATABASE_ERRORS)
+# Inbox rows a catch-up reads (and holds the results of) at a time.
+_CATCH_UP_ROWS = 200
+_STORE_FAILURES: tuple[type[BaseException], ...] = (*DATABASE_ERRORS, TimeoutError)
 _PARTITIONER = DefaultPartitioner()
 for _reason in BROKER_REFUSAL_REASONS:
     metrics.PARKED.labels(reason=_reason)  # a 0, not a missing series, before the first
@@ -92,9 +96,15 @@ class Publisher:
         relay_interval_s: float,
         relay_grace_s: float,
         relay_batch: int = 1000,
+        group_id: str = "",
+        results_topic: str = "",
     ) -> None:
         self._producer = producer
         self._pool = pool
+        self._group_id = group_id
+        self._results_topic = results_topic
+        # How far each owned partition's fresh results (inbox only) are acknowledged.
+        self.watermarks = Watermarks()
         self._relay_interval_s = relay_interval_s
         self._relay_grace_s = relay_grace_s
         self._relay_batch = relay_batch
@@ -129,6 +139,170 @@ class Publisher:
         task = asyncio.create_task(self._settle(sent, futures))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
+
+    async def publish_fresh(self, publications: Sequence[Publication]) -> None:
+        """Hand committed fresh results (stored in the inbox only) to the producer; their
+        acknowledgement advances the partition's watermark (`worker/watermarks.py`).
+
+        A failure drops them from memory: the partition's watermark stops before them and
+        a catch-up republishes them from the inbox (`catch_up`)."""
+        # These transactions committed, with the watermarks they carried.
+        self.watermarks.claims_committed([(p.topic, p.partition) for p in publications])
+        for pub in publications:
+            tp = (pub.topic, pub.partition)
+            batch = self.watermarks.committed(tp, pub.start, pub.end, len(pub.messages))
+            if not pub.messages:
+                continue
+            futures: list[asyncio.Future[object]] = []
+            try:
+                partitions = await self._partitions(pub.messages)
+                for m, partition in zip(pub.messages, partitions, strict=True):
+                    futures.append(await self._send(m, partition))
+            except BROKER_ERRORS as error:
+                self.healthy = self.healthy and broker_refusal(error) is not None
+                self.watermarks.settled(batch, failed=True)
+                log.warning(
+                    "publish_failed_left_in_inbox",
+                    topic=pub.topic,
+                    partition=pub.partition,
+                    error=repr(error)[:200],
+                )
+                continue
+            task = asyncio.create_task(self._settle_fresh(batch, pub.messages, futures))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _settle_fresh(
+        self, batch: Batch, messages: list[OutboxMessage], futures: list[asyncio.Future[object]]
+    ) -> None:
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        now_ms = time.time() * 1000
+        failed = outage = 0
+        for message, result in zip(messages, results, strict=True):
+            if isinstance(result, BaseException):
+                failed += 1
+                outage += broker_refusal(result) is None
+            elif message.source_ts_ms:
+                metrics.LATENCY.observe(max(0.0, (now_ms - message.source_ts_ms) / 1000))
+        self.published += len(messages) - failed
+        self.watermarks.settled(batch, failed=bool(failed))
+        if failed:
+            log.warning(
+                "publish_not_acknowledged_left_in_inbox",
+                topic=batch.tp[0],
+                partition=batch.tp[1],
+                messages=failed,
+            )
+        self.healthy = not outage
+
+    async def catch_up(self, tp: TopicPartition, timeout_s: float = _RELAY_SEND_TIMEOUT_S) -> bool:
+        """Republish, in offset order, the stored results of `tp`'s inbox rows from its
+        watermark up to its next offset, wait for the broker's acknowledgements, then raise
+        the watermark; return whether it got there (else the gap stays for the next try).
+        A duplicate is the first publication's bytes, key and headers (G2)."""
+        start = self.watermarks.covered(tp)
+        if start is None:
+            return True  # not ours (any more)
+        state = await store.publication_state(self._pool, self._group_id, [tp])
+        if tp not in state:  # nothing applied yet: no inbox rows
+            self.watermarks.caught_up(tp, start, start)
+            return True
+        published, end = state[tp]
+        self.watermarks.adopt(tp, published)
+        start = self.watermarks.covered(tp)
+        if start is None:
+            return True
+        position: int | None = start
+        sent = skipped = 0
+        while position is not None and position < end:
+            results, position, missing = await store.stored_range(
+                self._pool, tp, position, end, _CATCH_UP_ROWS
+            )
+            skipped += missing
+            messages = [
+                OutboxMessage(self._results_topic, r.key, r.payload, r.headers) for r in results
+            ]
+            if not messages:
+                continue
+            partitions = await self._partitions(messages)
+            futures = [await self._send(m, p) for m, p in zip(messages, partitions, strict=True)]
+            async with asyncio.timeout(timeout_s):
+                answers = await asyncio.gather(*futures, return_exceptions=True)
+            errors = [a for a in answers if isinstance(a, BaseException)]
+            if errors:
+                log.warning(
+                    "results_republish_failed",
+                    topic=tp[0],
+                    partition=tp[1],
+                    messages=len(errors),
+                    error=repr(errors[0])[:200],
+                )
+                return False
+            sent += len(messages)
+        self.watermarks.caught_up(tp, start, end)
+        self.published += sent
+        # The broker acknowledges again: readiness must not wait for the next batch.
+        self.healthy = self.healthy or bool(sent)
+        await self.store_watermarks([tp])
+        if sent or skipped:
+            # Rows without results below the watermark's first value (pruned, or recorded
+            # before headers were kept) were published through the outbox back then.
+            log.info(
+                "results_republished",
+                topic=tp[0],
+                partition=tp[1],
+                start=start,
+                end=end,
+                messages=sent,
+                rows_without_results=skipped,
+            )
+        return True
+
+    async def recover(self, partitions: Sequence[TopicPartition], timeout_s: float) -> None:
+        """After an assignment: catch each partition up before anything new is applied, for
+        at most `timeout_s` in all; what is left is the periodic pass's (`run_watermarks`)."""
+        for tp in partitions:
+            # Nothing known yet: the catch-up adopts the database's watermark first.
+            self.watermarks.assign((tp[0], tp[1]), 0)
+        try:
+            async with asyncio.timeout(timeout_s):
+                for tp in sorted(partitions):
+                    await self.catch_up(tp, timeout_s)
+        except _RELAY_FAILURES as error:
+            log.warning("results_republish_deferred", error=repr(error)[:200])
+
+    async def store_watermarks(self, partitions: Sequence[TopicPartition] | None = None) -> None:
+        """Write the watermarks known higher than the database's (of `partitions`)."""
+        marks = self.watermarks.to_store(None if partitions is None else list(partitions))
+        if marks:
+            await store.store_published(self._pool, self._group_id, marks)
+            self.watermarks.stored(marks)
+
+    async def watermarks_once(self) -> None:
+        """Catch up gapped partitions and store watermarks no batch has carried (an idle
+        partition's last acknowledgements); failures wait for the next pass."""
+        try:
+            for tp in self.watermarks.gapped():
+                await self.catch_up(tp)
+            await self.store_watermarks()
+        except _RELAY_FAILURES as error:
+            log.warning("results_watermark_pass_failed", error=repr(error)[:200])
+
+    async def run_watermarks(self, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.watermarks_once()
+
+    async def release(self, partitions: Sequence[TopicPartition], timeout_s: float) -> None:
+        """Revoked or stopping: after `flush`, store what was acknowledged, then forget them."""
+        try:
+            async with asyncio.timeout(max(0.1, timeout_s)):
+                await self.store_watermarks(partitions)
+        except _STORE_FAILURES as error:
+            # A lower watermark is only more to republish for the next owner.
+            log.warning("results_watermark_not_stored", error=repr(error)[:200])
+        for tp in partitions:
+            self.watermarks.forget(tp)
 
     async def _send(self, m: OutboxMessage, partition: int | None = None) -> asyncio.Future[object]:
         # aiokafka refuses a record with neither key nor value (it asserts), which a dead
@@ -317,6 +491,7 @@ class Publisher:
             waiting, parked = await store.outbox_backlog(self._pool)
             metrics.OUTBOX_BACKLOG.set(waiting)
             metrics.OUTBOX_PARKED.set(parked)
+            metrics.UNPUBLISHED_BACKLOG.set(await store.unpublished_backlog(self._pool))
         except _RELAY_FAILURES as error:
             log.warning("outbox_relay_failed", error=repr(error)[:200])
 

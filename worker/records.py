@@ -77,3 +77,17 @@ class OutboxMessage:
     outbox_id: int | None = field(default=None, compare=False)
     # CreateTime of the input record, for the record->result latency histogram.
     source_ts_ms: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """The results of one committed transaction's fresh inbox rows of one partition: stored
+    only in the inbox, published from memory (no outbox rows). The transaction found the
+    partition's next offset at `start` and left it at `end`: the inbox rows it wrote are
+    exactly those of [start, end) (`worker/watermarks.py`)."""
+
+    topic: str
+    partition: int
+    start: int
+    end: int
+    messages: list[OutboxMessage]

@@ -25,7 +25,7 @@ from typing import NamedTuple, Protocol
 
 from worker.contract import Outcome, Rejection, Trigger
 from worker.errors import TransientError
-from worker.records import Headers, OutboxMessage, RawRecord
+from worker.records import Headers, OutboxMessage, Publication, RawRecord
 from worker.results import (
     Topics,
     item_result_payload,
@@ -160,6 +160,9 @@ class BatchReport:
     """What one batch did, for metrics, logs and the demo summary."""
 
     messages: list[OutboxMessage] = field(default_factory=list)
+    # Fresh results stored only in their inbox rows, per partition and transaction (see
+    # `apply_batch(fresh_from_inbox=True)`): published from memory, no outbox rows.
+    publications: list[Publication] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
     records: int = 0
     skipped: int = 0  # below the stored offset: already applied before a crash or rebalance
@@ -331,13 +334,28 @@ class BatchPlan:
     outbox: list[OutboxMessage]  # results, replays, rejections and dead letters
     next_offsets: dict[TopicPartition, int]
     report: BatchReport  # its `messages` are the outbox's once enqueued
+    # With `fresh_from_inbox`: the results of the inbox rows, per partition, in record order
+    # (published from memory; not in `outbox`).
+    fresh: dict[TopicPartition, list[OutboxMessage]] = field(default_factory=dict)
 
 
 async def apply_batch(
-    store: ReleaseStore, items: Sequence[Prepared], topics: Topics, now: datetime | None = None
+    store: ReleaseStore,
+    items: Sequence[Prepared],
+    topics: Topics,
+    now: datetime | None = None,
+    fresh_from_inbox: bool = False,
 ) -> BatchReport:
     """Apply a batch (records in offset order per partition) inside the caller's transaction:
-    read (in the lock order), plan, write (in the lock order)."""
+    read (in the lock order), plan, write (in the lock order).
+
+    `fresh_from_inbox`: the results recorded in this batch's inbox rows (a fresh apply's
+    item results, its 422) are not written to the outbox but returned in
+    `report.publications`, to be published from memory; the partition's published watermark
+    covers them (`worker/watermarks.py`). Only for a caller that locks and advances the
+    offset rows (the worker): the rows it writes are then those of [stored next offset,
+    new next offset). Replays, rejections and dead letters keep their outbox rows.
+    """
     applied_up_to = await store.lock_offsets(sorted({_partition(i.record) for i in items}))
     fresh = unapplied(items, applied_up_to)
     keys = sorted({i.key for i in fresh if isinstance(i, Accepted)})
@@ -348,7 +366,7 @@ async def apply_batch(
     missing = [(rid, partner) for rid, partner in explicit if rid not in found]
     foreign = await store.foreign_reservations(missing) if missing else set()
     reads = BatchReads(applied_up_to, stored, rows, foreign)
-    plan = plan_batch(items, reads, topics, now or datetime.now(UTC))
+    plan = plan_batch(items, reads, topics, now or datetime.now(UTC), fresh_from_inbox)
 
     if plan.releases:
         moved = await store.release(plan.releases)
@@ -365,6 +383,15 @@ async def apply_batch(
             raise TransientError("a concurrent transaction recorded the same event; retrying")
     plan.report.messages = await store.enqueue(plan.outbox) if plan.outbox else []
     await store.advance_offsets(plan.next_offsets)
+    if fresh_from_inbox:
+        # One per partition whose offset row this transaction moved, results or not: the
+        # inbox rows it wrote are those of [start, end), start being the next offset it
+        # found under the row lock (none: nothing applied before, no rows).
+        for tp, end in sorted(plan.next_offsets.items()):
+            start = applied_up_to.get(tp, 0)
+            plan.report.publications.append(
+                Publication(tp[0], tp[1], start, max(start, end), plan.fresh.get(tp, []))
+            )
     return plan.report
 
 
@@ -411,10 +438,15 @@ def reservations_to_read(
 
 
 def plan_batch(
-    items: Sequence[Prepared], reads: BatchReads, topics: Topics, processed_at: datetime
+    items: Sequence[Prepared],
+    reads: BatchReads,
+    topics: Topics,
+    processed_at: datetime,
+    fresh_from_inbox: bool = False,
 ) -> BatchPlan:
     """Decide every record of a batch from its reads, render its results and list the
-    writes. Pure: no I/O, and the same inputs give the same plan, byte for byte."""
+    writes. Pure: no I/O, and the same inputs give the same plan, byte for byte.
+    `fresh_from_inbox`: the results of the inbox rows go to `fresh`, not `outbox`."""
     report = BatchReport(records=len(items))
     next_offsets = report.next_offsets
     for i in items:
@@ -432,6 +464,7 @@ def plan_batch(
     releases: list[tuple[str, str, str]] = []
     inbox: list[InboxEntry] = []
     outbox: list[OutboxMessage] = []
+    from_inbox: dict[TopicPartition, list[OutboxMessage]] = {}
 
     for i in fresh:
         if isinstance(i, Rejected):
@@ -460,7 +493,11 @@ def plan_batch(
             answer = rejected[0]
             assert answer.payload is not None
             payloads, headers = [answer.payload], answer.headers
-            outbox.extend(rejected)
+            if fresh_from_inbox:
+                from_inbox.setdefault(_partition(record), []).append(answer)
+                outbox.extend(rejected[1:])
+            else:
+                outbox.extend(rejected)
         else:
             for d in decided:
                 report.outcomes[d.outcome.value] += 1
@@ -473,9 +510,8 @@ def plan_batch(
                 command.event_id, Trigger.RELEASE_REQUEST, command.cart_id, decided, processed_at
             )
             headers = result_headers(command.event_id, partner_id, record, len(payloads))
-            outbox.extend(
-                result_messages(topics.results, command.cart_id, payloads, headers, record)
-            )
+            into = from_inbox.setdefault(_partition(record), []) if fresh_from_inbox else outbox
+            into.extend(result_messages(topics.results, command.cart_id, payloads, headers, record))
         produced[i.key] = StoredResults(command.cart_id, payloads, headers)
         inbox.append(
             InboxEntry(partner_id, command.event_id, command.cart_id, record, payloads, headers)
@@ -484,7 +520,7 @@ def plan_batch(
     releases.sort()
     released = (found[rid] for rid, _, _ in releases)
     deltas = stock_deltas((r.sku, r.location_id, r.quantity) for r in released)
-    return BatchPlan(releases, deltas, inbox, outbox, next_offsets, report)
+    return BatchPlan(releases, deltas, inbox, outbox, next_offsets, report, from_inbox)
 
 
 def _rebuilt_replay(

@@ -8,7 +8,7 @@ partition, reservations by reservation_id, stock by (sku, location_id).
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,7 +25,7 @@ from worker.release import EventKey, InboxEntry, Reservation, StoredResults, Top
 from worker.retry import closed_connection_is_transient
 
 # The newest migration this code needs; `run` refuses an older schema.
-SCHEMA_VERSION = "20261129192000"
+SCHEMA_VERSION = "20261203080000"
 
 # A connection, from a pool or not; `Db` also admits the pool itself (one-statement calls).
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
@@ -37,6 +37,10 @@ _RESERVATION_COLUMNS = (
 )
 _R_COLUMNS = ", ".join("r." + c for c in _RESERVATION_COLUMNS.split(", "))  # alias `r`
 
+# A partition's published watermark as this process knows it (acknowledged up to, or
+# None: nothing to claim); folded into the UPDATE that advances its next offset.
+PublishedMark = Callable[[TopicPartition], int | None]
+
 
 def _reservation(row: asyncpg.Record) -> Reservation:
     return Reservation(*row)
@@ -45,24 +49,28 @@ def _reservation(row: asyncpg.Record) -> Reservation:
 class PgTransactions:
     """`release.Transactions` on a pool: each `begin` takes a connection and a transaction."""
 
-    def __init__(self, pool: asyncpg.Pool, group_id: str) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, group_id: str, published: PublishedMark | None = None
+    ) -> None:
         self._pool = pool
         self._group_id = group_id
+        self._published = published
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[PgReleaseStore]:
         async with self._pool.acquire() as conn:
             with closed_connection_is_transient(conn):
                 async with conn.transaction():
-                    yield PgReleaseStore(conn, self._group_id)
+                    yield PgReleaseStore(conn, self._group_id, self._published)
 
 
 class PgReleaseStore:
     """`release.ReleaseStore` on one connection, inside the caller's transaction."""
 
-    def __init__(self, conn: Conn, group_id: str) -> None:
+    def __init__(self, conn: Conn, group_id: str, published: PublishedMark | None = None) -> None:
         self._conn = conn
         self._group_id = group_id
+        self._published = published
         # A record's results share one headers tuple, written to the inbox and the outbox:
         # encoded once for both.
         self._encoded: dict[Headers, bytes] = {}
@@ -246,17 +254,22 @@ class PgReleaseStore:
 
     async def advance_offsets(self, next_offsets: dict[TopicPartition, int]) -> None:
         items = sorted(next_offsets.items())
+        # The published watermark rides along (NULL: nothing new to claim; GREATEST ignores
+        # NULLs): a claim is a full prefix, so the greater of two true claims is true.
+        published = self._published
         await self._conn.execute(
             """
             UPDATE consumer_offsets c
-               SET next_offset = GREATEST(COALESCE(c.next_offset, 0), u.n), updated_at = now()
-              FROM unnest($2::text[], $3::int[], $4::bigint[]) AS u(t, p, n)
+               SET next_offset = GREATEST(COALESCE(c.next_offset, 0), u.n),
+                   published_offset = GREATEST(c.published_offset, u.w), updated_at = now()
+              FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[]) AS u(t, p, n, w)
              WHERE c.group_id = $1 AND c.topic = u.t AND c.partition = u.p
             """,
             self._group_id,
             [tp[0] for tp, _ in items],
             [tp[1] for tp, _ in items],
             [n for _, n in items],
+            [None if published is None else published(tp) for tp, _ in items],
         )
 
 
@@ -430,7 +443,7 @@ async def check_schema(conn: Db) -> None:
 
 # What the worker's login must be allowed, as granted to the `release_worker` role by
 # the migrations (..._release_worker_role.sql, ..._inbox_tombstones.sql,
-# ..._outbox_parking.sql): (object, privilege, column or None).
+# ..._outbox_parking.sql, ..._published_watermark.sql): (object, privilege, column or None).
 WORKER_PRIVILEGES: tuple[tuple[str, str, str | None], ...] = (
     ("schema_migrations", "SELECT", None),
     ("partners", "SELECT", None),
@@ -445,7 +458,7 @@ WORKER_PRIVILEGES: tuple[tuple[str, str, str | None], ...] = (
     *(("outbox", "UPDATE", c) for c in ("created_at", "parked_at", "park_reason")),
     ("outbox_id_seq", "USAGE", None),
     *(("consumer_offsets", p, None) for p in ("SELECT", "INSERT")),
-    *(("consumer_offsets", "UPDATE", c) for c in ("next_offset", "updated_at")),
+    *(("consumer_offsets", "UPDATE", c) for c in ("next_offset", "published_offset", "updated_at")),
 )
 
 
@@ -478,15 +491,117 @@ async def missing_privileges(conn: Db) -> tuple[str, bool, list[str]]:
 
 async def prune_inbox(conn: Db, older_than_s: float, limit: int) -> int:
     """Drop the results of up to `limit` inbox rows processed more than `older_than_s` ago,
-    keeping each row's key as a tombstone; return how many were pruned."""
+    keeping each row's key as a tombstone; return how many were pruned. Rows at or above
+    their partition's published watermark keep their results (they may be republished)."""
     status = await conn.execute(
         """
         UPDATE inbox SET results = NULL, result_headers = NULL WHERE ctid IN (
             SELECT ctid FROM inbox
             WHERE processed_at < now() - make_interval(secs => $1) AND results IS NOT NULL
+              -- Never results not yet acknowledged: they are republished from here.
+              AND NOT EXISTS (
+                  SELECT 1 FROM consumer_offsets c
+                  WHERE c.topic = inbox.source_topic AND c.partition = inbox.source_partition
+                    AND inbox.source_offset >= COALESCE(c.published_offset, 0))
             LIMIT $2)
         """,
         older_than_s,
         limit,
     )
     return int(status.rsplit(" ", 1)[-1])
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    """One result of an inbox row, as its fresh apply published it (key: the cart)."""
+
+    source_offset: int
+    key: bytes
+    payload: bytes
+    headers: Headers
+
+
+async def publication_state(
+    conn: Db, group_id: str, partitions: Sequence[TopicPartition]
+) -> dict[TopicPartition, tuple[int, int]]:
+    """(published_offset, next_offset) per partition that has applied anything (NULL
+    watermark: 0)."""
+    rows = await conn.fetch(
+        """
+        SELECT c.topic, c.partition, COALESCE(c.published_offset, 0), c.next_offset
+          FROM consumer_offsets c
+          JOIN unnest($2::text[], $3::int[]) AS u(t, p) ON c.topic = u.t AND c.partition = u.p
+         WHERE c.group_id = $1 AND c.next_offset IS NOT NULL
+        """,
+        group_id,
+        [tp[0] for tp in partitions],
+        [tp[1] for tp in partitions],
+    )
+    return {(r[0], r[1]): (int(r[2]), int(r[3])) for r in rows}
+
+
+async def stored_range(
+    conn: Db, tp: TopicPartition, start: int, end: int, limit: int
+) -> tuple[list[StoredResult], int | None, int]:
+    """The results of the inbox rows of `tp` with start <= source_offset < end, in offset
+    order, from at most `limit` rows; with the offset to continue from (None: done) and
+    how many rows had no results to republish (pruned, or recorded without headers: only
+    before the watermark existed, when the outbox carried every result)."""
+    rows = await conn.fetch(
+        """
+        SELECT source_offset, cart_id, results, result_headers FROM inbox
+         WHERE source_topic = $1 AND source_partition = $2
+           AND source_offset >= $3 AND source_offset < $4
+         ORDER BY source_offset
+         LIMIT $5
+        """,
+        tp[0],
+        tp[1],
+        start,
+        end,
+        limit,
+    )
+    results: list[StoredResult] = []
+    missing = 0
+    decoded: dict[bytes, Headers] = {}
+    for offset, cart_id, payloads, raw in rows:
+        if payloads is None or raw is None:
+            missing += 1
+            continue
+        headers = decoded.get(raw)
+        if headers is None:
+            headers = decoded[raw] = decode_headers(raw)
+        key = cart_id.encode()
+        results.extend(StoredResult(offset, key, p, headers) for p in payloads)
+    more = rows[-1][0] + 1 if len(rows) == limit else None
+    return results, more, missing
+
+
+async def store_published(conn: Db, group_id: str, marks: dict[TopicPartition, int]) -> None:
+    """Raise the partitions' published watermarks to `marks` (never lower them)."""
+    items = sorted(marks.items())
+    await conn.execute(
+        """
+        UPDATE consumer_offsets c
+           SET published_offset = GREATEST(c.published_offset, u.w)
+          FROM unnest($2::text[], $3::int[], $4::bigint[]) AS u(t, p, w)
+         WHERE c.group_id = $1 AND c.topic = u.t AND c.partition = u.p
+        """,
+        group_id,
+        [tp[0] for tp, _ in items],
+        [tp[1] for tp, _ in items],
+        [w for _, w in items],
+    )
+
+
+async def unpublished_backlog(conn: Db) -> int:
+    """Inbox rows at or above their partition's published watermark (results not yet known
+    acknowledged; republished by the partition's owner)."""
+    value = await conn.fetchval(
+        """
+        SELECT count(*) FROM consumer_offsets c
+          JOIN inbox i ON i.source_topic = c.topic AND i.source_partition = c.partition
+                      AND i.source_offset >= COALESCE(c.published_offset, 0)
+        """
+    )
+    return int(value or 0)

@@ -329,19 +329,37 @@ class Bed:
         )
         return int(value)
 
+    async def unpublished_left(self) -> int:
+        """Inbox rows of our input topic at or above their partition's published watermark:
+        fresh results not yet known acknowledged (they have no outbox rows)."""
+        value = await self.pool.fetchval(
+            """
+            SELECT count(*) FROM consumer_offsets c
+              JOIN inbox i ON i.source_topic = c.topic AND i.source_partition = c.partition
+                          AND i.source_offset >= COALESCE(c.published_offset, 0)
+             WHERE c.group_id = $1 AND c.topic = $2
+            """,
+            self.settings.group_id,
+            self.settings.input_topic,
+        )
+        return int(value)
+
     async def wait_drained(self, timeout_s: float = 90) -> None:
-        """Every produced record applied and every outbox row of ours acknowledged."""
+        """Every produced record applied, every outbox row of ours acknowledged, and every
+        partition's published watermark past its inbox rows."""
         total = sum(self.produced.values())
         deadline = time.monotonic() + timeout_s
         while True:
             applied, left = await self.applied(), await self.outbox_left()
-            if applied >= total and left == 0:
+            unpublished = await self.unpublished_left()
+            if applied >= total and left == 0 and unpublished == 0:
                 return
             self._assert_workers_alive()
             if time.monotonic() > deadline:
                 raise AssertionError(
                     f"not drained after {timeout_s}s: applied {applied}/{total}, "
-                    f"outbox rows left {left}\n{self.tails()}"
+                    f"outbox rows left {left}, inbox rows above the watermark {unpublished}"
+                    f"\n{self.tails()}"
                 )
             await asyncio.sleep(0.1)
 
@@ -567,6 +585,7 @@ class Bed:
         confirmed_qty = sum(reservations[r][0] for r in confirmed)
         assert await self._on_hand() == self.initial_on_hand - confirmed_qty
         assert await self.outbox_left() == 0
+        assert await self.unpublished_left() == 0
         statuses = Counter(st for _, st, _ in reservations.values())
         counts = Counts(
             records=len(stream.events),

@@ -106,7 +106,8 @@ async def test_broker_connection_stalled_then_cut_for_10s(servers: Servers, tmp_
             stalled_at = await bed.applied()
             await proxy.cut()
             await asyncio.sleep(10)
-            cut_at, waiting = await bed.applied(), await bed.outbox_left()
+            cut_at = await bed.applied()
+            waiting = await bed.outbox_left() + await bed.unpublished_left()
             assert worker.running, worker.tail()
             await proxy.restore()
             # The fault reached the worker: its connections went through the proxy, the
@@ -122,8 +123,9 @@ async def test_broker_connection_stalled_then_cut_for_10s(servers: Servers, tmp_
                 f"broker connections ({through_proxy} open through the proxy) stalled for 5s "
                 f"at {applied} applied records ({proxy.held} reads held; {stalled_at} applied "
                 f"when cut), cut ({proxy.closed_by_cut} connections closed) and refused for "
-                f"10s ({cut_at} of {half} applied at restore, {waiting} results waiting in the "
-                f"outbox); {proxy.connections} connections through the proxy in all",
+                f"10s ({cut_at} of {half} applied at restore, {waiting} outbox rows or inbox rows "
+                f"above the watermark waiting); {proxy.connections} connections through the "
+                "proxy in all",
             )
     finally:
         await proxy.stop()

@@ -131,6 +131,7 @@ EXPECTED_GRANTS = {
     ("consumer_offsets", "SELECT", None),
     ("consumer_offsets", "INSERT", None),
     ("consumer_offsets", "UPDATE", "next_offset"),
+    ("consumer_offsets", "UPDATE", "published_offset"),  # the published watermark
     ("consumer_offsets", "UPDATE", "updated_at"),
 }
 

@@ -148,6 +148,7 @@ class Worker:
     publisher: Publisher
     consumer: ReleaseConsumer
     task: asyncio.Task[None]
+    watermarks: asyncio.Task[None]  # the periodic catch-up and watermark pass
     stopping: asyncio.Task[None] | None = None
 
 
@@ -197,7 +198,7 @@ class Simulation(RuleBasedStateMachine):
         name = f"w{self.started}"
         fate = Fate(name, TALLY)
         source = Source(self.broker, name, fate)
-        publisher = Publisher(self.broker, self.db, fate, TALLY)
+        publisher = Publisher(self.broker, self.db, fate, TALLY, SETTINGS.results_topic)
         db = self.db
 
         async def lookup(digests: list[bytes]) -> list[Partner]:
@@ -209,12 +210,16 @@ class Simulation(RuleBasedStateMachine):
             return db.stored_offsets(topic)
 
         processor = BatchProcessor(
-            Transactions(db, fate), SETTINGS, Authenticator(lookup, SETTINGS.auth_cache_ttl_s)
+            Transactions(db, fate, publisher.watermarks),
+            SETTINGS,
+            Authenticator(lookup, SETTINGS.auth_cache_ttl_s),
         )
         consumer = ReleaseConsumer(source, processor, publisher, SETTINGS, stored_offsets)
         source.subscribe(consumer.listener())
-        task = asyncio.get_running_loop().create_task(consumer.run())
-        self.workers.append(Worker(name, fate, source, publisher, consumer, task))
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(consumer.run())
+        marks = loop.create_task(publisher.run_watermarks())
+        self.workers.append(Worker(name, fate, source, publisher, consumer, task, marks))
 
     async def _reap(self) -> None:
         """Dead workers: their process is gone (their session times out, the group moves on)."""
@@ -223,6 +228,7 @@ class Simulation(RuleBasedStateMachine):
             while not w.task.done():  # cancelled at every await it is blocked in
                 w.task.cancel()
                 await asyncio.wait([w.task], timeout=0.01)
+            w.watermarks.cancel()
             w.publisher.abandon()
             w.source.close()
 
@@ -233,7 +239,10 @@ class Simulation(RuleBasedStateMachine):
             async with asyncio.timeout(SETTINGS.shutdown_timeout_s):
                 await w.task
                 await w.publisher.flush(SETTINGS.shutdown_timeout_s)
+                owned = w.publisher.watermarks.owned()
+                await w.publisher.release(owned, SETTINGS.shutdown_timeout_s)
                 await w.consumer.commit()
+                w.watermarks.cancel()
         except TimeoutError:
             if not w.fate.dead:
                 self.violations.append(f"{w.name}: SIGTERM did not end within the timeout")
@@ -376,12 +385,25 @@ class Simulation(RuleBasedStateMachine):
 
     def _applications(self, state: FakeStore) -> list[tuple[Record, OutboxMessage]]:
         """(record, its first result) for each record each committed transaction applied,
-        in the order they were applied."""
-        groups: list[tuple[int, int, OutboxMessage]] = []  # (partition, first offset, result)
-        for batch in state.enqueued:
+        in the order the transactions committed (within one, in offset order: its fresh
+        results are in the inbox, its replays and rejections in the outbox)."""
+        source = {key: (tp[1], offset) for tp, offset, key in state.inbox_rows}
+        applied: list[tuple[Record, OutboxMessage]] = []
+        done: set[Record] = set()
+        for outbox_rows, keys in state.transactions:
+            groups: list[tuple[int, int, OutboxMessage]] = []  # (partition, offset, result)
+            for key in keys:  # fresh: the inbox row names its record
+                row = state.inbox[key]
+                first = OutboxMessage(
+                    SETTINGS.results_topic,
+                    row.cart_id.encode(),
+                    row.results[0] if row.results else None,
+                    row.headers or (),
+                )
+                groups.append((*source[key], first))
             current: tuple[int, int] | None = None
             payloads: set[bytes | None] = set()
-            for m in batch:
+            for m in outbox_rows:
                 if m.topic != SETTINGS.results_topic:
                     continue
                 where = self._where(m)
@@ -391,29 +413,34 @@ class Simulation(RuleBasedStateMachine):
                     current, payloads = where, set()
                     groups.append((*where, m))
                 payloads.add(m.payload)
-        applied: list[tuple[Record, OutboxMessage]] = []
-        done: set[Record] = set()
-        for partition, offset, m in groups:
-            log = self.broker.logs[self.broker.partitions[partition]]
-            record = next((r for r in log if r.offset >= offset), None)
-            assert record is not None, f"a result for no record that exists: {partition}/{offset}"
-            if not record.unreadable:
-                assert record.offset == offset, f"{partition}/{offset} is not {record}"
-                # Results carrying an applied record's headers again answer its replays.
-                replay = next((r for r in self.replays.get(record, []) if r not in done), None)
-                if record in done and replay is not None:
-                    record = replay
-                applied.append((record, m))
-                done.add(record)
-                continue
-            # An unreadable record's rejection stands for a span of offsets (gaps, the rest
-            # of its batch and, as README's known limits say, readable records the probing
-            # for the span's end jumped over); its message names the span.
-            message = orjson.loads(m.payload or b"{}")["errors"][0]["message"]
-            span = re.search(r"offsets (\d+)-(\d+)", message)
-            end = int(span.group(2)) + 1 if span else offset + 1
-            applied.extend((r, m) for r in log if offset <= r.offset < end)
+            ours: list[tuple[Record, OutboxMessage]] = []
+            for partition, offset, m in groups:
+                ours.extend(self._records(partition, offset, m, done))
+            applied.extend(sorted(ours, key=lambda a: (a[0].partition, a[0].offset)))
         return applied
+
+    def _records(
+        self, partition: int, offset: int, m: OutboxMessage, done: set[Record]
+    ) -> list[tuple[Record, OutboxMessage]]:
+        """The record(s) a result at (partition, offset) answers."""
+        log = self.broker.logs[self.broker.partitions[partition]]
+        record = next((r for r in log if r.offset >= offset), None)
+        assert record is not None, f"a result for no record that exists: {partition}/{offset}"
+        if not record.unreadable:
+            assert record.offset == offset, f"{partition}/{offset} is not {record}"
+            # Results carrying an applied record's headers again answer its replays.
+            replay = next((r for r in self.replays.get(record, []) if r not in done), None)
+            if record in done and replay is not None:
+                record = replay
+            done.add(record)
+            return [(record, m)]
+        # An unreadable record's rejection stands for a span of offsets (gaps, the rest
+        # of its batch and, as README's known limits say, readable records the probing
+        # for the span's end jumped over); its message names the span.
+        message = orjson.loads(m.payload or b"{}")["errors"][0]["message"]
+        span = re.search(r"offsets (\d+)-(\d+)", message)
+        end = int(span.group(2)) + 1 if span else offset + 1
+        return [(r, m) for r in log if offset <= r.offset < end]
 
     def _where(self, m: OutboxMessage) -> tuple[int, int]:
         """(partition, offset) of the record a result answers."""
@@ -450,6 +477,17 @@ class Simulation(RuleBasedStateMachine):
         for batch in state.enqueued:
             for m in batch:
                 assert m.outbox_id in kept, f"outbox row {m.outbox_id} lost unpublished"
+        # A fresh result has no outbox row: below its partition's published watermark it
+        # was acknowledged (the claim is true); at or above it, its owner republishes it.
+        for tp, offset, key in state.inbox_rows:
+            if offset < state.published_offsets.get(tp, 0):
+                row = state.inbox[key]
+                for p in row.results or []:
+                    triple = (row.cart_id.encode(), p, row.headers or ())
+                    assert self.broker.fresh[triple], (
+                        f"inbox row {tp}/{offset} below the published watermark "
+                        f"{state.published_offsets[tp]}, its results never published"
+                    )
         self.busy = False
 
     @invariant()
@@ -525,6 +563,14 @@ class Simulation(RuleBasedStateMachine):
             assert len(m.payload or b"") > self.broker.max_message_bytes, (
                 f"outbox row {m.outbox_id} never published"
             )
+        state = self.db.state
+        for tp, offset, key in state.inbox_rows:
+            row = state.inbox[key]
+            for p in row.results or []:
+                assert self.broker.fresh[(row.cart_id.encode(), p, row.headers or ())], (
+                    f"inbox row {tp}/{offset}: its results were never published "
+                    f"(watermark {state.published_offsets.get(tp)})"
+                )
 
     def _close(self) -> None:
         async def cancel_all() -> None:

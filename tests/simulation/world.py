@@ -31,7 +31,7 @@ import asyncio
 import selectors
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,8 @@ from aiokafka.errors import CommitFailedError
 
 from tests.unit.fake_store import FakeStore
 from worker.auth import Partner
-from worker.records import Headers, OutboxMessage
+from worker.records import Headers, OutboxMessage, Publication
+from worker.watermarks import Batch, Watermarks
 
 TOPIC = "cart.abandoned"
 
@@ -138,6 +139,8 @@ class Broker:
         self.generation = 0
         self.members: list[Source] = []
         self.published: dict[int, OutboxMessage] = {}  # by outbox id
+        # Fresh results (no outbox row), as (key, payload, headers): how often acknowledged.
+        self.fresh: Counter[tuple[bytes | None, bytes | None, Headers]] = Counter()
         self.refusals = 0  # the next sends the broker refuses (an outage)
         self.max_message_bytes = 1 << 30
         self._rebalance_timeout_s = rebalance_timeout_s
@@ -427,14 +430,19 @@ class Database:
 
 
 class Transactions:
-    """`release.Transactions` over the fake database, for one worker."""
+    """`release.Transactions` over the fake database, for one worker, whose offset UPDATEs
+    carry the published watermark it claims (as `store.PgTransactions`)."""
 
-    def __init__(self, db: Database, fate: Fate) -> None:
+    def __init__(self, db: Database, fate: Fate, watermarks: Watermarks) -> None:
         self._db = db
         self._fate = fate
+        self._watermarks = watermarks
 
-    def begin(self) -> AbstractAsyncContextManager[FakeStore]:
-        return self._db.transaction(self._fate)
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[FakeStore]:
+        async with self._db.transaction(self._fate) as work:
+            work.claim = self._watermarks.claim
+            yield work
 
 
 # ---------------------------------------------------------------------- publishing
@@ -444,12 +452,102 @@ class Publisher:
     """A fake `consumer.ResultPublisher` with the real one's promise: a refused or lost
     send leaves the row in the outbox, an acknowledged one is deleted afterwards."""
 
-    def __init__(self, broker: Broker, db: Database, fate: Fate, tally: Counter[str]) -> None:
+    def __init__(
+        self, broker: Broker, db: Database, fate: Fate, tally: Counter[str], results_topic: str
+    ) -> None:
         self._broker = broker
         self._db = db
         self._fate = fate
         self._tally = tally
+        self._results_topic = results_topic
         self._inflight: set[asyncio.Task[None]] = set()
+        self.watermarks = Watermarks()  # the real books
+
+    # Fresh results: stored in the inbox only, published from memory, and republished from
+    # the inbox when not known acknowledged (publisher.Publisher's promise).
+
+    async def publish_fresh(self, publications: Sequence[Publication]) -> None:
+        self.watermarks.claims_committed([(p.topic, p.partition) for p in publications])
+        for pub in publications:
+            batch = self.watermarks.committed(
+                (pub.topic, pub.partition), pub.start, pub.end, len(pub.messages)
+            )
+            if not pub.messages:
+                continue
+            await self._fate.step("publish_fresh")
+            ok = send_fresh(self._broker, pub.messages, self._tally)
+            task = asyncio.get_running_loop().create_task(self._settle(batch, ok))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _settle(self, batch: Batch, ok: bool) -> None:
+        await asyncio.sleep(0.01)  # the broker's acknowledgement
+        self.watermarks.settled(batch, failed=not ok)
+
+    async def catch_up(self, tp: tuple[str, int]) -> bool:
+        start = self.watermarks.covered(tp)
+        if start is None:
+            return True
+        await self._db.call(self._fate, "publication_state")
+        state = self._db.state
+        self.watermarks.adopt(tp, state.published_offsets.get(tp, 0))
+        start = self.watermarks.covered(tp)
+        assert start is not None
+        end = state.offsets.get(tp, 0)
+        await self._db.call(self._fate, "stored_range")
+        rows = self._db.state.stored_range(tp, start, end)
+        messages = [
+            OutboxMessage(self._results_topic, stored.cart_id.encode(), p, stored.headers or ())
+            for _, stored in rows
+            for p in stored.results or []
+        ]
+        if messages:
+            await self._fate.step("republish")
+            if not send_fresh(self._broker, messages, self._tally):
+                return False
+            await asyncio.sleep(0.01)  # the acknowledgements
+            self._tally["republished"] += len(messages)
+        self.watermarks.caught_up(tp, start, end)
+        await self.store_watermarks([tp])
+        return True
+
+    async def store_watermarks(self, partitions: Sequence[tuple[str, int]] | None = None) -> None:
+        marks = self.watermarks.to_store(None if partitions is None else list(partitions))
+        if marks:
+            async with self._db.transaction(self._fate) as state:
+                await self._db.call(self._fate, "store_published")
+                state.store_published(marks)
+            self.watermarks.stored(marks)
+
+    async def recover(self, partitions: Sequence[tuple[str, int]], timeout_s: float) -> None:
+        for tp in partitions:
+            self.watermarks.assign((tp[0], tp[1]), 0)
+        try:
+            async with asyncio.timeout(timeout_s):
+                for tp in sorted(partitions):
+                    await self.catch_up((tp[0], tp[1]))
+        except (asyncpg.PostgresError, TimeoutError):
+            self._tally["republish deferred"] += 1
+
+    async def release(self, partitions: Sequence[tuple[str, int]], timeout_s: float) -> None:
+        try:
+            async with asyncio.timeout(max(0.1, timeout_s)):
+                await self.store_watermarks([(tp[0], tp[1]) for tp in partitions])
+        except (asyncpg.PostgresError, TimeoutError):
+            self._tally["watermark not stored"] += 1
+        for tp in partitions:
+            self.watermarks.forget((tp[0], tp[1]))
+
+    async def run_watermarks(self) -> None:
+        """The periodic pass (`publisher.Publisher.run_watermarks`)."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                for tp in self.watermarks.gapped():
+                    await self.catch_up(tp)
+                await self.store_watermarks()
+            except asyncpg.PostgresError:
+                self._tally["watermark pass failed"] += 1
 
     async def publish(self, messages: Sequence[OutboxMessage]) -> None:
         if not messages:
@@ -479,6 +577,21 @@ class Publisher:
     def abandon(self) -> None:
         for task in self._inflight:
             task.cancel()
+
+
+def send_fresh(broker: Broker, messages: Iterable[OutboxMessage], tally: Counter[str]) -> bool:
+    """Hand fresh results (no outbox row) to the broker; whether it acknowledged them all
+    (a refusal fails the rest: the real producer's batch to the partition fails whole)."""
+    for m in messages:
+        if broker.refusals > 0:
+            broker.refusals -= 1
+            tally["publish refused"] += 1
+            return False
+        triple = (m.key, m.payload, m.headers)
+        if broker.fresh[triple]:
+            tally["published again"] += 1
+        broker.fresh[triple] += 1
+    return True
 
 
 def send(broker: Broker, messages: Iterable[OutboxMessage], tally: Counter[str]) -> list[int]:

@@ -34,6 +34,14 @@ class FakeStore:
         self.enqueued: list[tuple[OutboxMessage, ...]] = []
         self.next_outbox_id = 0
         self.offsets: dict[TopicPartition, int] = {}
+        # consumer_offsets.published_offset, and each inbox row's (source, offset, key).
+        self.published_offsets: dict[TopicPartition, int] = {}
+        self.inbox_rows: list[tuple[TopicPartition, int, EventKey]] = []
+        # Per committed transaction (for the simulation): its outbox rows and inbox keys.
+        self.transactions: list[tuple[tuple[OutboxMessage, ...], tuple[EventKey, ...]]] = []
+        self._written: tuple[list[OutboxMessage], list[EventKey]] = ([], [])
+        # The published watermark this worker claims, folded into `advance_offsets`.
+        self.claim: Callable[[TopicPartition], int | None] = lambda tp: None
         # Every reservation the code asked `release` to move, moved or not: the fake refuses
         # another partner's or a settled reservation, so only this shows the code asked.
         self.asked_to_release: list[str] = []
@@ -50,6 +58,9 @@ class FakeStore:
         twin.next_outbox_id = self.next_outbox_id
         twin.offsets = dict(self.offsets)
         twin.asked_to_release = list(self.asked_to_release)
+        twin.published_offsets = dict(self.published_offsets)
+        twin.inbox_rows = list(self.inbox_rows)
+        twin.transactions = list(self.transactions)
         return twin
 
     async def lock_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
@@ -113,6 +124,8 @@ class FakeStore:
             key = (e.partner_id, e.event_id)
             if key not in self.inbox:
                 self.inbox[key] = StoredResults(e.cart_id, e.results, e.headers)
+                self.inbox_rows.append(((e.record.topic, e.record.partition), e.record.offset, key))
+                self._written[1].append(key)
                 inserted.add(key)
         return inserted
 
@@ -123,12 +136,31 @@ class FakeStore:
         self.next_outbox_id += len(stored)
         self.outbox.extend(stored)
         self.enqueued.append(tuple(stored))  # the caller may extend the list it gets
+        self._written[0].extend(stored)
         return stored
 
     async def advance_offsets(self, next_offsets: dict[TopicPartition, int]) -> None:
         await self.checkpoint("advance_offsets")
         for tp, n in next_offsets.items():
             self.offsets[tp] = max(self.offsets.get(tp, 0), n)
+            claim = self.claim(tp)
+            if claim is not None:
+                self.published_offsets[tp] = max(self.published_offsets.get(tp, 0), claim)
+        # `apply_batch`'s last call: what this transaction wrote, should it commit.
+        outbox, keys = self._written
+        self.transactions.append((tuple(outbox), tuple(keys)))
+        self._written = ([], [])
+
+    def store_published(self, marks: dict[TopicPartition, int]) -> None:
+        for tp, mark in marks.items():
+            self.published_offsets[tp] = max(self.published_offsets.get(tp, 0), mark)
+
+    def stored_range(
+        self, tp: TopicPartition, start: int, end: int
+    ) -> list[tuple[int, StoredResults]]:
+        """(source offset, stored results) of `tp`'s inbox rows in [start, end), in order."""
+        rows = sorted((o, k) for t, o, k in self.inbox_rows if t == tp and start <= o < end)
+        return [(o, self.inbox[k]) for o, k in rows]
 
     def delete_outbox(self, ids: Sequence[int]) -> None:
         gone = set(ids)

@@ -12,7 +12,7 @@ from aiokafka.structs import TopicPartition
 from tests.unit.fake_source import FakeRecord, FakeSource
 from worker.config import Settings
 from worker.consumer import Lane, ReleaseConsumer
-from worker.records import OutboxMessage, RawRecord
+from worker.records import OutboxMessage, Publication, RawRecord
 from worker.release import BatchReport
 
 TOPIC = "cart.abandoned"
@@ -43,7 +43,16 @@ class NullPublisher:
     async def publish(self, messages: Sequence[OutboxMessage]) -> None:
         pass
 
+    async def publish_fresh(self, publications: Sequence[Publication]) -> None:
+        pass
+
     async def flush(self, timeout_s: float) -> None:
+        pass
+
+    async def recover(self, partitions: Sequence[tuple[str, int]], timeout_s: float) -> None:
+        pass
+
+    async def release(self, partitions: Sequence[tuple[str, int]], timeout_s: float) -> None:
         pass
 
 

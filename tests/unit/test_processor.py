@@ -11,7 +11,7 @@ import asyncpg
 from prometheus_client import REGISTRY
 
 from tests.unit.fake_store import FakeStore
-from tests.unit.test_release import bodies, reservation
+from tests.unit.test_release import inbox_bodies, reservation
 from worker.auth import Authenticator, Partner
 from worker.config import Settings
 from worker.processor import BatchProcessor
@@ -153,7 +153,9 @@ async def test_a_deferred_record_offered_again_waits_alone_then_applies_in_order
     assert done.deferred == []
     assert _status(store) == dict.fromkeys(["a0", "busy", "a2", "b0", "b1", "b2"], "released")
     assert store.offsets == {("in", 0): 3, ("in", 1): 3}
-    released = [b["itemReservationId"] for b in bodies(store)]
+    # Fresh results are stored in the inbox only (published from memory): in the order
+    # their records were applied.
+    released = [b["itemReservationId"] for b in inbox_bodies(store)]
     assert released.index("busy") < released.index("a2")
     assert done.next_offsets == {("in", 0): 3}
 

@@ -49,6 +49,11 @@ def bodies(store: FakeStore) -> list[dict[str, Any]]:
     return [orjson.loads(m.payload or b"") for m in store.outbox]
 
 
+def inbox_bodies(store: FakeStore) -> list[dict[str, Any]]:
+    """The results stored in the inbox, in the order their events were recorded."""
+    return [orjson.loads(p) for s in store.inbox.values() for p in s.results or []]
+
+
 def outcomes(store: FakeStore) -> list[tuple[str, str, int]]:
     return [(b["itemReservationId"], b["outcome"], b["quantity"]) for b in bodies(store)]
 
@@ -292,3 +297,39 @@ async def test_a_rejection_before_the_partner_is_known_is_keyed_by_the_record() 
     (result,) = store.outbox
     assert result.key == b"record-key"
     assert headers_of(result) == {"event-id": b"e1", "rokt-session-id": b"s"}
+
+
+async def test_fresh_results_from_the_inbox_skip_the_outbox_and_name_their_offset_range() -> None:
+    store = FakeStore([reservation("r1"), reservation("r2", cart="c2")])
+    store.offsets[("in", 0)] = 5
+    batch = [
+        work(3, "c1", [("i-r1", "r1")], "old"),  # below the stored offset: skipped
+        work(5, "c1", [("i-r1", "r1")], "e1"),
+        work(6, "c1", [("i-r1", "r1")], "e1"),  # a replay: its results keep the outbox
+        work(7, "c9", None, "e9"),  # a 422, recorded in the inbox: from the inbox too
+        work(0, "c2", [("i-r2", "r2")], "e2", partition=1),
+    ]
+    report = await apply_batch(store, batch, TOPICS, fresh_from_inbox=True)
+    assert [(p.topic, p.partition, p.start, p.end) for p in report.publications] == [
+        ("in", 0, 5, 8),
+        ("in", 1, 0, 1),
+    ]
+    fresh = {(p.partition): p.messages for p in report.publications}
+    # Byte for byte what the inbox holds, keyed by the cart, with the stored headers (G2).
+    for partition, key in [(0, ("p1", "e1")), (1, ("p1", "e2"))]:
+        stored = store.inbox[key]
+        ours = [m for m in fresh[partition] if m.key == stored.cart_id.encode()]
+        assert [m.payload for m in ours] == stored.results
+        assert {m.headers for m in ours} == {stored.headers}
+    assert [m.key for m in fresh[0]] == [b"c1", b"c9"]
+    assert orjson.loads(fresh[0][1].payload or b"")["errors"][0]["code"] == "cart_not_found"
+    # Only the replay went to the outbox.
+    assert [m.payload for m in store.outbox] == store.inbox[("p1", "e1")].results
+    assert report.messages == store.outbox
+
+
+async def test_without_fresh_from_inbox_every_result_is_an_outbox_row() -> None:
+    store = FakeStore([reservation("r1")])
+    report = await apply_batch(store, [work(0, "c1", [("i-r1", "r1")], "e1")], TOPICS)
+    assert report.publications == []
+    assert outcomes(store) == [("r1", "released", 2)]

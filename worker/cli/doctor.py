@@ -130,9 +130,21 @@ async def check_database(settings: Settings) -> list[Check]:
             )
         if not privileges.ok:
             return [reachable, schema, privileges]
-        return [reachable, schema, privileges, await _parked(conn)]
+        return [reachable, schema, privileges, await _unpublished(conn), await _parked(conn)]
     finally:
         await conn.close()
+
+
+async def _unpublished(conn: asyncpg.Connection) -> Check:
+    """Fresh results not yet known acknowledged (inbox rows at or above their partition's
+    published watermark); their partition's owner republishes them."""
+    rows = await store.unpublished_backlog(conn)
+    return Check(
+        "unpublished results",
+        True,
+        f"{rows} inbox row(s) above their partition's published watermark"
+        + (" (republished by each partition's owner)" if rows else ""),
+    )
 
 
 async def _parked(conn: asyncpg.Connection) -> Check:

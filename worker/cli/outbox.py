@@ -68,7 +68,8 @@ def show(
     if not as_json:
         typer.echo(
             f"waiting: {summary.waiting} (oldest {summary.oldest_waiting or '-'}); "
-            f"parked: {summary.parked} (oldest {summary.oldest_parked or '-'})"
+            f"parked: {summary.parked} (oldest {summary.oldest_parked or '-'}); "
+            f"unpublished inbox rows (above their partition's watermark): {summary.unpublished}"
         )
     columns = COLUMNS + (["created_at"] if waiting else PARK_COLUMNS)
     print_rows(rows, columns, as_json, title="waiting rows" if waiting else "parked rows")
