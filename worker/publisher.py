@@ -153,13 +153,21 @@ class Publisher:
             batch = self.watermarks.committed(tp, pub.start, pub.end, len(pub.messages))
             if not pub.messages:
                 continue
+            sent: list[OutboxMessage] = []
             futures: list[asyncio.Future[object]] = []
+            refused: list[tuple[OutboxMessage, str, BaseException]] = []
             try:
                 partitions = await self._partitions(pub.messages)
                 for m, partition in zip(pub.messages, partitions, strict=True):
-                    futures.append(await self._send(m, partition))
+                    try:
+                        futures.append(await self._send(m, partition))
+                        sent.append(m)
+                    except BROKER_ERRORS as error:
+                        if (reason := broker_refusal(error)) is None:
+                            raise
+                        refused.append((m, reason, error))  # the client's own refusal
             except BROKER_ERRORS as error:
-                self.healthy = self.healthy and broker_refusal(error) is not None
+                self.healthy = False
                 self.watermarks.settled(batch, failed=True)
                 log.warning(
                     "publish_failed_left_in_inbox",
@@ -168,23 +176,34 @@ class Publisher:
                     error=repr(error)[:200],
                 )
                 continue
-            task = asyncio.create_task(self._settle_fresh(batch, pub.messages, futures))
+            task = asyncio.create_task(self._settle_fresh(batch, sent, futures, refused))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
     async def _settle_fresh(
-        self, batch: Batch, messages: list[OutboxMessage], futures: list[asyncio.Future[object]]
+        self,
+        batch: Batch,
+        messages: list[OutboxMessage],
+        futures: list[asyncio.Future[object]],
+        refused: list[tuple[OutboxMessage, str, BaseException]],
     ) -> None:
         results = await asyncio.gather(*futures, return_exceptions=True)
         now_ms = time.time() * 1000
         failed = outage = 0
         for message, result in zip(messages, results, strict=True):
-            if isinstance(result, BaseException):
+            if not isinstance(result, BaseException):
+                if message.source_ts_ms:
+                    metrics.LATENCY.observe(max(0.0, (now_ms - message.source_ts_ms) / 1000))
+            elif (reason := broker_refusal(result)) is None:
                 failed += 1
-                outage += broker_refusal(result) is None
-            elif message.source_ts_ms:
-                metrics.LATENCY.observe(max(0.0, (now_ms - message.source_ts_ms) / 1000))
-        self.published += len(messages) - failed
+                outage += 1
+            else:
+                refused.append((message, reason, result))
+        self.published += len(messages) - failed - len(refused)
+        # A result refused for good is parked (committed) before the watermark may pass it;
+        # if parking fails, the batch is a gap and a catch-up republishes it from the inbox.
+        if refused and not await self._park_fresh(batch.tp, refused):
+            failed += len(refused)
         self.watermarks.settled(batch, failed=bool(failed))
         if failed:
             log.warning(
@@ -194,6 +213,46 @@ class Publisher:
                 messages=failed,
             )
         self.healthy = not outage
+
+    async def _park_fresh(
+        self, tp: TopicPartition, refused: list[tuple[OutboxMessage, str, BaseException]]
+    ) -> bool:
+        """Write fresh results the broker refuses for good as parked outbox rows (the same
+        bytes, key and headers; `outbox retry` re-sends them) in their own transaction;
+        return whether it committed."""
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                rows = await store.enqueue(conn, [m for m, _, _ in refused])
+                await store.park_outbox(
+                    conn,
+                    [
+                        (row.outbox_id, r)
+                        for row, (_, r, _) in zip(rows, refused, strict=True)
+                        if row.outbox_id is not None
+                    ],
+                )
+        except _STORE_FAILURES as failure:
+            log.warning(
+                "results_park_failed_left_in_inbox",
+                topic=tp[0],
+                partition=tp[1],
+                messages=len(refused),
+                error=repr(failure)[:200],
+            )
+            return False
+        for row, (m, reason, error) in zip(rows, refused, strict=True):
+            metrics.PARKED.labels(reason=reason).inc()
+            log.error(
+                "outbox_row_parked",
+                outbox_id=row.outbox_id,
+                topic=m.topic,
+                reason=reason,
+                source_topic=tp[0],
+                source_partition=tp[1],
+                payload_bytes=len(m.payload or b""),
+                error=repr(error)[:200],
+            )
+        return True
 
     async def catch_up(self, tp: TopicPartition, timeout_s: float = _RELAY_SEND_TIMEOUT_S) -> bool:
         """Republish, in offset order, the stored results of `tp`'s inbox rows from its
@@ -225,10 +284,30 @@ class Publisher:
             if not messages:
                 continue
             partitions = await self._partitions(messages)
-            futures = [await self._send(m, p) for m, p in zip(messages, partitions, strict=True)]
+            futures: list[asyncio.Future[object]] = []
+            for m, p in zip(messages, partitions, strict=True):
+                try:
+                    futures.append(await self._send(m, p))
+                except BROKER_ERRORS as error:
+                    if broker_refusal(error) is None:
+                        raise
+                    future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+                    future.set_exception(error)  # the client's own refusal
+                    futures.append(future)
             async with asyncio.timeout(timeout_s):
                 answers = await asyncio.gather(*futures, return_exceptions=True)
+            refused = [
+                (m, reason, a)
+                for m, a in zip(messages, answers, strict=True)
+                if isinstance(a, BaseException) and (reason := broker_refusal(a)) is not None
+            ]
             errors = [a for a in answers if isinstance(a, BaseException)]
+            if len(errors) == len(refused) and refused:
+                # Refused for good: parked (committed) before the watermark passes them.
+                if not await self._park_fresh(tp, refused):
+                    return False
+                sent -= len(refused)
+                errors = []
             if errors:
                 log.warning(
                     "results_republish_failed",

@@ -31,7 +31,7 @@ from worker import store
 from worker.cli.doctor import check_database
 from worker.config import Settings
 from worker.publisher import Publisher
-from worker.records import OutboxMessage
+from worker.records import OutboxMessage, Publication
 
 pytestmark = pytest.mark.integration
 
@@ -223,3 +223,57 @@ async def test_readiness_returns_once_the_relay_publishes_after_a_fast_path_outa
     await publisher.relay_once(grace_s=0)
     assert await left(db, topics) == []
     assert publisher.healthy
+
+
+@pytest.mark.parametrize("in_send", [True, False], ids=["refused_by_client", "refused_by_broker"])
+async def test_a_fresh_result_refused_for_good_is_parked_and_the_watermark_passes_it(
+    worker_pool: asyncpg.Pool, db: asyncpg.Pool, topics: tuple[str, str], in_send: bool
+) -> None:
+    # A fresh apply's results live only in the inbox; one the broker refuses for good must
+    # not hold back the partition's watermark (retried forever): it becomes a parked
+    # outbox row, byte for byte, and `outbox retry` takes it from there (DESIGN.md §7).
+    producer = RefusingProducer(set(topics), {b"refused": MessageSizeTooLargeError()}, in_send)
+    publisher = Publisher(producer, worker_pool, relay_interval_s=1, relay_grace_s=0)
+    tp = (f"in-{topics[0]}", 0)
+    publisher.watermarks.assign(tp, 0)
+    publisher.watermarks.caught_up(tp, 0, 0)
+    headers = (("h", b"v"), ("none", None))
+    messages = [
+        OutboxMessage(topics[0], b"cart", payload, headers)
+        for payload in (b"before", b"refused", b"after")
+    ]
+
+    await publisher.publish_fresh([Publication(tp[0], tp[1], 0, 3, messages)])
+    await publisher.flush(10)
+
+    assert await left(db, topics) == [(b"refused", "too_large")]
+    row = await db.fetchrow("SELECT key, headers FROM outbox WHERE topic = $1", topics[0])
+    assert row is not None
+    assert bytes(row["key"]) == b"cart"
+    assert store.decode_headers(row["headers"]) == headers
+    assert publisher.watermarks.covered(tp) == 3, "the refusal does not hold the watermark"
+    assert publisher.watermarks.gapped() == []
+    await publisher.relay_once(grace_s=0)
+    assert producer.sent == Counter({b"before": 1, b"refused": 1, b"after": 1}), "never re-sent"
+
+
+async def test_a_refused_fresh_result_that_cannot_be_parked_holds_the_watermark(
+    servers: Servers, db: asyncpg.Pool, topics: tuple[str, str]
+) -> None:
+    # The database is away when the refusal comes: nothing is parked, so the watermark must
+    # stay before the result (it is republished, and parked, from the inbox later).
+    producer = RefusingProducer(set(topics), {b"refused": MessageSizeTooLargeError()}, False)
+    closed = await asyncpg.create_pool(servers.worker_database_url, min_size=1, max_size=1)
+    await closed.close()
+    publisher = Publisher(producer, closed, relay_interval_s=1, relay_grace_s=0)
+    tp = (f"in-{topics[0]}", 0)
+    publisher.watermarks.assign(tp, 0)
+    publisher.watermarks.caught_up(tp, 0, 0)
+    messages = [OutboxMessage(topics[0], b"cart", p) for p in (b"before", b"refused")]
+
+    await publisher.publish_fresh([Publication(tp[0], tp[1], 0, 2, messages)])
+    await publisher.flush(10)
+
+    assert await left(db, topics) == []
+    assert publisher.watermarks.covered(tp) == 0
+    assert publisher.watermarks.gapped() == [tp]
