@@ -4,16 +4,21 @@ watermark, and the partition's next owner republishes them, byte for byte (G2, I
 
 from __future__ import annotations
 
+from collections import Counter
+
 import asyncpg
 import pytest
+from aiokafka.errors import MessageSizeTooLargeError
 
 from tests.conftest import Servers
 from tests.integration.conftest import World, reserve
+from tests.integration.test_outbox import RefusingProducer
 from tests.support import isolated_settings, produce, read_results, running_worker
 from worker import store
 from worker.auth import Authenticator
 from worker.inbox_pruner import prune_once
 from worker.processor import BatchProcessor
+from worker.publisher import Publisher
 from worker.records import RawRecord
 from worker.testing.scenario import abandon_event
 from worker.testing.topics import ensure_topics
@@ -112,3 +117,59 @@ async def test_the_pruner_keeps_results_at_or_above_the_published_watermark(
         f"{p}-acked": True,
         f"{p}-not-yet": False,
     }
+
+
+async def test_a_result_the_catch_up_finds_refused_for_good_is_parked_and_passed(
+    db: asyncpg.Pool, world: World, servers: Servers
+) -> None:
+    # A catch-up republishing from the inbox meets a result the broker refuses for good:
+    # it is parked in the outbox (byte for byte) and the watermark goes past it (§7).
+    p = world.prefix
+    topic, results_topic = f"{p}-in", f"{p}-results"
+    await db.execute(
+        "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, published_offset)"
+        " VALUES ($1, $2, 0, 3, 0)",
+        world.settings.group_id,
+        topic,
+    )
+    headers = (("h", b"v"),)
+    for event_id, offset, payload in [("a", 0, b"good-0"), ("b", 1, b"huge"), ("c", 2, b"good-2")]:
+        await db.execute(
+            "INSERT INTO inbox (partner_id, event_id, cart_id, source_topic, source_partition, "
+            "source_offset, results, result_headers, processed_at) "
+            "VALUES ($1, $2, 'cart', $3, 0, $4, $5::bytea[], $6, now())",
+            world.partner_id,
+            f"{p}-{event_id}",
+            topic,
+            offset,
+            [payload],
+            store.encode_headers(headers),
+        )
+    producer = RefusingProducer({results_topic}, {b"huge": MessageSizeTooLargeError()}, False)
+    pool = await asyncpg.create_pool(servers.worker_database_url, min_size=1, max_size=2)
+    try:
+        publisher = Publisher(
+            producer, pool, 1, 0, group_id=world.settings.group_id, results_topic=results_topic
+        )
+        await publisher.recover([(topic, 0)], 10)
+        await publisher.recover([(topic, 0)], 10)  # a later owner: nothing left to republish
+    finally:
+        await pool.close()
+    try:
+        parked = await db.fetch(
+            "SELECT key, payload, headers, park_reason FROM outbox WHERE topic = $1",
+            results_topic,
+        )
+        assert [(bytes(r["key"]), bytes(r["payload"]), r["park_reason"]) for r in parked] == [
+            (b"cart", b"huge", "too_large")
+        ]
+        assert store.decode_headers(parked[0]["headers"]) == headers
+        assert producer.sent == Counter({b"good-0": 1, b"huge": 1, b"good-2": 1})
+        published = await db.fetchval(
+            "SELECT published_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2",
+            world.settings.group_id,
+            topic,
+        )
+        assert published == 3
+    finally:
+        await db.execute("DELETE FROM outbox WHERE topic = $1", results_topic)
