@@ -282,8 +282,14 @@ def doctor_env(settings: Settings, database_url: str) -> dict[str, str]:
     return settings_env(settings, database_url=database_url)
 
 
-async def test_doctor_passes_on_a_migrated_database_with_all_topics(world: World) -> None:
+async def test_doctor_passes_on_a_migrated_database_with_all_topics(
+    db: asyncpg.Pool, world: World
+) -> None:
     await ensure_topics(world.settings, 2)
+    # The session's database is shared: earlier tests may leave inbox rows above a
+    # watermark (stopped workers, the watermark tests' deliberate gaps). Doctor must
+    # report the count it finds, whatever it is.
+    unpublished = await store.unpublished_backlog(db)
     # The worker's own least-privilege login, with a password that must not be printed.
     database_url = world.settings.database_url or ""
     password = urlsplit(database_url).password
@@ -297,7 +303,7 @@ async def test_doctor_passes_on_a_migrated_database_with_all_topics(world: World
     assert "✓ consumer group: joinable" in output
     assert "✓ outbox: no parked rows" in output
     assert "✓ message size: WORKER_MAX_MESSAGE_BYTES 1048588 fits" in output
-    assert "✓ unpublished results: 0 inbox row(s) above" in output
+    assert f"✓ unpublished results: {unpublished} inbox row(s) above" in output
     assert "All 11 checks passed." in output
 
 
