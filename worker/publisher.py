@@ -241,16 +241,8 @@ class Publisher:
             )
             return False
         for row, (m, reason, error) in zip(rows, refused, strict=True):
-            metrics.PARKED.labels(reason=reason).inc()
-            log.error(
-                "outbox_row_parked",
-                outbox_id=row.outbox_id,
-                topic=m.topic,
-                reason=reason,
-                source_topic=tp[0],
-                source_partition=tp[1],
-                payload_bytes=len(m.payload or b""),
-                error=repr(error)[:200],
+            _count_parked(
+                row.outbox_id, m, reason, error, source_topic=tp[0], source_partition=tp[1]
             )
         return True
 
@@ -482,15 +474,7 @@ class Publisher:
                     parked = [(m.outbox_id, r) for m, r, _ in done.refused if m.outbox_id]
                     await store.park_outbox(conn, parked)
             for m, reason, error in done.refused:
-                metrics.PARKED.labels(reason=reason).inc()
-                log.error(
-                    "outbox_row_parked",
-                    outbox_id=m.outbox_id,
-                    topic=m.topic,
-                    reason=reason,
-                    payload_bytes=len(m.payload or b""),
-                    error=repr(error)[:200],
-                )
+                _count_parked(m.outbox_id, m, reason, error)
             total += len(done.sent)
             self.published += len(done.sent)
             # The broker acknowledges again: readiness must not wait for the fast path.
@@ -579,3 +563,19 @@ class Publisher:
         while True:
             await asyncio.sleep(self._relay_interval_s)
             await self.relay_leftovers()
+
+
+def _count_parked(
+    outbox_id: int | None, m: OutboxMessage, reason: str, error: BaseException, **where: object
+) -> None:
+    """Count and log one row parked because the broker refused it for good."""
+    metrics.PARKED.labels(reason=reason).inc()
+    log.error(
+        "outbox_row_parked",
+        outbox_id=outbox_id,
+        topic=m.topic,
+        reason=reason,
+        **where,
+        payload_bytes=len(m.payload or b""),
+        error=repr(error)[:200],
+    )
