@@ -24,6 +24,12 @@ async def age_and_prune(db: asyncpg.Pool, servers: Servers, partner_id: str, eve
         partner_id,
         event_id,
     )
+    return await prune_past_an_hour(servers)
+
+
+async def prune_past_an_hour(servers: Servers) -> int:
+    """One pruning pass with a one-hour retention, as the worker's least-privilege login;
+    return how many rows were pruned."""
     settings = isolated_settings(
         servers.worker_database_url, servers.bootstrap, inbox_retention_hours=1.0
     )

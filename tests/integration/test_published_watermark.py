@@ -12,11 +12,11 @@ from aiokafka.errors import MessageSizeTooLargeError
 
 from tests.conftest import Servers
 from tests.integration.conftest import World, reserve
+from tests.integration.test_inbox_pruner import prune_past_an_hour
 from tests.integration.test_outbox import RefusingProducer
-from tests.support import isolated_settings, produce, read_results, running_worker
+from tests.support import produce, read_results, running_worker
 from worker import store
 from worker.auth import Authenticator
-from worker.inbox_pruner import prune_once
 from worker.processor import BatchProcessor
 from worker.publisher import Publisher
 from worker.records import RawRecord
@@ -102,14 +102,7 @@ async def test_the_pruner_keeps_results_at_or_above_the_published_watermark(
             topic,
             source_offset,
         )
-    settings = isolated_settings(
-        servers.worker_database_url, servers.bootstrap, inbox_retention_hours=1.0
-    )
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
-    try:
-        await prune_once(pool, settings)
-    finally:
-        await pool.close()
+    await prune_past_an_hour(servers)
     rows = await db.fetch(
         "SELECT event_id, results IS NULL AS pruned FROM inbox WHERE source_topic = $1", topic
     )
