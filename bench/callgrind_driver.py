@@ -1,0 +1,176 @@
+"""Instructions per item of the worker's own Python outside the Kafka clients.
+
+    python -m bench.callgrind_driver [--records 1500] [--batch 500] [--callgrind]
+
+Seeds the steady scenario (3-item carts) on an embedded PostgreSQL (or on
+WORKER_DATABASE_URL), makes the records as the consumer hands them over (`RawRecord`s
+spread over 12 partitions) and runs them through `BatchProcessor.process`: parse and
+validate, authorise, plan and render, `apply_batch` over asyncpg, the batch's metrics.
+One batch is a warm-up; then `records` records are measured, in batches of `batch`.
+
+It prints the CPU of this process and of PostgreSQL (the server's process tree) per item
+over the measured part (from /proc: a loaded-machine figure). With `--callgrind` it runs
+itself again under valgrind with instrumentation off, switched on (`callgrind_control -i
+on`) for the measured part only, and prints instructions per item as well: repeatable
+under load, unlike the CPU times. PostgreSQL is not under valgrind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+
+from bench.observe import cpu_seconds, tree_cpu_seconds
+from bench.run import STEADY
+from bench.workload import PARTITIONS, prepare
+from worker import store
+from worker.auth import Authenticator
+from worker.config import Settings
+from worker.migrate import migrate
+from worker.processor import BatchProcessor
+from worker.records import RawRecord
+from worker.testing.embedded import EmbeddedPostgres
+
+TOPIC = "callgrind.in"
+
+
+def _toggle(on: bool) -> None:
+    """Switch callgrind's instrumentation of this process; `callgrind_control` answers once
+    callgrind has read the command (it polls while this process sleeps)."""
+    command = ["callgrind_control", "-i", "on" if on else "off", str(os.getpid())]
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+async def measure(url: str, records: int, batch: int, callgrind: bool) -> dict[str, float]:
+    settings = Settings(database_url=url, batch_max_records=batch, auth_cache_ttl_s=3600)
+    pool = await asyncpg.create_pool(url, min_size=2, max_size=4)
+    try:
+        workload = await prepare(pool, STEADY, batch + records)
+        raw = [
+            RawRecord(TOPIC, n % PARTITIONS, n // PARTITIONS, e.key, e.value, e.headers)
+            for n, e in enumerate(workload.events)
+        ]
+        processor = BatchProcessor(
+            store.PgTransactions(pool, f"callgrind-{workload.prefix}"),
+            settings,
+            # A long TTL: one partner lookup, not one per 5 s of a slow callgrind run.
+            Authenticator(lambda d: store.find_partners(pool, d), settings.auth_cache_ttl_s),
+        )
+        await processor.process(raw[:batch])  # warm-up
+        # The server's main process, a backend's parent: its tree's CPU is PostgreSQL's.
+        postmaster = _parent(await pool.fetchval("SELECT pg_backend_pid()"))
+        measured = raw[batch:]
+        if callgrind:
+            _toggle(True)
+        own, server = cpu_seconds(os.getpid()), tree_cpu_seconds(postmaster)
+        started = time.perf_counter()
+        items = 0
+        for start in range(0, len(measured), batch):
+            report = await processor.process(measured[start : start + batch])
+            items += sum(report.outcomes.values())
+        seconds = time.perf_counter() - started
+        own, server = cpu_seconds(os.getpid()) - own, tree_cpu_seconds(postmaster) - server
+        if callgrind:
+            _toggle(False)
+    finally:
+        await pool.close()
+    expected = records * STEADY.items_per_cart
+    if items != expected:
+        raise RuntimeError(f"{items} item results, expected {expected}")
+    return {
+        "records": records,
+        "items": items,
+        "seconds": round(seconds, 3),
+        "worker_cpu_us_per_item": round(1e6 * own / items, 1),
+        "postgres_cpu_us_per_item": round(1e6 * server / items, 1),
+    }
+
+
+@contextlib.contextmanager
+def _database(url: str | None) -> Iterator[str]:
+    """`url`, or a fresh embedded PostgreSQL for the run; migrated."""
+    with tempfile.TemporaryDirectory(prefix="callgrind-pg-") as root:
+        postgres = None
+        if url is None:
+            postgres = EmbeddedPostgres(Path(root))
+            postgres.start()
+            url = postgres.url
+        try:
+            done = migrate(url)
+            if done.returncode != 0:
+                raise RuntimeError(f"migration failed: {done.stderr}")
+            yield url
+        finally:
+            if postgres is not None:
+                postgres.stop()
+
+
+def _under_callgrind(url: str, args: argparse.Namespace) -> dict[str, float]:
+    """Run the measurement in a child under callgrind; add its instructions per item."""
+    with tempfile.TemporaryDirectory(prefix="callgrind-out-") as out:
+        output = Path(out) / "callgrind.out"
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={output}",
+            sys.executable,
+            "-m",
+            "bench.callgrind_driver",
+            "--inner",
+            f"--records={args.records}",
+            f"--batch={args.batch}",
+            f"--database-url={url}",
+        ]
+        child = subprocess.run(command, capture_output=True, text=True, check=False)
+        if child.returncode != 0:
+            raise RuntimeError(f"callgrind run failed:\n{child.stderr[-3000:]}")
+        figures: dict[str, float] = json.loads(child.stdout.strip().splitlines()[-1])
+        totals = re.search(r"^totals: (\d+)", output.read_text(), re.MULTILINE)
+        assert totals is not None, "no totals in the callgrind output"
+        if args.keep:
+            args.keep.write_bytes(output.read_bytes())
+    # This process's CPU ran under valgrind: meaningless; PostgreSQL's was not.
+    del figures["worker_cpu_us_per_item"]
+    figures["instructions_per_item"] = round(int(totals[1]) / figures["items"])
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", type=int, default=1500, help="records measured")
+    parser.add_argument("--batch", type=int, default=500, help="records per batch (and warm-up)")
+    parser.add_argument("--callgrind", action="store_true", help="count instructions")
+    parser.add_argument("--keep", type=Path, help="with --callgrind: copy the output file here")
+    parser.add_argument("--database-url", default=os.environ.get("WORKER_DATABASE_URL"))
+    parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner:  # under callgrind, started by the outer run
+        print(json.dumps(asyncio.run(measure(args.database_url, args.records, args.batch, True))))
+        return
+    with _database(args.database_url) as url:
+        if args.callgrind:
+            figures = _under_callgrind(url, args)
+        else:
+            figures = asyncio.run(measure(url, args.records, args.batch, False))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
