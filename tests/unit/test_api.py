@@ -12,9 +12,17 @@ import orjson
 import pytest
 
 from worker.api.http import create_app, openapi_document
-from worker.api.service import HttpAnswer, accepts_json, inject_event_id, released_body
+from worker.api.service import (
+    HttpAnswer,
+    ReleaseService,
+    accepts_json,
+    inject_event_id,
+    released_body,
+)
 from worker.api.waiters import Refused, Released, TooManyWaiters, Waiters
+from worker.auth import Authenticator, Partner, PartnerLookup, key_digest
 from worker.contract import ReleaseItem
+from worker.validate import Limits
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "docs" / "contract" / "openapi.json"
@@ -174,3 +182,102 @@ async def test_a_malformed_value_under_a_waited_key_is_skipped_not_fatal() -> No
         waiters.offer(*_result(b"p", b"e", _item("a")))
         assert isinstance(future.result(), Released)
     assert waiters.malformed == 4
+
+
+# ------------------------------------------------------------------ the service, with fakes
+
+_KEY = "k-1"
+_PARTNER = Partner("p1", key_digest(_KEY), (), "active")
+_HEADERS = {"rokt-api-key": _KEY, "rokt-session-id": "s", "rokt-tag-id": "t"}
+
+
+class _Producer:
+    """A fake of `service.RecordProducer`: records what is sent; `acknowledge` decides
+    whether the broker answers (None: never)."""
+
+    def __init__(self, acknowledge: bool | None = True) -> None:
+        self.acknowledge = acknowledge
+        self.sent: list[tuple[str, bytes, bytes | None]] = []
+
+    async def send_and_wait(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> object:
+        if self.acknowledge is None:
+            await asyncio.Event().wait()
+        assert value is not None
+        self.sent.append((topic, value, key))
+        return None
+
+
+async def _found(digests: list[bytes]) -> list[Partner]:
+    return [_PARTNER] if _PARTNER.api_key_sha256 in digests else []
+
+
+async def _never(digests: list[bytes]) -> list[Partner]:
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
+def _service(
+    producer: _Producer,
+    lookup: PartnerLookup = _found,
+    timeout_s: float = 0.05,
+    waiters: Waiters | None = None,
+) -> ReleaseService:
+    return ReleaseService(
+        producer=producer,
+        authenticator=Authenticator(lookup, 0),
+        waiters=waiters or Waiters(10),
+        input_topic="in",
+        limits=Limits(),
+        timeout_s=timeout_s,
+    )
+
+
+async def _post(service: ReleaseService, body: bytes, **headers: str) -> httpx.Response:
+    app = create_app(service, lambda: True, lambda: True)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        # A bound on the test, not a figure: without it a hung request hangs the suite.
+        async with asyncio.timeout(10):
+            return await client.post(
+                "/v1/cart/release", content=body, headers={**_HEADERS, **headers}
+            )
+
+
+_BODY = b'{"cartId": "c1", "items": [{"cartItemId": "i1", "itemReservationId": "r1"}]}'
+
+
+async def test_a_partner_lookup_that_never_answers_is_a_503_not_a_request_held_forever() -> None:
+    producer = _Producer()
+    response = await _post(_service(producer, lookup=_never), _BODY)
+    assert response.status_code == 503
+    assert response.json()["errors"][0]["code"] == "database_unavailable"
+    assert producer.sent == []
+
+
+async def test_a_record_the_broker_never_acknowledged_is_not_said_to_be_applied() -> None:
+    response = await _post(_service(_Producer(acknowledge=None)), _BODY, **{"Idempotency-Key": "k"})
+    assert response.status_code == 504
+    (detail,) = response.json()["errors"]
+    assert detail["code"] == "results_timeout"
+    assert detail["value"] == "k"
+    # The record may never have reached the broker: only the retry is certain.
+    assert "still applied" not in detail["message"]
+    assert "retry with the same Idempotency-Key" in detail["message"]
+
+
+async def test_a_record_acknowledged_but_not_answered_in_time_is_a_504_that_is_still_applied() -> (
+    None
+):
+    producer = _Producer()
+    response = await _post(_service(producer), _BODY, **{"Idempotency-Key": "k"})
+    assert response.status_code == 504
+    assert "still applied" in response.json()["errors"][0]["message"]
+    assert [(topic, key) for topic, _, key in producer.sent] == [("in", b"c1")]

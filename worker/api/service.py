@@ -17,11 +17,10 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import structlog
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from pydantic import TypeAdapter, ValidationError
 from starlette.requests import ClientDisconnect, Request
@@ -86,13 +85,27 @@ def rejected(rejection: Rejection) -> HttpAnswer:
     return error(rejection.status, rejection.code, rejection.message, rejection.value)
 
 
+class RecordProducer(Protocol):
+    """What the service uses of `aiokafka.AIOKafkaProducer`."""
+
+    async def send_and_wait(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> Any: ...
+
+
 class ReleaseService:
     """Answers release requests: validate, authenticate, produce, await the results."""
 
     def __init__(
         self,
         *,
-        producer: AIOKafkaProducer,
+        producer: RecordProducer,
         authenticator: Authenticator,
         waiters: Waiters,
         input_topic: str,
@@ -159,7 +172,10 @@ class ReleaseService:
                     "Idempotency-Key",
                 )
         try:
-            ((_, partner),) = await self._authenticator.authorize([verdict])
+            # Bounded: a database that stops answering (no reset, a full pool) must not
+            # hold requests, and their bodies, without end (TimeoutError is among these).
+            async with asyncio.timeout(self._timeout_s):
+                ((_, partner),) = await self._authenticator.authorize([verdict])
         except DATABASE_ERRORS:
             log.warning("api_database_unavailable")
             return error(503, "database_unavailable", "The partner could not be looked up.")
@@ -170,6 +186,7 @@ class ReleaseService:
         value = body if body_event_id else inject_event_id(body, event_id)
         wait_key = (partner.partner_id.encode(), event_id.encode())
         expected = None if verdict.items is None else len(verdict.items)
+        queued = False
         try:
             with self._waiters.waiting(wait_key, expected) as future:
                 metrics.WAITERS.set(len(self._waiters))
@@ -177,17 +194,25 @@ class ReleaseService:
                     await self._producer.send_and_wait(
                         self._topic, value, key=verdict.cart_id.encode(), headers=list(headers)
                     )
+                    queued = True
                     # Shielded: other requests with the same key wait on the same future.
                     result = await asyncio.shield(future)
         except TooManyWaiters:
             return error(503, "too_many_requests", "Too many requests in flight; retry later.")
         except TimeoutError:
+            # Only a record the broker acknowledged is sure to be applied; one cut off
+            # while being produced may never have reached it.
+            applied = (
+                "The release is still applied"
+                if queued
+                else "The broker did not acknowledge the request in time, so it may not be applied"
+            )
             return error(
                 504,
                 "results_timeout",
-                f"The results did not arrive within {self._timeout_s:g} s. The release is "
-                "still applied; retry with the same Idempotency-Key (the value) to get its "
-                "results without releasing anything twice.",
+                f"The results did not arrive within {self._timeout_s:g} s. {applied}; "
+                "retry with the same Idempotency-Key (the value) to get its results without "
+                "releasing anything twice.",
                 event_id,
             )
         except KafkaError as failure:
