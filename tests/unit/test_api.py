@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tracemalloc
 from pathlib import Path
 
 import httpx
@@ -195,9 +196,11 @@ class _Producer:
     """A fake of `service.RecordProducer`: records what is sent; `acknowledge` decides
     whether the broker answers (None: never)."""
 
-    def __init__(self, acknowledge: bool | None = True) -> None:
+    def __init__(self, acknowledge: bool | None = True, expect: int = 1) -> None:
         self.acknowledge = acknowledge
-        self.sent: list[tuple[str, bytes, bytes | None]] = []
+        self.sent: list[tuple[str, int, bytes | None]] = []  # topic, value's size, key
+        self.all_sent = asyncio.Event()  # set once `expect` records are sent
+        self._expect = expect
 
     async def send_and_wait(
         self,
@@ -211,7 +214,9 @@ class _Producer:
         if self.acknowledge is None:
             await asyncio.Event().wait()
         assert value is not None
-        self.sent.append((topic, value, key))
+        self.sent.append((topic, len(value), key))
+        if len(self.sent) >= self._expect:
+            self.all_sent.set()
         return None
 
 
@@ -233,7 +238,7 @@ def _service(
     return ReleaseService(
         producer=producer,
         authenticator=Authenticator(lookup, 0),
-        waiters=waiters or Waiters(10),
+        waiters=Waiters(10) if waiters is None else waiters,
         input_topic="in",
         limits=Limits(),
         timeout_s=timeout_s,
@@ -281,3 +286,41 @@ async def test_a_record_acknowledged_but_not_answered_in_time_is_a_504_that_is_s
     assert response.status_code == 504
     assert "still applied" in response.json()["errors"][0]["message"]
     assert [(topic, key) for topic, _, key in producer.sent] == [("in", b"c1")]
+
+
+async def test_a_request_waiting_for_its_results_no_longer_holds_its_body() -> None:
+    """Bodies of up to WORKER_MAX_RECORD_BYTES wait up to WORKER_API_TIMEOUT_S for their
+    results: held that long, a few hundred of them exceeded the api's memory limit."""
+    n = 16
+    waiters = Waiters(100)
+    producer = _Producer(expect=n)
+    app = create_app(_service(producer, timeout_s=60, waiters=waiters), lambda: True, lambda: True)
+    body = _BODY[:-1] + b', "pad": "' + b"x" * 1_000_000 + b'"}'
+    transport = httpx.ASGITransport(app=app)
+    tracemalloc.start()
+    try:
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://api") as client,
+            asyncio.timeout(30),  # a bound on the test, not a figure
+        ):
+            requests = [
+                asyncio.create_task(
+                    client.post(
+                        "/v1/cart/release",
+                        content=body,
+                        headers={**_HEADERS, "Idempotency-Key": f"k{i}"},
+                    )
+                )
+                for i in range(n)
+            ]
+            await producer.all_sent.wait()  # each registered its waiter before its send
+            assert len(waiters) == n
+            held, _ = tracemalloc.get_traced_memory()
+            for i in range(n):
+                waiters.offer(*_result(b"p1", f"k{i}".encode(), _item("r1")))
+            responses = await asyncio.gather(*requests)
+    finally:
+        tracemalloc.stop()
+    assert [r.status_code for r in responses] == [200] * n
+    # 149 MB before the bodies were dropped (each request held copies of its body).
+    assert held < n * len(body) // 4, f"{held} bytes held by {n} waiting requests"

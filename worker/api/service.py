@@ -26,7 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.requests import ClientDisconnect, Request
 
 from worker.api import metrics
-from worker.api.waiters import Refused, Released, TooManyWaiters, Waiters
+from worker.api.waiters import Refused, Released, TooManyWaiters, Waiters, WaitKey
 from worker.auth import Authenticator
 from worker.contract import (
     ACCEPT_LANGUAGE_HEADER,
@@ -130,6 +130,16 @@ class ReleaseService:
         return answer
 
     async def _answer(self, request: Request) -> HttpAnswer:
+        checked = await self._check(request)
+        if isinstance(checked, HttpAnswer):
+            return checked
+        # The body is no longer referenced from here on but by `checked.value`, which is
+        # dropped once the broker has the record: a request then waits for its results
+        # holding a few small objects, not a body of up to WORKER_MAX_RECORD_BYTES.
+        return await self._produce_and_wait(checked)
+
+    async def _check(self, request: Request) -> HttpAnswer | _Checked:
+        """The request as the record to produce, or the answer that refuses it."""
         accept = request.headers.get("accept")
         if accept is not None and not accepts_json(accept):
             return error(
@@ -181,19 +191,28 @@ class ReleaseService:
             return error(503, "database_unavailable", "The partner could not be looked up.")
         if isinstance(partner, Rejection):
             return rejected(partner)
-
         event_id = key or body_event_id or f"api-{uuid.uuid4()}"
-        value = body if body_event_id else inject_event_id(body, event_id)
-        wait_key = (partner.partner_id.encode(), event_id.encode())
-        expected = None if verdict.items is None else len(verdict.items)
+        return _Checked(
+            value=body if body_event_id else inject_event_id(body, event_id),
+            headers=list(headers),
+            cart_id=verdict.cart_id,
+            items=verdict.items,
+            event_id=event_id,
+            wait_key=(partner.partner_id.encode(), event_id.encode()),
+        )
+
+    async def _produce_and_wait(self, checked: _Checked) -> HttpAnswer:
+        expected = None if checked.items is None else len(checked.items)
         queued = False
         try:
-            with self._waiters.waiting(wait_key, expected) as future:
+            with self._waiters.waiting(checked.wait_key, expected) as future:
                 metrics.WAITERS.set(len(self._waiters))
                 async with asyncio.timeout(self._timeout_s):
+                    value, checked.value = checked.value, b""
                     await self._producer.send_and_wait(
-                        self._topic, value, key=verdict.cart_id.encode(), headers=list(headers)
+                        self._topic, value, key=checked.cart_id.encode(), headers=checked.headers
                     )
+                    del value
                     queued = True
                     # Shielded: other requests with the same key wait on the same future.
                     result = await asyncio.shield(future)
@@ -213,7 +232,7 @@ class ReleaseService:
                 f"The results did not arrive within {self._timeout_s:g} s. {applied}; "
                 "retry with the same Idempotency-Key (the value) to get its results without "
                 "releasing anything twice.",
-                event_id,
+                checked.event_id,
             )
         except KafkaError as failure:
             log.warning("api_produce_failed", error=type(failure).__name__)
@@ -222,7 +241,19 @@ class ReleaseService:
             metrics.WAITERS.set(len(self._waiters))
         if isinstance(result, Refused):
             return HttpAnswer(result.status, result.body)
-        return HttpAnswer(200, released_body(verdict.cart_id, verdict.items, result))
+        return HttpAnswer(200, released_body(checked.cart_id, checked.items, result))
+
+
+@dataclass(slots=True)
+class _Checked:
+    """A valid, authenticated request: the record to produce and what its answer needs."""
+
+    value: bytes  # emptied once produced
+    headers: list[tuple[str, bytes]]
+    cart_id: str
+    items: tuple[ReleaseItem, ...] | None
+    event_id: str
+    wait_key: WaitKey
 
 
 def released_body(cart_id: str, asked: Sequence[ReleaseItem] | None, result: Released) -> Body:
