@@ -12,6 +12,7 @@ import orjson
 import pytest
 import structlog
 from aiokafka import AIOKafkaProducer
+from structlog.testing import capture_logs
 from typer.testing import CliRunner, Result
 
 from tests.integration.conftest import World, reserve
@@ -24,11 +25,13 @@ from tests.support import (
     worker_results,
 )
 from worker import store
+from worker.cli.kafka import Message
 from worker.cli.main import app
+from worker.cli.redrive import DeadLetter, redrive
 from worker.config import Settings
 from worker.records import OutboxMessage
 from worker.testing.environment import settings_env
-from worker.testing.scenario import abandon_event
+from worker.testing.scenario import Event, abandon_event
 from worker.testing.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
@@ -349,3 +352,42 @@ async def test_a_dead_lettered_release_is_redriven_once_after_its_fix_and_only_t
     (event,) = [r for r in inspected if r["kind"] == "event"]
     assert event["position"] == f"{settings.input_topic}/{source[0]}/{source[1]}"
     assert [r["outcome"] for r in event["results"]] == ["released"]
+
+
+def _dead_letter(world: World, event: Event, offset: int) -> DeadLetter:
+    """A 500 dead letter of `event` as the worker writes it (the key dropped, dlq-*)."""
+    dlq = {
+        "dlq-status": b"500",
+        "dlq-code": b"internal_error",
+        "dlq-partner-id": world.partner_id.encode(),
+        "dlq-source-topic": world.settings.input_topic.encode(),
+        "dlq-source-partition": b"0",
+        "dlq-source-offset": str(offset).encode(),
+    }
+    headers = [(n, v) for n, v in event.headers if n != "rokt-api-key"] + list(dlq.items())
+    return DeadLetter(
+        Message(world.settings.dlq_topic, 0, offset, 0, event.key, event.value, tuple(headers))
+    )
+
+
+async def test_a_redrive_waits_one_period_of_its_rate_between_two_dead_letters(
+    world: World, db: asyncpg.Pool
+) -> None:
+    letters = []
+    for n in range(3):
+        cart, reservation = f"{world.prefix}-rc{n}", f"{world.prefix}-rr{n}"
+        await reserve(db, world, reservation, cart, "i1", 1)
+        event = abandon_event(cart, [("i1", reservation)], None, event_id=f"{world.prefix}-re{n}")
+        letters.append(_dead_letter(world, event, offset=100 + n))
+    slept: list[tuple[int, float]] = []  # (dead letters handled before, seconds)
+    with capture_logs() as logged:
+
+        async def sleeper(seconds: float, /) -> None:
+            slept.append((sum(e["event"] == "dlq_redriven" for e in logged), seconds))
+
+        done = await redrive(
+            db, world.settings, letters, dry_run=True, rate_per_s=4.0, operator="t", sleep=sleeper
+        )
+    assert [o.result for o in done.outcomes] == ["would_apply"] * 3
+    # One period (1 / rate) between two dead letters: at most 4 a second.
+    assert slept == [(1, 0.25), (2, 0.25)]

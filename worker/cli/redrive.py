@@ -26,9 +26,9 @@ their original order (source topic, partition, offset), so one cart's stay in or
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import orjson
@@ -276,6 +276,12 @@ def _described(report: BatchReport) -> str:
     return outcomes or "no items"
 
 
+class Sleeper(Protocol):
+    """How a re-drive waits between two dead letters (`asyncio.sleep`; tests count them)."""
+
+    def __call__(self, delay: float, /) -> Awaitable[None]: ...
+
+
 @dataclass
 class Run:
     outcomes: list[Outcome]
@@ -290,6 +296,7 @@ async def redrive(
     dry_run: bool,
     rate_per_s: float,
     operator: str,
+    sleep: Sleeper = asyncio.sleep,
 ) -> Run:
     """Re-drive the letters in their original order, at most `rate_per_s` a second, and
     publish the results of those applied through the outbox and the publisher, as the
@@ -310,7 +317,7 @@ async def redrive(
         )
         for n, letter in enumerate(ordered):
             if n:
-                await asyncio.sleep(1 / rate_per_s)
+                await sleep(1 / rate_per_s)
             outcome = await _guarded(pool, settings, letter, dry_run, operator)
             run.outcomes.append(outcome)
             if outcome.messages and publisher is not None:
