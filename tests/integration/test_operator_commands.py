@@ -391,3 +391,33 @@ async def test_a_redrive_waits_one_period_of_its_rate_between_two_dead_letters(
     assert [o.result for o in done.outcomes] == ["would_apply"] * 3
     # One period (1 / rate) between two dead letters: at most 4 a second.
     assert slept == [(1, 0.25), (2, 0.25)]
+
+
+async def test_a_redrive_that_stops_at_a_failure_names_what_it_did_not_attempt_and_what_to_do(
+    world: World, db: asyncpg.Pool
+) -> None:
+    # A status the worker does not know makes the apply raise: the cause is not fixed.
+    await reserve(db, world, f"{world.prefix}-fr0", f"{world.prefix}-fc0", "i1", 1, "mystery")
+    await reserve(db, world, f"{world.prefix}-fr1", f"{world.prefix}-fc1", "i1", 1)
+    letters = [
+        _dead_letter(
+            world,
+            abandon_event(f"{world.prefix}-fc{n}", [("i1", f"{world.prefix}-fr{n}")], None),
+            offset=200 + n,
+        )
+        for n in (1, 0)
+    ]
+    with capture_logs() as logged:
+        done = await redrive(
+            db, world.settings, letters, dry_run=True, rate_per_s=100, operator="t"
+        )
+    failed, skipped = done.outcomes
+    assert (failed.letter.source, failed.result) == (letters[1].source, "failed")
+    assert "then re-drive it" in failed.detail
+    assert (skipped.letter.source, skipped.result) == (letters[0].source, "not_attempted")
+    assert failed.letter.position in skipped.detail
+    assert "run the same command again" in skipped.detail
+    assert [(e["event"], e["result"]) for e in logged if e["event"].startswith("dlq_")] == [
+        ("dlq_redrive_failed", "failed"),
+        ("dlq_redriven", "not_attempted"),
+    ]

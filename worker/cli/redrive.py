@@ -177,7 +177,7 @@ class Outcome:
     """What a re-drive did with one dead letter."""
 
     letter: DeadLetter
-    result: str  # applied | would_apply | already_applied | refused | failed
+    result: str  # applied | would_apply | already_applied | refused | failed | not_attempted
     detail: str
     messages: tuple[OutboxMessage, ...] = ()
 
@@ -324,6 +324,18 @@ async def redrive(
                 run.results += len(outcome.messages)
                 await publisher.publish(list(outcome.messages))
             if outcome.result == "failed":
+                # The letters after it (of the same cart perhaps) must not overtake it; each
+                # is reported, so that none looks handled.
+                for later in ordered[n + 1 :]:
+                    skipped = Outcome(
+                        later,
+                        "not_attempted",
+                        f"not attempted: the run stopped at {letter.position}, which failed; "
+                        "fix its cause, then run the same command again (what was applied "
+                        "is then reported already_applied)",
+                    )
+                    run.outcomes.append(skipped)
+                    _log(skipped, operator, dry_run)
                 break
         if publisher is not None:
             await publisher.flush(settings.shutdown_timeout_s)
@@ -341,7 +353,13 @@ async def _guarded(
     try:
         outcome = await redrive_one(pool, settings, letter, dry_run)
     except Exception as error:  # reported and logged; then the run stops
-        outcome = Outcome(letter, "failed", f"{type(error).__name__}: {error}"[:300])
+        outcome = Outcome(
+            letter,
+            "failed",
+            f"{type(error).__name__}: {error}"[:300]
+            + f" (nothing of it changed; fix the cause, `release-worker dlq show "
+            f"{letter.position}` explains its code, then re-drive it)",
+        )
     _log(outcome, operator, dry_run)
     return outcome
 
