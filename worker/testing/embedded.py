@@ -16,7 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,12 +85,13 @@ class EmbeddedPostgres:
 
         return Path(POSTGRES_BIN_PATH)
 
-    def start(self) -> None:
+    def start(self, settings: Sequence[str] = ()) -> None:
+        """Start the server; `settings`: more `name=value` server settings."""
         self._prepare()
         options = (
             f"-h {HOST} -p {self.port} -k {self.root} "
             "-c max_connections=200 -c shared_buffers=256MB -c fsync=on"
-        )
+        ) + "".join(f" -c {s}" for s in settings)
         result = self._run(
             ["pg_ctl", "-w", "-t", "30", "-o", options, "-l", str(self.log), "start"]
         )
