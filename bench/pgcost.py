@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -200,6 +202,7 @@ def main() -> None:
     parser.add_argument("-c", dest="settings", action="append", default=[])
     parser.add_argument("--sql", action="append", default=[], help="run after migrating")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server on a kill too
     with tempfile.TemporaryDirectory(prefix="pgcost-") as root:
         pg = EmbeddedPostgres(Path(root))
         pg.start(["shared_preload_libraries=pg_stat_statements", *args.settings])

@@ -133,17 +133,18 @@ class PgReleaseStore:
         # of both conditions in one WHERE made PostgreSQL scan the whole table instead.
         # No lock: `release` claims the rows it moves (a FOR UPDATE here cost a second write
         # of every row, its lock, WAL included).
+        # Each branch reads its rows whole; a row named by both (an item and its cart) comes
+        # twice and is kept once (joining the ids back to the table read each row twice).
         rows = await self._conn.fetch(
             f"""
-            SELECT {_R_COLUMNS}
-              FROM (SELECT r.reservation_id FROM reservations r
+            SELECT DISTINCT ON (r.reservation_id) *
+              FROM (SELECT {_R_COLUMNS} FROM reservations r
                       JOIN unnest($1::text[], $2::text[]) AS u(id, partner)
                         ON r.reservation_id = u.id AND r.partner_id = u.partner
-                    UNION
-                    SELECT r.reservation_id FROM reservations r
+                    UNION ALL
+                    SELECT {_R_COLUMNS} FROM reservations r
                       JOIN unnest($3::text[], $4::text[]) AS u(partner, cart)
-                        ON r.partner_id = u.partner AND r.cart_id = u.cart) AS wanted
-              JOIN reservations r ON r.reservation_id = wanted.reservation_id
+                        ON r.partner_id = u.partner AND r.cart_id = u.cart) AS r
              ORDER BY r.reservation_id
             """,
             [e[0] for e in explicit],

@@ -78,3 +78,38 @@ async def test_a_reservation_confirmed_after_it_was_read_is_not_released_and_rep
     assert row is not None
     # Confirmed once by the checkout; the release returned nothing to stock (I1, I2).
     assert (row["status"], row["reserved"], row["on_hand"]) == ("confirmed", 0, 998)
+
+
+async def test_find_reservations_reads_each_row_once_in_id_order_and_only_the_partners(
+    db: asyncpg.Pool, world: World
+) -> None:
+    p = world.prefix
+    cart, other_cart = f"c-{p}", f"c2-{p}"
+    for rid, cart_id, item in (
+        (f"b-{p}", cart, "i1"),
+        (f"a-{p}", cart, "i2"),
+        (f"c-{p}", other_cart, "i1"),
+    ):
+        await reserve(db, world, rid, cart_id, item, 1)
+    await reserve(db, world, f"x-{p}", cart, "i3", 1, partner_id=world.other_partner_id)
+
+    async with db.acquire() as conn:
+        rows = await PgReleaseStore(conn, "g").find_reservations(
+            # b named by id and by its whole cart, c by id only; x is another partner's.
+            [
+                (f"b-{p}", world.partner_id),
+                (f"c-{p}", world.partner_id),
+                (f"x-{p}", world.partner_id),
+            ],
+            [(world.partner_id, cart)],
+        )
+
+    assert [(r.reservation_id, r.cart_id, r.cart_item_id) for r in rows] == [
+        (f"a-{p}", cart, "i2"),
+        (f"b-{p}", cart, "i1"),
+        (f"c-{p}", other_cart, "i1"),
+    ]
+    assert {r.partner_id for r in rows} == {world.partner_id}
+    assert rows[0] == Reservation(
+        f"a-{p}", world.partner_id, cart, "i2", world.sku, "default", 1, "reserved", None
+    )
