@@ -238,6 +238,7 @@ async def _start(
         settings.outbox_relay_grace_s,
         group_id=settings.group_id,
         results_topic=settings.results_topic,
+        max_message_bytes=settings.max_message_bytes,
     )
     # Leftovers of a previous crash go out before anything new (or, if the broker is
     # away, by the periodic pass later).

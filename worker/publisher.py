@@ -19,16 +19,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import asyncpg
 import structlog
+from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
 
 from worker import metrics, store
+from worker.config import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 from worker.records import OutboxMessage, Publication
+from worker.results import message_bytes
 from worker.retry import BROKER_ERRORS, BROKER_REFUSAL_REASONS, DATABASE_ERRORS, broker_refusal
 from worker.watermarks import Batch, TopicPartition, Watermarks
 
@@ -46,8 +49,30 @@ _RELAY_FAILURES = (*BROKER_ERRORS, *DATABASE_ERRORS)
 _CATCH_UP_ROWS = 200
 _STORE_FAILURES: tuple[type[BaseException], ...] = (*DATABASE_ERRORS, TimeoutError)
 _PARTITIONER = DefaultPartitioner()
+# More than aiokafka's estimate of a record's size adds to its key, value and headers (the
+# batch header, the record's overhead, varint lengths): a message below the bound with
+# these fits without computing the estimate (`results.message_bytes`).
+_FRAMING = 61 + 21 + 3 * 5
+_HEADER_FRAMING = 2 * 5
+_TOO_LARGE = "The message is larger than the maximum request size (max_request_size)"
 for _reason in BROKER_REFUSAL_REASONS:
     metrics.PARKED.labels(reason=_reason)  # a 0, not a missing series, before the first
+
+
+class RecordBatch(Protocol):
+    """What the publisher uses of aiokafka's `BatchBuilder` (`Producer.create_batch`)."""
+
+    def append(
+        self,
+        *,
+        timestamp: int | None,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes | None]],
+    ) -> object | None:
+        """Add a message; None when the batch is full (its first message always fits)."""
+
+    def close(self) -> None: ...
 
 
 class Producer(Protocol):
@@ -56,6 +81,11 @@ class Producer(Protocol):
     `send` returns once the message is queued, or raises what the client refuses by
     itself (a message over `max_request_size`, a topic it may not see); the future it
     returns holds the broker's answer. `partitions_for` waits for the topic's metadata.
+    `create_batch` gives an empty batch (at most the producer's `max_batch_size` bytes,
+    compressed as its messages would be); `send_batch` queues it for one partition, after
+    that partition's batch queued before it (it waits for that one to be taken), and
+    returns a future of the broker's one answer for the whole batch. It does not check
+    the size of a message against `max_request_size`: the publisher does.
     """
 
     async def send(
@@ -70,6 +100,24 @@ class Producer(Protocol):
     async def partitions_for(self, topic: str) -> set[int]: ...
 
     async def flush(self) -> None: ...
+
+    def create_batch(self) -> RecordBatch: ...
+
+    async def send_batch(
+        self, batch: RecordBatch, topic: str, *, partition: int
+    ) -> asyncio.Future[Any]: ...
+
+
+@dataclass
+class _Handover:
+    """Messages handed to the producer in one go (`Publisher._hand_over`): each future is
+    the broker's one answer for the messages at its indexes (a partition's batch, or one
+    message sent alone); `refused`: indexes the client refused by itself, and why; `outage`:
+    the error that stopped the hand-over (the messages after it were not handed over)."""
+
+    sent: list[tuple[list[int], asyncio.Future[object]]] = field(default_factory=list)
+    refused: list[tuple[int, BaseException]] = field(default_factory=list)
+    outage: BaseException | None = None
 
 
 @dataclass
@@ -98,11 +146,15 @@ class Publisher:
         relay_batch: int = 1000,
         group_id: str = "",
         results_topic: str = "",
+        max_message_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._producer = producer
         self._pool = pool
         self._group_id = group_id
         self._results_topic = results_topic
+        # The producer's `max_request_size`: a batch is not checked against it message by
+        # message, so `_hand_over` refuses a larger message itself, as `send` would.
+        self._max_message_bytes = max_message_bytes
         # How far each owned partition's fresh results (inbox only) are acknowledged.
         self.watermarks = Watermarks()
         self._relay_interval_s = relay_interval_s
@@ -117,102 +169,187 @@ class Publisher:
     async def publish(self, messages: Sequence[OutboxMessage]) -> None:
         """Hand messages to the producer; acknowledgement is tracked in the background.
 
-        A message the client refuses for good is skipped (the relay parks its row); an
-        outage leaves it and the rest of the batch to the relay."""
+        A message the client or the broker refuses for good stays in the outbox (the relay
+        parks its row); an outage leaves it and the rest of the batch to the relay."""
         if not messages:
             return
-        sent: list[OutboxMessage] = []
-        futures: list[asyncio.Future[object]] = []
-        try:
-            partitions = await self._partitions(messages)
-            for m, partition in zip(messages, partitions, strict=True):
-                try:
-                    futures.append(await self._send(m, partition))
-                    sent.append(m)
-                except BROKER_ERRORS as error:
-                    if broker_refusal(error) is None:
-                        raise
-        except BROKER_ERRORS as error:
+        handover = await self._hand_over(messages)
+        if handover.outage is not None:
             # The rows stay in the outbox; the relay pass publishes them later.
             self.healthy = False
-            log.warning("publish_failed_left_in_outbox", error=repr(error)[:200])
-        task = asyncio.create_task(self._settle(sent, futures))
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+            log.warning("publish_failed_left_in_outbox", error=repr(handover.outage)[:200])
+        self._track(self._settle(list(messages), handover))
 
     async def publish_fresh(self, publications: Sequence[Publication]) -> None:
         """Hand committed fresh results (stored in the inbox only) to the producer; their
         acknowledgement advances the partition's watermark (`worker/watermarks.py`).
 
+        The publications' messages go out together, one batch per results partition: a
+        cart's results are all in one publication (one input partition), in order.
         A failure drops them from memory: the partition's watermark stops before them and
         a catch-up republishes them from the inbox (`catch_up`)."""
         # These transactions committed, with the watermarks they carried.
         self.watermarks.claims_committed([(p.topic, p.partition) for p in publications])
+        messages: list[OutboxMessage] = []
+        spans: list[tuple[Batch, int, int]] = []
         for pub in publications:
             tp = (pub.topic, pub.partition)
             batch = self.watermarks.committed(tp, pub.start, pub.end, len(pub.messages))
-            if not pub.messages:
-                continue
-            sent: list[OutboxMessage] = []
-            futures: list[asyncio.Future[object]] = []
-            refused: list[tuple[OutboxMessage, str, BaseException]] = []
-            try:
-                partitions = await self._partitions(pub.messages)
-                for m, partition in zip(pub.messages, partitions, strict=True):
-                    try:
-                        futures.append(await self._send(m, partition))
-                        sent.append(m)
-                    except BROKER_ERRORS as error:
-                        if (reason := broker_refusal(error)) is None:
-                            raise
-                        refused.append((m, reason, error))  # the client's own refusal
-            except BROKER_ERRORS as error:
-                self.healthy = False
-                self.watermarks.settled(batch, failed=True)
-                log.warning(
-                    "publish_failed_left_in_inbox",
-                    topic=pub.topic,
-                    partition=pub.partition,
-                    error=repr(error)[:200],
-                )
-                continue
-            task = asyncio.create_task(self._settle_fresh(batch, sent, futures, refused))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            if pub.messages:
+                spans.append((batch, len(messages), len(messages) + len(pub.messages)))
+                messages += pub.messages
+        if not messages:
+            return
+        handover = await self._hand_over(messages)
+        if handover.outage is not None:
+            self.healthy = False
+            log.warning(
+                "publish_failed_left_in_inbox",
+                partitions=sorted({b.tp for b, _, _ in spans}),
+                error=repr(handover.outage)[:200],
+            )
+        self._track(self._settle_fresh(messages, handover, spans))
+
+    def _track(self, settling: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(settling)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
 
     async def _settle_fresh(
         self,
-        batch: Batch,
         messages: list[OutboxMessage],
-        futures: list[asyncio.Future[object]],
-        refused: list[tuple[OutboxMessage, str, BaseException]],
+        handover: _Handover,
+        spans: list[tuple[Batch, int, int]],
     ) -> None:
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        answers = await self._answers(messages, handover)
         now_ms = time.time() * 1000
-        failed = outage = 0
-        for message, result in zip(messages, results, strict=True):
-            if not isinstance(result, BaseException):
-                if message.source_ts_ms:
-                    metrics.LATENCY.observe(max(0.0, (now_ms - message.source_ts_ms) / 1000))
-            elif (reason := broker_refusal(result)) is None:
-                failed += 1
-                outage += 1
+        any_outage = False
+        for batch, first, last in spans:
+            failed = outage = 0
+            refused: list[tuple[OutboxMessage, str, BaseException]] = []
+            for message, result in zip(messages[first:last], answers[first:last], strict=True):
+                if not isinstance(result, BaseException):
+                    if message.source_ts_ms:
+                        metrics.LATENCY.observe(max(0.0, (now_ms - message.source_ts_ms) / 1000))
+                elif (reason := broker_refusal(result)) is None:
+                    failed += 1
+                    outage += 1
+                else:
+                    refused.append((message, reason, result))
+            self.published += last - first - failed - len(refused)
+            # A result refused for good is parked (committed) before the watermark may pass
+            # it; if parking fails, the batch is a gap and a catch-up republishes it.
+            if refused and not await self._park_fresh(batch.tp, refused):
+                failed += len(refused)
+            self.watermarks.settled(batch, failed=bool(failed))
+            if failed:
+                log.warning(
+                    "publish_not_acknowledged_left_in_inbox",
+                    topic=batch.tp[0],
+                    partition=batch.tp[1],
+                    messages=failed,
+                )
+            any_outage = any_outage or bool(outage)
+        self.healthy = not any_outage
+
+    async def _hand_over(self, messages: Sequence[OutboxMessage]) -> _Handover:
+        """Hand `messages` to the producer: one batch per results partition (a full batch is
+        sent and the next one started), each keyed message on the partition the producer's
+        own partitioner gives its key, so a key's messages stay in order in one partition
+        (G4); a keyless message alone through `send`. A message over the producer's
+        `max_request_size` is refused here, as `send` refuses it, so it never takes a
+        batch down with it. An outage stops the hand-over (`_Handover.outage`)."""
+        handover = _Handover()
+        try:
+            partitions = await self._partitions(messages)
+        except BROKER_ERRORS as error:
+            handover.outage = error
+            return handover
+        open_batches: dict[tuple[str, int], tuple[RecordBatch, list[int]]] = {}
+        header_lists: dict[int, tuple[list[tuple[str, bytes | None]], int]] = {}
+        try:
+            for index, (m, partition) in enumerate(zip(messages, partitions, strict=True)):
+                if partition is None:
+                    try:
+                        handover.sent.append(([index], await self._send(m)))
+                    except BROKER_ERRORS as error:
+                        if broker_refusal(error) is None:
+                            raise
+                        handover.refused.append((index, error))  # the client's own refusal
+                    continue
+                # The items of a record share one headers tuple: listed and sized once.
+                cached = header_lists.get(id(m.headers))
+                if cached is None:
+                    cached = header_lists[id(m.headers)] = (
+                        list(m.headers),
+                        _headers_size(m.headers),
+                    )
+                headers, headers_size = cached
+                size = len(m.payload or b"") + len(m.key or b"") + headers_size + _FRAMING
+                if size > self._max_message_bytes and (
+                    message_bytes(m.key, m.payload, m.headers) > self._max_message_bytes
+                ):
+                    handover.refused.append((index, MessageSizeTooLargeError(_TOO_LARGE)))
+                    continue
+                tp = (m.topic, partition)
+                entry = open_batches.get(tp)
+                if entry is None:
+                    entry = open_batches[tp] = (self._producer.create_batch(), [])
+                value = m.payload
+                if entry[0].append(timestamp=None, key=m.key, value=value, headers=headers) is None:
+                    # Full: it goes now, the message opens the next one (a batch takes its
+                    # first message whatever its size).
+                    await self._send_batch(handover, tp, *entry)
+                    entry = open_batches[tp] = (self._producer.create_batch(), [])
+                    entry[0].append(timestamp=None, key=m.key, value=value, headers=headers)
+                entry[1].append(index)
+            for tp, (batch, indexes) in open_batches.items():
+                await self._send_batch(handover, tp, batch, indexes)
+        except BROKER_ERRORS as error:
+            handover.outage = error
+        return handover
+
+    async def _send_batch(
+        self, handover: _Handover, tp: tuple[str, int], batch: RecordBatch, indexes: list[int]
+    ) -> None:
+        # Closed: a `send` to the same partition must not add to it while it waits.
+        batch.close()
+        try:
+            future = await self._producer.send_batch(batch, tp[0], partition=tp[1])
+        except BROKER_ERRORS as error:
+            if broker_refusal(error) is None:
+                raise
+            handover.refused.extend((i, error) for i in indexes)  # e.g. a topic it may not see
+            return
+        handover.sent.append((indexes, future))
+
+    async def _answers(
+        self, messages: Sequence[OutboxMessage], handover: _Handover
+    ) -> list[object]:
+        """The broker's (or the client's) answer for each message, an exception if it was
+        not acknowledged. The broker answers for a whole batch: a batch refused for good is
+        sent again message by message, each alone, so that only a message's own refusal
+        counts as its. A message the hand-over did not reach gets its outage."""
+        answers: list[object] = [handover.outage] * len(messages)
+        for index, error in handover.refused:
+            answers[index] = error
+        results = await asyncio.gather(*(f for _, f in handover.sent), return_exceptions=True)
+        for (indexes, _), result in zip(handover.sent, results, strict=True):
+            if len(indexes) > 1 and isinstance(result, BaseException) and broker_refusal(result):
+                for index in indexes:
+                    answers[index] = await self._alone(messages[index])
             else:
-                refused.append((message, reason, result))
-        self.published += len(messages) - failed - len(refused)
-        # A result refused for good is parked (committed) before the watermark may pass it;
-        # if parking fails, the batch is a gap and a catch-up republishes it from the inbox.
-        if refused and not await self._park_fresh(batch.tp, refused):
-            failed += len(refused)
-        self.watermarks.settled(batch, failed=bool(failed))
-        if failed:
-            log.warning(
-                "publish_not_acknowledged_left_in_inbox",
-                topic=batch.tp[0],
-                partition=batch.tp[1],
-                messages=failed,
-            )
-        self.healthy = not outage
+                for index in indexes:
+                    answers[index] = result
+        return answers
+
+    async def _alone(self, m: OutboxMessage) -> object:
+        """Send one message on its own and wait for the answer (an exception if refused)."""
+        try:
+            async with asyncio.timeout(_RELAY_SEND_TIMEOUT_S):
+                return await (await self._send(m))
+        except BROKER_ERRORS as error:  # TimeoutError among them
+            return error
 
     async def _park_fresh(
         self, tp: TopicPartition, refused: list[tuple[OutboxMessage, str, BaseException]]
@@ -275,19 +412,11 @@ class Publisher:
             ]
             if not messages:
                 continue
-            partitions = await self._partitions(messages)
-            futures: list[asyncio.Future[object]] = []
-            for m, p in zip(messages, partitions, strict=True):
-                try:
-                    futures.append(await self._send(m, p))
-                except BROKER_ERRORS as error:
-                    if broker_refusal(error) is None:
-                        raise
-                    future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-                    future.set_exception(error)  # the client's own refusal
-                    futures.append(future)
+            handover = await self._hand_over(messages)
+            if handover.outage is not None:
+                raise handover.outage
             async with asyncio.timeout(timeout_s):
-                answers = await asyncio.gather(*futures, return_exceptions=True)
+                answers = await self._answers(messages, handover)
             refused = [
                 (m, reason, a)
                 for m, a in zip(messages, answers, strict=True)
@@ -403,10 +532,8 @@ class Publisher:
             partitions.append(found)
         return partitions
 
-    async def _settle(
-        self, messages: list[OutboxMessage], futures: list[asyncio.Future[object]]
-    ) -> None:
-        results = await asyncio.gather(*futures, return_exceptions=True)
+    async def _settle(self, messages: list[OutboxMessage], handover: _Handover) -> None:
+        results = await self._answers(messages, handover)
         now_ms = time.time() * 1000
         failed = outage = 0
         for message, result in zip(messages, results, strict=True):
@@ -579,3 +706,8 @@ def _count_parked(
         payload_bytes=len(m.payload or b""),
         error=repr(error)[:200],
     )
+
+
+def _headers_size(headers: Sequence[tuple[str, bytes | None]]) -> int:
+    """At least what a message's headers add to aiokafka's size estimate."""
+    return sum(len(k.encode()) + len(v or b"") + _HEADER_FRAMING for k, v in headers)

@@ -30,20 +30,63 @@ from tests.conftest import Servers
 from worker import store
 from worker.cli.doctor import check_database
 from worker.config import Settings
-from worker.publisher import Publisher
+from worker.publisher import Publisher, RecordBatch
 from worker.records import OutboxMessage, Publication
+from worker.results import message_bytes
 
 pytestmark = pytest.mark.integration
 
 
-class RefusingProducer:
-    """Acknowledges every message of `topics`, except the refusals it was given."""
+class FakeBatch:
+    """A batch of the fake producer: full at `capacity` messages (the first always fits)."""
 
-    def __init__(self, topics: set[str], refuse: dict[bytes, KafkaError], in_send: bool) -> None:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.messages: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]]] = []
+        self.closed = False
+
+    def append(
+        self,
+        *,
+        timestamp: int | None,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes | None]],
+    ) -> object | None:
+        if self.closed or (self.messages and len(self.messages) >= self.capacity):
+            self.closed = True
+            return None
+        self.messages.append((key, value, list(headers)))
+        return len(self.messages)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class RefusingProducer:
+    """Acknowledges every message of `topics`, except the refusals it was given.
+
+    `written` counts the messages it acknowledged (what the topic holds), `refusals` the
+    refusals it answered, per value. A refusal `in_send` is the client's own (`send`
+    raises); otherwise it is the broker's answer, which for a batch is the whole batch's:
+    a batch holding a refused message is refused as a whole, nothing of it is written."""
+
+    def __init__(
+        self,
+        topics: set[str],
+        refuse: dict[bytes, KafkaError],
+        in_send: bool,
+        batch_capacity: int = 1000,
+        max_request_size: int = 1_048_588,
+    ) -> None:
         self.topics = topics
+        self.max_request_size = max_request_size
         self.refuse = refuse
         self.in_send = in_send
-        self.sent: Counter[bytes] = Counter()
+        self.batch_capacity = batch_capacity
+        self.written: Counter[bytes] = Counter()
+        self.refusals: Counter[bytes] = Counter()
+        self.batches: list[tuple[str, int, list[bytes]]] = []  # acknowledged, in order
         self.missing: set[str] = set()
 
     async def send(
@@ -59,14 +102,43 @@ class RefusingProducer:
             future.set_exception(KafkaConnectionError("not this test's row"))
             return future
         assert value is not None
-        self.sent[value] += 1
+        if message_bytes(key, value, tuple(headers or ())) > self.max_request_size:
+            self.refusals[value] += 1
+            raise MessageSizeTooLargeError()  # aiokafka's own check in `send`
         error = self.refuse.get(value)
-        if error is not None and self.in_send:
-            raise error
         if error is not None:
+            self.refusals[value] += 1
+            if self.in_send:
+                raise error
             future.set_exception(error)
         else:
+            self.written[value] += 1
             future.set_result(None)
+        return future
+
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch(self.batch_capacity)
+
+    async def send_batch(
+        self, batch: RecordBatch, topic: str, *, partition: int
+    ) -> asyncio.Future[Any]:
+        assert isinstance(batch, FakeBatch)
+        assert batch.closed, "a batch is closed before it is sent"
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        values = [value or b"" for _, value, _ in batch.messages]
+        if topic not in self.topics:
+            future.set_exception(KafkaConnectionError("not this test's row"))
+            return future
+        errors = [self.refuse[v] for v in values if v in self.refuse]
+        if errors:
+            for v in values:
+                if v in self.refuse:
+                    self.refusals[v] += 1
+            future.set_exception(errors[0])
+            return future
+        self.written.update(values)
+        self.batches.append((topic, partition, values))
+        future.set_result(None)
         return future
 
     async def partitions_for(self, topic: str) -> set[int]:
@@ -140,10 +212,11 @@ async def test_a_refused_row_is_parked_and_the_rows_around_it_are_published(
 
     assert await left(db, topics) == [(b"refused", reason)]
     good = [m.payload for m in messages if m.payload != b"refused"]
-    assert all(producer.sent[p or b""] == 1 for p in good)
-    attempts = producer.sent[b"refused"]
+    assert all(producer.written[p or b""] == 1 for p in good)
+    assert producer.written[b"refused"] == 0
+    attempts = producer.refusals[b"refused"]
     await publisher.relay_once(grace_s=0)
-    assert producer.sent[b"refused"] == attempts, "a parked row is never re-sent"
+    assert producer.refusals[b"refused"] == attempts, "a parked row is never re-sent"
     assert await left(db, topics) == [(b"refused", reason)]
 
     outbox = (await check_database(Settings(database_url=servers.worker_database_url)))[-1]
@@ -169,23 +242,41 @@ async def test_an_outage_parks_nothing_the_row_waits_and_goes_out_later(
     assert await left(db, topics) == []
 
 
-@pytest.mark.parametrize("in_send", [True, False], ids=["refused_by_client", "refused_by_broker"])
+def refusing(topics: tuple[str, str], by: str) -> tuple[RefusingProducer, int, bytes]:
+    """A producer that refuses one message for good, by the client's size check (the
+    message is over the limit: the publisher's own check for a batch, aiokafka's in `send`)
+    or in the broker's answer; the limit to give the publisher; the refused payload."""
+    if by == "client":
+        limit = 16_384
+        return RefusingProducer(set(topics), {}, False, max_request_size=limit), limit, b"x" * limit
+    refused = b"refused"
+    return (
+        RefusingProducer(set(topics), {refused: MessageSizeTooLargeError()}, False),
+        1 << 20,
+        refused,
+    )
+
+
+@pytest.mark.parametrize("by", ["client", "broker"], ids=["refused_by_client", "refused_by_broker"])
 async def test_the_fast_path_sends_past_a_refused_message_and_leaves_it_to_the_relay(
-    worker_pool: asyncpg.Pool, db: asyncpg.Pool, topics: tuple[str, str], in_send: bool
+    worker_pool: asyncpg.Pool, db: asyncpg.Pool, topics: tuple[str, str], by: str
 ) -> None:
-    producer = RefusingProducer(set(topics), {b"refused": MessageSizeTooLargeError()}, in_send)
+    producer, limit, refused = refusing(topics, by)
     async with worker_pool.acquire() as conn:
-        messages = await store.enqueue(conn, rows(topics, b"refused"))
-    publisher = Publisher(producer, worker_pool, relay_interval_s=1, relay_grace_s=0)
+        messages = await store.enqueue(conn, rows(topics, refused))
+    publisher = Publisher(
+        producer, worker_pool, relay_interval_s=1, relay_grace_s=0, max_message_bytes=limit
+    )
 
     await publisher.publish(messages)
     await publisher.flush(10)
 
-    assert await left(db, topics) == [(b"refused", None)], "the others are published, once"
-    assert all(producer.sent[m.payload or b""] == 1 for m in messages)
+    assert await left(db, topics) == [(refused, None)], "the others are published, once"
+    assert all(producer.written[m.payload or b""] == 1 for m in messages if m.payload != refused)
+    assert producer.written[refused] == 0
     assert publisher.healthy, "one message's refusal says nothing about the broker"
     await publisher.relay_once(grace_s=0)
-    assert await left(db, topics) == [(b"refused", "too_large")]
+    assert await left(db, topics) == [(refused, "too_large")]
 
 
 async def test_rows_of_a_missing_topic_wait_without_holding_up_the_others(
@@ -200,7 +291,7 @@ async def test_rows_of_a_missing_topic_wait_without_holding_up_the_others(
     waiting = await left(db, topics)
     assert len(waiting) == 20, "the results topic's rows wait, unparked"
     assert all(reason is None for _, reason in waiting)
-    assert producer.sent[b"dead letter"] == 1
+    assert producer.written[b"dead letter"] == 1
 
     producer.missing.clear()
     await publisher.relay_once(grace_s=0)
@@ -225,36 +316,94 @@ async def test_readiness_returns_once_the_relay_publishes_after_a_fast_path_outa
     assert publisher.healthy
 
 
-@pytest.mark.parametrize("in_send", [True, False], ids=["refused_by_client", "refused_by_broker"])
+@pytest.mark.parametrize("by", ["client", "broker"], ids=["refused_by_client", "refused_by_broker"])
 async def test_a_fresh_result_refused_for_good_is_parked_and_the_watermark_passes_it(
-    worker_pool: asyncpg.Pool, db: asyncpg.Pool, topics: tuple[str, str], in_send: bool
+    worker_pool: asyncpg.Pool, db: asyncpg.Pool, topics: tuple[str, str], by: str
 ) -> None:
     # A fresh apply's results live only in the inbox; one the broker refuses for good must
     # not hold back the partition's watermark (retried forever): it becomes a parked
     # outbox row, byte for byte, and `outbox retry` takes it from there (DESIGN.md §7).
-    producer = RefusingProducer(set(topics), {b"refused": MessageSizeTooLargeError()}, in_send)
-    publisher = Publisher(producer, worker_pool, relay_interval_s=1, relay_grace_s=0)
+    # Refused by the broker, it takes its whole batch down: the neighbours are sent again,
+    # each alone, and only its own refusal parks it.
+    producer, limit, refused = refusing(topics, by)
+    publisher = Publisher(
+        producer, worker_pool, relay_interval_s=1, relay_grace_s=0, max_message_bytes=limit
+    )
     tp = (f"in-{topics[0]}", 0)
     publisher.watermarks.assign(tp, 0)
     publisher.watermarks.caught_up(tp, 0, 0)
     headers = (("h", b"v"), ("none", None))
     messages = [
         OutboxMessage(topics[0], b"cart", payload, headers)
-        for payload in (b"before", b"refused", b"after")
+        for payload in (b"before", refused, b"after")
     ]
 
     await publisher.publish_fresh([Publication(tp[0], tp[1], 0, 3, messages)])
     await publisher.flush(10)
 
-    assert await left(db, topics) == [(b"refused", "too_large")]
+    assert await left(db, topics) == [(refused, "too_large")]
     row = await db.fetchrow("SELECT key, headers FROM outbox WHERE topic = $1", topics[0])
     assert row is not None
     assert bytes(row["key"]) == b"cart"
     assert store.decode_headers(row["headers"]) == headers
     assert publisher.watermarks.covered(tp) == 3, "the refusal does not hold the watermark"
     assert publisher.watermarks.gapped() == []
+    assert producer.written == Counter({b"before": 1, b"after": 1})
+    refusals = producer.refusals[refused]
     await publisher.relay_once(grace_s=0)
-    assert producer.sent == Counter({b"before": 1, b"refused": 1, b"after": 1}), "never re-sent"
+    assert producer.refusals[refused] == refusals, "never re-sent"
+    assert producer.written == Counter({b"before": 1, b"after": 1})
+
+
+async def test_fresh_results_go_out_in_batches_that_roll_over_when_full_in_key_order(
+    worker_pool: asyncpg.Pool, topics: tuple[str, str]
+) -> None:
+    # One batch per results partition; a full batch is sent and the next one started.
+    # The fake has one partition, so every message shares it: their order in the batches
+    # is the order of the publications, as one cart's results must stay (G4).
+    producer = RefusingProducer(set(topics), {}, False, batch_capacity=2)
+    publisher = Publisher(producer, worker_pool, relay_interval_s=1, relay_grace_s=0)
+    publications = []
+    for partition in (0, 1):
+        tp = (f"in-{topics[0]}", partition)
+        publisher.watermarks.assign(tp, 0)
+        publisher.watermarks.caught_up(tp, 0, 0)
+        payloads = [f"p{partition}-{n}".encode() for n in range(3)]
+        messages = [OutboxMessage(topics[0], f"cart-{partition}".encode(), p) for p in payloads]
+        publications.append(Publication(tp[0], partition, 0, 3, messages))
+
+    await publisher.publish_fresh(publications)
+    await publisher.flush(10)
+
+    assert [values for _, _, values in producer.batches] == [
+        [b"p0-0", b"p0-1"],
+        [b"p0-2", b"p1-0"],
+        [b"p1-1", b"p1-2"],
+    ]
+    assert publisher.published == 6
+    for partition in (0, 1):
+        assert publisher.watermarks.covered((f"in-{topics[0]}", partition)) == 3
+
+
+async def test_fresh_results_of_a_batch_not_acknowledged_leave_a_gap(
+    worker_pool: asyncpg.Pool, topics: tuple[str, str]
+) -> None:
+    # The broker does not acknowledge (an outage): nothing is parked, the watermark stays
+    # before the results, and a catch-up republishes them from the inbox later.
+    producer = RefusingProducer(set(), {}, False)  # every answer is an outage
+    publisher = Publisher(producer, worker_pool, relay_interval_s=1, relay_grace_s=0)
+    tp = (f"in-{topics[0]}", 0)
+    publisher.watermarks.assign(tp, 0)
+    publisher.watermarks.caught_up(tp, 0, 0)
+    messages = [OutboxMessage(topics[0], b"cart", p) for p in (b"a", b"b")]
+
+    await publisher.publish_fresh([Publication(tp[0], tp[1], 0, 2, messages)])
+    await publisher.flush(10)
+
+    assert publisher.watermarks.covered(tp) == 0
+    assert publisher.watermarks.gapped() == [tp]
+    assert not publisher.healthy
+    assert producer.refusals == Counter(), "an outage is not re-sent message by message"
 
 
 async def test_a_refused_fresh_result_that_cannot_be_parked_holds_the_watermark(

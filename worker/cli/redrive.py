@@ -313,7 +313,11 @@ async def redrive(
         await producer.start()
     try:
         publisher = producer and Publisher(
-            producer, pool, settings.outbox_relay_interval_s, settings.outbox_relay_grace_s
+            producer,
+            pool,
+            settings.outbox_relay_interval_s,
+            settings.outbox_relay_grace_s,
+            max_message_bytes=settings.max_message_bytes,
         )
         for n, letter in enumerate(ordered):
             if n:
