@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import NamedTuple, Protocol
 
 from worker.contract import Outcome, Rejection, Trigger
@@ -358,7 +359,8 @@ async def apply_batch(
     """
     applied_up_to = await store.lock_offsets(sorted({_partition(i.record) for i in items}))
     fresh = unapplied(items, applied_up_to)
-    keys = sorted({i.key for i in fresh if isinstance(i, Accepted)})
+    # Read without locks: any order will do, and a sort costs more than the rest.
+    keys = list(dict.fromkeys(i.key for i in fresh if isinstance(i, Accepted)))
     stored = await store.stored_results(keys) if keys else {}
     explicit, carts = reservations_to_read(fresh, stored)
     rows = await store.find_reservations(explicit, carts) if (explicit or carts) else []
@@ -373,7 +375,7 @@ async def apply_batch(
         if len(moved) != len(plan.releases):
             # Confirmed, expired or released elsewhere since it was read: decide again.
             raise TransientError("a reservation left 'reserved' after it was read; retrying")
-        if stock_deltas(moved) != plan.stock_deltas:
+        if stock_totals(moved) != {(sku, loc): qty for sku, loc, qty in plan.stock_deltas}:
             # The results quote the quantities read: a claim returning others decides again.
             raise TransientError("a reservation changed after it was read; retrying")
         await store.return_stock(plan.stock_deltas)
@@ -395,6 +397,9 @@ async def apply_batch(
     return plan.report
 
 
+_reservation_id = itemgetter(0)
+
+
 def _partition(record: RawRecord) -> TopicPartition:
     return (record.topic, record.partition)
 
@@ -410,8 +415,8 @@ def unapplied(
 def reservations_to_read(
     fresh: Sequence[Prepared], stored: Mapping[EventKey, StoredResults]
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(reservation_id, partner_id) named and (partner_id, cart_id) of whole carts, sorted,
-    of the commands to decide.
+    """(reservation_id, partner_id) named and (partner_id, cart_id) of whole carts, each
+    once (in the order first named), of the commands to decide.
 
     A record whose (partner, eventId) has results, stored or produced earlier in this
     batch, is a replay: it gets those results again and changes nothing. A rejected
@@ -425,15 +430,18 @@ def reservations_to_read(
         for i in fresh
         if isinstance(i, Accepted) and (i.key not in stored or stored[i.key].results is None)
     ]
-    explicit = sorted(
-        {
+    # Read without locks (`find_reservations` answers in id order): not sorted here.
+    explicit = list(
+        dict.fromkeys(
             (item.item_reservation_id, i.partner_id)
             for i in looked_up
             if i.command.items
             for item in i.command.items
-        }
+        )
     )
-    carts = sorted({(i.partner_id, i.command.cart_id) for i in looked_up if not i.command.items})
+    carts = list(
+        dict.fromkeys((i.partner_id, i.command.cart_id) for i in looked_up if not i.command.items)
+    )
     return explicit, carts
 
 
@@ -517,7 +525,7 @@ def plan_batch(
             InboxEntry(partner_id, command.event_id, command.cart_id, record, payloads, headers)
         )
 
-    releases.sort()
+    releases.sort(key=_reservation_id)  # ids are unique: one release per reservation
     released = (found[rid] for rid, _, _ in releases)
     deltas = stock_deltas((r.sku, r.location_id, r.quantity) for r in released)
     return BatchPlan(releases, deltas, inbox, outbox, next_offsets, report, from_inbox)
@@ -566,11 +574,18 @@ def item_payloads(
     ]
 
 
-def stock_deltas(moved: Iterable[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
-    """Quantities to return per (sku, location_id), from (sku, location_id, quantity) per
-    moved reservation; sorted: the stock lock order."""
+def stock_totals(moved: Iterable[tuple[str, str, int]]) -> dict[tuple[str, str], int]:
+    """Quantity to return per (sku, location_id), from (sku, location_id, quantity) per
+    moved reservation."""
     totals: dict[tuple[str, str], int] = {}
     for sku, location_id, quantity in moved:
         key = (sku, location_id)
         totals[key] = totals.get(key, 0) + quantity
-    return [(sku, loc, qty) for (sku, loc), qty in sorted(totals.items())]
+    return totals
+
+
+def stock_deltas(moved: Iterable[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    """`stock_totals` as (sku, location_id, quantity), sorted: the stock lock order."""
+    totals = stock_totals(moved)
+    # The keys alone are sorted: comparing ((sku, location), quantity) pairs costs more.
+    return [(sku, loc, totals[sku, loc]) for sku, loc in sorted(totals)]
