@@ -159,22 +159,21 @@ async def cart_reservations(db: Db, partner_id: str, cart_id: str) -> list[dict[
     return [dict(r) for r in rows]
 
 
+CART_EVENTS_SQL = """
+SELECT event_id, source_topic, source_partition, source_offset, processed_at, results
+  FROM inbox WHERE partner_id = $1 AND cart_id = $2
+ ORDER BY processed_at, source_topic, source_partition, source_offset
+"""
+
+
 async def cart_events(db: Db, partner_id: str, cart_id: str) -> list[dict[str, Any]]:
     """The inbox rows of the cart (events applied to it), in the order they were applied,
     with their results decoded (None once pruned past the retention: the key alone is kept).
 
-    The inbox is keyed by (partner_id, event_id): this reads the partner's part of the
-    primary key and filters on the cart, which is fine for an operator's occasional look.
+    Found by `inbox_partner_cart_idx` (the inbox keeps every event's key forever: a
+    filter on the cart alone read the whole table).
     """
-    rows = await db.fetch(
-        """
-        SELECT event_id, source_topic, source_partition, source_offset, processed_at, results
-          FROM inbox WHERE partner_id = $1 AND cart_id = $2
-         ORDER BY processed_at, source_topic, source_partition, source_offset
-        """,
-        partner_id,
-        cart_id,
-    )
+    rows = await db.fetch(CART_EVENTS_SQL, partner_id, cart_id)
     return [
         {
             "event_id": r["event_id"],

@@ -25,7 +25,7 @@ from worker.release import EventKey, InboxEntry, Reservation, StoredResults, Top
 from worker.retry import closed_connection_is_transient
 
 # The newest migration this code needs; `run` refuses an older schema.
-SCHEMA_VERSION = "20261203080000"
+SCHEMA_VERSION = "20261203113000"
 
 # A connection, from a pool or not; `Db` also admits the pool itself (one-statement calls).
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"

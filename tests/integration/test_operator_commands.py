@@ -24,7 +24,7 @@ from tests.support import (
     running_worker,
     worker_results,
 )
-from worker import store
+from worker import operator_store, store
 from worker.cli.kafka import Message
 from worker.cli.main import app
 from worker.cli.redrive import DeadLetter, redrive
@@ -421,3 +421,24 @@ async def test_a_redrive_that_stops_at_a_failure_names_what_it_did_not_attempt_a
         ("dlq_redrive_failed", "failed"),
         ("dlq_redriven", "not_attempted"),
     ]
+
+
+async def test_inspect_cart_finds_a_carts_events_by_an_index_not_by_reading_the_inbox(
+    db: asyncpg.Pool,
+) -> None:
+    """The inbox keeps every event's key forever: without an index on the cart, `inspect
+    cart` read all of it (143 MB a million events; past WORKER_STATEMENT_TIMEOUT_MS at a
+    few million: docs/operations.md)."""
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")  # the plan without a full read
+        plan = await conn.fetchval(
+            "EXPLAIN (FORMAT JSON) " + operator_store.CART_EVENTS_SQL, "p", "c"
+        )
+
+    def index_conditions(node: dict[str, Any]) -> list[str]:
+        found = [node.get("Index Cond", "")]
+        for child in node.get("Plans", []):
+            found += index_conditions(child)
+        return found
+
+    assert any("cart_id" in c for c in index_conditions(orjson.loads(plan)[0]["Plan"])), plan
