@@ -26,10 +26,10 @@ from typing import Any, Protocol
 import asyncpg
 import structlog
 from aiokafka.errors import MessageSizeTooLargeError
-from aiokafka.partitioner import DefaultPartitioner
 
 from worker import metrics, store
 from worker.config import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+from worker.partitioning import partition_for
 from worker.records import OutboxMessage, Publication
 from worker.results import message_bytes
 from worker.retry import BROKER_ERRORS, BROKER_REFUSAL_REASONS, DATABASE_ERRORS, broker_refusal
@@ -48,7 +48,6 @@ _RELAY_FAILURES = (*BROKER_ERRORS, *DATABASE_ERRORS)
 # Inbox rows a catch-up reads (and holds the results of) at a time.
 _CATCH_UP_ROWS = 200
 _STORE_FAILURES: tuple[type[BaseException], ...] = (*DATABASE_ERRORS, TimeoutError)
-_PARTITIONER = DefaultPartitioner()
 # More than aiokafka's estimate of a record's size adds to its key, value and headers (the
 # batch header, the record's overhead, varint lengths): a message below the bound with
 # these fits without computing the estimate (`results.message_bytes`).
@@ -514,22 +513,27 @@ class Publisher:
         return future
 
     async def _partitions(self, messages: Sequence[OutboxMessage]) -> list[int | None]:
-        """The producer's own key partitioning (murmur2), computed once per key: the items
-        of a cart share its key, and murmur2 in pure Python is the costliest part of a send."""
+        """The producer's own key partitioning (murmur2, `worker/partitioning.py`), computed
+        once per key: the items of a cart share its key (and follow one another)."""
         by_topic: dict[str, list[int]] = {}
         chosen: dict[tuple[str, bytes], int] = {}
         partitions: list[int | None] = []
+        last: tuple[str, bytes | None, int | None] = ("", None, None)
         for m in messages:
-            if m.key is None:
+            key = m.key
+            if key is None:
                 partitions.append(None)  # the producer spreads keyless records itself
                 continue
-            found = chosen.get((m.topic, m.key))
+            if key is last[1] and m.topic == last[0]:
+                partitions.append(last[2])  # the next item of the same record
+                continue
+            found = chosen.get((m.topic, key))
             if found is None:
                 if m.topic not in by_topic:
                     by_topic[m.topic] = sorted(await self._producer.partitions_for(m.topic))
-                everything = by_topic[m.topic]
-                found = chosen[(m.topic, m.key)] = _PARTITIONER(m.key, everything, everything)
+                found = chosen[(m.topic, key)] = partition_for(key, by_topic[m.topic])
             partitions.append(found)
+            last = (m.topic, key, found)
         return partitions
 
     async def _settle(self, messages: list[OutboxMessage], handover: _Handover) -> None:
