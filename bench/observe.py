@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -277,3 +277,30 @@ class Processes:
         for profiler in self.profilers:
             await asyncio.to_thread(profiler.wait, timeout_s)
         return codes
+
+
+@contextlib.asynccontextmanager
+async def stopped_by_signals(
+    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> AsyncIterator[None]:
+    """For the block, SIGTERM and SIGINT cancel the task that entered it instead of ending
+    the process at once (SIGTERM's default), so its `finally` blocks run: the bench's
+    `Processes.stop` stops the workers and baselines it started (they drain, G5) and the
+    embedded servers are stopped. A second signal while they stop is ignored."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    cancelled: list[int] = []
+
+    def cancel(sig: signal.Signals) -> None:
+        if not cancelled:
+            cancelled.append(sig)
+            task.cancel(f"stopped by {sig.name}")
+
+    for sig in signals:
+        loop.add_signal_handler(sig, cancel, sig)
+    try:
+        yield
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)

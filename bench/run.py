@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from bench import dblimit, http
-from bench.observe import CpuSplit, Processes, ResultReader, peak_rss_mb
+from bench.observe import CpuSplit, Processes, ResultReader, peak_rss_mb, stopped_by_signals
 from bench.report import (
     Measurement,
     latency_figures,
@@ -773,7 +773,8 @@ async def run_bench(
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     started = time.monotonic()
     load_at_start = [round(x, 2) for x in os.getloadavg()]
-    async with servers(settings) as (given, server_pids):
+    # SIGTERM/SIGINT: the `finally` blocks stop the child processes and the servers.
+    async with stopped_by_signals(), servers(settings) as (given, server_pids):
         pool = await asyncpg.create_pool(given.database_url, min_size=2, max_size=12)
         try:
             with progress_bars(console) as progress:

@@ -220,11 +220,19 @@ def bench(
         plan = replace(plan, scaling=())
     if scale_only is not None:
         plan = only_scale(scale_only)
-    measurements, _ = asyncio.run(
-        run_bench(
-            settings, plan, Path(out) if out else RESULTS_DIR, label="quick" if quick else "full"
+    try:
+        measurements, _ = asyncio.run(
+            run_bench(
+                settings,
+                plan,
+                Path(out) if out else RESULTS_DIR,
+                label="quick" if quick else "full",
+            )
         )
-    )
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        # A signal stopped it; its child processes and servers were stopped first.
+        typer.echo("bench stopped by a signal; nothing written", err=True)
+        raise typer.Exit(130) from None
     raise typer.Exit(0 if summary_ok(measurements) else 1)
 
 
