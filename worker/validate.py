@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple, TypeGuard
 
 import orjson
 from pydantic import ValidationError
@@ -35,7 +35,6 @@ from worker.contract import (
     SESSION_HEADER,
     TAG_HEADER,
     Rejection,
-    ReleaseItem,
     ReleaseRequest,
     is_reserved_event_id,
 )
@@ -52,6 +51,22 @@ class Limits:
     max_attributes: int = 50
 
 
+class Item(NamedTuple):
+    """One item of a command (`contract.ReleaseItem` as read): a tuple, one is made per item."""
+
+    cart_item_id: str
+    item_reservation_id: str
+
+
+class _Request(NamedTuple):
+    """What the checks after the schema need of a body `ReleaseRequest` accepts."""
+
+    event_id: str | None
+    cart_id: str
+    items: tuple[Item, ...] | None
+    attributes: int | None  # how many entries, None: absent
+
+
 @dataclass(frozen=True, slots=True)
 class ReleaseCommand:
     """A valid release request, with the headers the worker needs.
@@ -63,7 +78,7 @@ class ReleaseCommand:
     record: RawRecord
     event_id: str
     cart_id: str
-    items: tuple[ReleaseItem, ...] | None  # None: release the whole cart
+    items: tuple[Item, ...] | None  # None: release the whole cart
     session_id: str
     tag_id: str
     api_key_sha256: bytes = field(default=b"", repr=False)
@@ -75,14 +90,16 @@ class ReleaseCommand:
 
 def parse_record(record: RawRecord, limits: Limits) -> ReleaseCommand | Rejection:
     """Turn a record into a command or exactly one rejection. Never raises."""
-    framing = _check_framing(record, limits)
-    if framing is not None:
-        return framing
+    body = _check_framing(record, limits)
+    if isinstance(body, Rejection):
+        return body
     assert record.value is not None
-    try:
-        request = ReleaseRequest.model_validate_json(record.value)
-    except ValidationError as error:
-        return _schema_rejection(record, error)
+    request = plain_request(body)
+    if request is None:  # not in the common shape: pydantic reads it, and words any error
+        try:
+            request = _request(ReleaseRequest.model_validate_json(record.value))
+        except ValidationError as error:
+            return _schema_rejection(record, error)
 
     event_id = request.event_id or record.position
     header_rule = _check_headers(record)
@@ -110,10 +127,71 @@ def parse_record(record: RawRecord, limits: Limits) -> ReleaseCommand | Rejectio
         record=record,
         event_id=event_id,
         cart_id=request.cart_id,
-        items=None if request.items is None else tuple(request.items),
+        items=request.items,
         session_id=session_id or "",
         tag_id=tag_id or "",
         api_key_sha256=key_digest(api_key) if api_key else b"",
+    )
+
+
+def _request(model: ReleaseRequest) -> _Request:
+    items = model.items
+    return _Request(
+        model.event_id,
+        model.cart_id,
+        None
+        if items is None
+        else tuple(Item(i.cart_item_id, i.item_reservation_id) for i in items),
+        None if model.attributes is None else len(model.attributes),
+    )
+
+
+_BODY_KEYS = frozenset({"eventId", "cartId", "items", "attributes", "occurredAt"})
+_ITEM_KEYS = frozenset({"cartItemId", "itemReservationId"})
+
+
+def _plain_id(value: object, longest: int) -> TypeGuard[str]:
+    return type(value) is str and 0 < len(value) <= longest and "\x00" not in value
+
+
+def plain_request(body: object) -> _Request | None:
+    """The request of a body in the common shape, read without pydantic: no key but the
+    contract's, `occurredAt` absent or null, every value of the type and length the contract
+    wants. None for any other body (pydantic reads those: its error is the rejection). On
+    the bodies it takes it agrees with `ReleaseRequest` (tests/unit/test_plain_request.py);
+    strings only, nested three deep at most, so pydantic's parser would read it as orjson
+    did (it refuses deeper nesting than orjson)."""
+    if type(body) is not dict or not body.keys() <= _BODY_KEYS:
+        return None
+    event_id = body.get("eventId")
+    if event_id is not None and (not _plain_id(event_id, 128) or is_reserved_event_id(event_id)):
+        return None
+    cart_id = body.get("cartId")
+    if not _plain_id(cart_id, 128) or body.get("occurredAt") is not None:
+        return None
+    attributes = body.get("attributes")
+    if attributes is not None and (
+        type(attributes) is not dict or any(type(v) is not str for v in attributes.values())
+    ):
+        return None
+    raw_items = body.get("items")
+    items = None
+    if raw_items is not None:
+        if type(raw_items) is not list:
+            return None
+        items = []
+        for item in raw_items:
+            if type(item) is not dict or item.keys() != _ITEM_KEYS:
+                return None
+            cart_item_id, reservation_id = item["cartItemId"], item["itemReservationId"]
+            if not (_plain_id(cart_item_id, 128) and _plain_id(reservation_id, 256)):
+                return None
+            items.append(Item(cart_item_id, reservation_id))
+    return _Request(
+        event_id,
+        cart_id,
+        None if items is None else tuple(items),
+        None if attributes is None else len(attributes),
     )
 
 
@@ -133,7 +211,9 @@ def too_large(record: RawRecord, size: int, limits: Limits) -> Rejection:
     )
 
 
-def _check_framing(record: RawRecord, limits: Limits) -> Rejection | None:
+def _check_framing(record: RawRecord, limits: Limits) -> Rejection | Any:
+    """The rejection of a record that cannot be read as strict JSON, else its body as
+    orjson read it."""
     if record.unreadable:
         where = (
             "this record"
@@ -166,7 +246,7 @@ def _check_framing(record: RawRecord, limits: Limits) -> Rejection | None:
     return _check_strict_json(record, value)
 
 
-def _check_strict_json(record: RawRecord, value: bytes) -> Rejection | None:
+def _check_strict_json(record: RawRecord, value: bytes) -> Rejection | Any:
     """NaN, Infinity, numbers beyond a double and repeated keys are refused (DESIGN.md §7).
 
     pydantic's parser takes the last of repeated keys (`"items":[…],"items":null` would be a
@@ -189,7 +269,7 @@ def _check_strict_json(record: RawRecord, value: bytes) -> Rejection | None:
         if repeated is not None or not escaped_colon:  # without the escape, the count is proof
             which = "a key" if repeated is None else f"the key {repeated!r}"
             return _invalid_json(record, f"{which} is repeated in one object")
-    return None
+    return parsed
 
 
 def _repeated_key(value: bytes) -> str | None:
@@ -349,14 +429,13 @@ def _length_rule(detail: ErrorDetails) -> str:
     return f"at least {ctx.get('min_length', 1)}"
 
 
-def _check_items(request: ReleaseRequest, limits: Limits) -> Rejection | None:
-    if request.attributes is not None and len(request.attributes) > limits.max_attributes:
+def _check_items(request: _Request, limits: Limits) -> Rejection | None:
+    if request.attributes is not None and request.attributes > limits.max_attributes:
         return Rejection(
             400,
             "too_many_attributes",
-            f"attributes has {len(request.attributes)} entries; the limit is "
-            f"{limits.max_attributes}.",
-            len(request.attributes),
+            f"attributes has {request.attributes} entries; the limit is {limits.max_attributes}.",
+            request.attributes,
         )
     items = request.items
     if items is None:

@@ -22,8 +22,7 @@ from worker.api.service import (
 )
 from worker.api.waiters import Refused, Released, TooManyWaiters, Waiters
 from worker.auth import Authenticator, Partner, PartnerLookup, key_digest
-from worker.contract import ReleaseItem
-from worker.validate import Limits
+from worker.validate import Item, Limits
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "docs" / "contract" / "openapi.json"
@@ -93,10 +92,7 @@ def _item(rid: str, outcome: str = "released") -> dict[str, object]:
 
 
 def test_the_200_body_lists_items_in_request_order_then_the_rest_by_reservation_id() -> None:
-    asked = [
-        ReleaseItem.model_validate({"cartItemId": f"i-{rid}", "itemReservationId": rid})
-        for rid in ("b", "a")
-    ]
+    asked = [Item(f"i-{rid}", rid) for rid in ("b", "a")]
     result = Released({rid: _item(rid) for rid in ("a", "z", "b", "c")})
     body = released_body("cart", asked, result)
     assert [i["itemReservationId"] for i in body["items"]] == ["b", "a", "c", "z"]

@@ -44,7 +44,7 @@ from worker.contract import (
 from worker.records import RawRecord
 from worker.results import Topics, item_result_payload, rejection_messages
 from worker.store import decode_headers, encode_headers
-from worker.validate import Limits, ReleaseCommand, parse_record
+from worker.validate import Item, Limits, ReleaseCommand, parse_record
 
 LIMITS = Limits(max_record_bytes=4096, max_items=5, max_attributes=3)
 TOPICS = Topics("results", "dlq")
@@ -410,8 +410,11 @@ def test_valid_records_give_their_command_and_each_break_exactly_its_code() -> N
             body["cartId"],
         )
         items = body["items"]
+        read = None if items is None else [ReleaseItem.model_validate(i) for i in items]
         assert outcome.items == (
-            None if items is None else tuple(ReleaseItem.model_validate(i) for i in items)
+            None
+            if read is None
+            else tuple(Item(i.cart_item_id, i.item_reservation_id) for i in read)
         )
         assert (outcome.session_id, outcome.tag_id) == (
             headers["rokt-session-id"],

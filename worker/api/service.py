@@ -37,11 +37,10 @@ from worker.contract import (
     TAG_HEADER,
     EventId,
     Rejection,
-    ReleaseItem,
 )
 from worker.records import RawRecord
 from worker.retry import DATABASE_ERRORS
-from worker.validate import Limits, parse_record, too_large
+from worker.validate import Item, Limits, parse_record, too_large
 
 log = structlog.get_logger("worker.api")
 
@@ -251,12 +250,12 @@ class _Checked:
     value: bytes  # emptied once produced
     headers: list[tuple[str, bytes]]
     cart_id: str
-    items: tuple[ReleaseItem, ...] | None
+    items: tuple[Item, ...] | None
     event_id: str
     wait_key: WaitKey
 
 
-def released_body(cart_id: str, asked: Sequence[ReleaseItem] | None, result: Released) -> Body:
+def released_body(cart_id: str, asked: Sequence[Item] | None, result: Released) -> Body:
     """The page's 200 body: items in request order (whole cart: reservation id order)."""
     order = {item.item_reservation_id: n for n, item in enumerate(asked or ())}
     ids = sorted(result.items, key=lambda rid: (order.get(rid, len(order)), rid))
