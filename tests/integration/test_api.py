@@ -3,6 +3,7 @@ status of the page, idempotent retries (also across a 504 and a worker restart).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,6 +16,7 @@ from structlog.testing import capture_logs
 
 from tests.integration.conftest import World, reserve
 from tests.support import read_topic, running_worker
+from worker.api.results import ResultsReader
 from worker.api.server import running_api
 from worker.config import Settings
 from worker.operator_store import add_partner
@@ -270,3 +272,25 @@ async def test_each_rejection_has_the_workers_status_and_code_and_only_valid_req
 
 def _without(headers: dict[str, str], name: str) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k != name}
+
+
+async def test_a_results_reader_that_dies_is_logged_and_stops_the_api(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without its reader every request ends as a 504: that must not happen silently."""
+
+    async def broken(self: ResultsReader) -> None:
+        raise RuntimeError("a bug in the reader")
+
+    monkeypatch.setattr(ResultsReader, "run", broken)
+    await ensure_topics(world.settings, 3)
+    with capture_logs() as logged:
+        async with (
+            running_api(world.settings.model_copy(update={"api_port": 0})) as api,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.port}") as client,
+        ):
+            async with asyncio.timeout(30):  # a bound on the test, not a figure
+                await api.failed.wait()  # `release-worker api` then exits 1
+            assert (await client.get("/healthz")).status_code == 503
+    failed = [(e["task"], e["restart"]) for e in logged if e["event"] == "task_failed"]
+    assert failed == [("api_results_reader", False)]

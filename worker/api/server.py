@@ -31,6 +31,7 @@ from worker.config import Settings
 from worker.contract import MAX_HEADERS_BYTES
 from worker.retry import BROKER_ERRORS, DATABASE_ERRORS
 from worker.runtime import close_bounded, close_pool
+from worker.supervisor import Supervisor
 from worker.validate import Limits
 
 log = structlog.get_logger("worker.api")
@@ -48,6 +49,7 @@ class _Server(uvicorn.Server):
 class RunningApi:
     port: int
     waiters: Waiters
+    failed: asyncio.Event  # a task the api cannot serve without died (logged `task_failed`)
 
 
 @dataclass
@@ -115,20 +117,16 @@ async def running_api(settings: Settings) -> AsyncIterator[RunningApi]:
             timeout_s=settings.api_timeout_s,
         )
         health = _Health()
-        tasks = [
-            asyncio.create_task(reader.run(), name="api_results_reader"),
-            asyncio.create_task(_watch(health, pool, consumer), name="api_health_watcher"),
-        ]
-
-        async def stop_tasks() -> None:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        resources.push_async_callback(stop_tasks)
+        # Supervised (DESIGN.md §7): a failure is logged (`task_failed`); the health watcher
+        # is restarted, a dead results reader (every request would end as a 504) fails
+        # /healthz and stops `release-worker api` with exit code 1.
+        supervisor = Supervisor(settings.retry_initial_s, settings.retry_max_s)
+        supervisor.start("api_results_reader", reader.run, restart=False)
+        supervisor.start("api_health_watcher", lambda: _watch(health, pool, consumer))
+        resources.push_async_callback(supervisor.close)
 
         def alive() -> bool:
-            return not any(task.done() for task in tasks)
+            return not supervisor.failed.is_set()
 
         def ready() -> bool:
             return alive() and reader.positioned and health.database_ok and health.broker_ok
@@ -160,7 +158,7 @@ async def running_api(settings: Settings) -> AsyncIterator[RunningApi]:
         port = server.servers[0].sockets[0].getsockname()[1]
         log.info("api_started", host=settings.api_host, port=port, input=settings.input_topic)
         try:
-            yield RunningApi(port, waiters)
+            yield RunningApi(port, waiters, supervisor.failed)
         finally:
             server.should_exit = True
             await serving
@@ -173,6 +171,9 @@ async def run_api(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with running_api(settings):
-        await stop.wait()
-    return 0
+    async with running_api(settings) as api:
+        waits = [asyncio.create_task(stop.wait()), asyncio.create_task(api.failed.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
+    return 1 if api.failed.is_set() else 0
