@@ -1,7 +1,8 @@
 """Baseline systems run as child processes like the worker: `python -m bench.systems NAME`.
 
 - `kafka_pipe`: consume the input topic and produce one result-sized record per item,
-  no database: what the broker and the Python clients allow on this machine.
+  no database: what the broker and the Python clients allow on this machine. It sends
+  as the worker does: one record batch per partition, each key's partition computed once.
 - `naive`: the worker's own processor (parse, auth, release transaction), but one
   transaction per record and one awaited send per result, the way hand-written workers start.
 
@@ -26,7 +27,9 @@ from worker.auth import Authenticator
 from worker.config import Settings
 from worker.consumer import raw_record
 from worker.contract import EVENT_ID_HEADER, format_timestamp
+from worker.partitioning import partition_for
 from worker.processor import BatchProcessor
+from worker.publisher import RecordBatch
 
 
 async def kafka_pipe(settings: Settings, stop: asyncio.Event) -> None:
@@ -41,14 +44,21 @@ async def kafka_pipe(settings: Settings, stop: asyncio.Event) -> None:
 async def _pipe(
     settings: Settings, stop: asyncio.Event, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer
 ) -> None:
+    # The worker's own sending technique (worker/publisher.py): each key's partition
+    # computed once, with the producer's partitioner; one record batch per partition
+    # (`create_batch`/`send_batch`, a full one goes and the next is started), not a `send`
+    # per message.
+    partitions = sorted(await producer.partitions_for(settings.results_topic))
     while not stop.is_set():
         fetched = await consumer.getmany(timeout_ms=200, max_records=2000)
+        batches: dict[int, RecordBatch] = {}
         futures = []
         for messages in fetched.values():
             for m in messages:
                 body = orjson.loads(m.value)
                 headers = [(EVENT_ID_HEADER, body["eventId"].encode())]
                 processed_at = format_timestamp(datetime.now(UTC))
+                partition = partition_for(m.key, partitions)
                 for item in body["items"]:
                     # A result of the contract's shape and size, rendered the fast way.
                     payload = orjson.dumps(
@@ -65,14 +75,24 @@ async def _pipe(
                             "processedAt": processed_at,
                         }
                     )
+                    batch = batches.get(partition)
+                    if batch is None:
+                        batch = batches[partition] = producer.create_batch()
+                    if batch.append(timestamp=None, key=m.key, value=payload, headers=headers):
+                        continue
+                    batch.close()  # full: it goes, the next one starts with this result
                     futures.append(
-                        await producer.send(
-                            settings.results_topic,
-                            payload,
-                            key=m.key,
-                            headers=headers,
+                        await producer.send_batch(
+                            batch, settings.results_topic, partition=partition
                         )
                     )
+                    batch = batches[partition] = producer.create_batch()
+                    batch.append(timestamp=None, key=m.key, value=payload, headers=headers)
+        for partition, batch in batches.items():
+            batch.close()
+            futures.append(
+                await producer.send_batch(batch, settings.results_topic, partition=partition)
+            )
         if fetched:
             await consumer.commit()
         # Bounded in flight, like the worker: do not run ahead of the acks forever.
