@@ -100,12 +100,12 @@ def item_result_payload(
         {
             "type": "item_result",
             "eventId": event_id,
-            "trigger": trigger.value,
+            "trigger": trigger,  # orjson writes an enum as its value
             "cartId": cart_id,
             "cartItemId": cart_item_id,
             "itemReservationId": reservation_id,
             "success": outcome.success,
-            "outcome": outcome.value,
+            "outcome": outcome,
             "quantity": quantity,
             "processedAt": _timestamp(processed_at),
         }

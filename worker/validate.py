@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, TypeGuard
 
 import orjson
@@ -67,12 +67,13 @@ class _Request(NamedTuple):
     attributes: int | None  # how many entries, None: absent
 
 
-@dataclass(frozen=True, slots=True)
-class ReleaseCommand:
-    """A valid release request, with the headers the worker needs.
+class ReleaseCommand(NamedTuple):
+    """A valid release request, with the headers the worker needs (a named tuple: one is
+    made per record).
 
     The API key itself is not kept: only its sha256 (empty when the header is missing or
-    blank), so no repr, log line or trace of a command can carry the secret.
+    blank, and left out of the repr), so no repr, log line or trace of a command can carry
+    the secret.
     """
 
     record: RawRecord
@@ -81,11 +82,18 @@ class ReleaseCommand:
     items: tuple[Item, ...] | None  # None: release the whole cart
     session_id: str
     tag_id: str
-    api_key_sha256: bytes = field(default=b"", repr=False)
+    api_key_sha256: bytes = b""
 
     @property
     def whole_cart(self) -> bool:
         return self.items is None
+
+    def __repr__(self) -> str:
+        return (
+            f"ReleaseCommand(record={self.record!r}, event_id={self.event_id!r}, "
+            f"cart_id={self.cart_id!r}, items={self.items!r}, session_id={self.session_id!r}, "
+            f"tag_id={self.tag_id!r})"
+        )
 
 
 def parse_record(record: RawRecord, limits: Limits) -> ReleaseCommand | Rejection:

@@ -211,7 +211,7 @@ def test_a_valid_record_becomes_a_command_that_keeps_only_the_key_digest() -> No
 
 
 def vars_of(command: ReleaseCommand) -> list[Any]:
-    return [getattr(command, name) for name in command.__slots__]
+    return [getattr(command, name) for name in command._fields]
 
 
 @pytest.mark.parametrize("key", [None, b"", b"\xff\xfe", b"other-cart"])
