@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import tracemalloc
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -14,6 +16,7 @@ import pytest
 
 from worker.api.http import create_app, openapi_document
 from worker.api.service import (
+    MAX_BODY_BYTES,
     HttpAnswer,
     ReleaseService,
     accepts_json,
@@ -192,11 +195,15 @@ class _Producer:
     """A fake of `service.RecordProducer`: records what is sent; `acknowledge` decides
     whether the broker answers (None: never)."""
 
-    def __init__(self, acknowledge: bool | None = True, expect: int = 1) -> None:
+    def __init__(
+        self, acknowledge: bool | None = True, expect: int = 1, gate: asyncio.Event | None = None
+    ) -> None:
         self.acknowledge = acknowledge
         self.sent: list[tuple[str, int, bytes | None]] = []  # topic, value's size, key
         self.all_sent = asyncio.Event()  # set once `expect` records are sent
+        self.entered = asyncio.Event()  # a send began
         self._expect = expect
+        self._gate = gate  # a send waits for it, when given
 
     async def send_and_wait(
         self,
@@ -207,6 +214,9 @@ class _Producer:
         timestamp_ms: int | None = None,
         headers: list[tuple[str, bytes]] | None = None,
     ) -> object:
+        self.entered.set()
+        if self._gate is not None:
+            await self._gate.wait()
         if self.acknowledge is None:
             await asyncio.Event().wait()
         assert value is not None
@@ -230,6 +240,7 @@ def _service(
     lookup: PartnerLookup = _found,
     timeout_s: float = 0.05,
     waiters: Waiters | None = None,
+    body_bytes: int = MAX_BODY_BYTES,
 ) -> ReleaseService:
     return ReleaseService(
         producer=producer,
@@ -238,6 +249,7 @@ def _service(
         input_topic="in",
         limits=Limits(),
         timeout_s=timeout_s,
+        body_bytes=body_bytes,
     )
 
 
@@ -320,3 +332,35 @@ async def test_a_request_waiting_for_its_results_no_longer_holds_its_body() -> N
     assert [r.status_code for r in responses] == [200] * n
     # 149 MB before the bodies were dropped (each request held copies of its body).
     assert held < n * len(body) // 4, f"{held} bytes held by {n} waiting requests"
+
+
+async def test_request_bodies_in_flight_are_bounded_in_bytes() -> None:
+    """However many requests arrive at once, the bodies read and not yet handed to the
+    broker stay under a bound (503 beyond it), not only the number of events waited for."""
+    gate = asyncio.Event()
+    producer = _Producer(gate=gate)
+    waiters = Waiters(10)
+    big = _BODY[:-1] + b', "pad": "' + b"x" * 100_000 + b'"}'
+    service = _service(producer, timeout_s=30, waiters=waiters, body_bytes=len(big) * 3 // 2)
+    transport = httpx.ASGITransport(app=create_app(service, lambda: True, lambda: True))
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://api") as client,
+        asyncio.timeout(10),  # a bound on the test, not a figure
+    ):
+
+        def post(key: str, **headers: str) -> Coroutine[Any, Any, httpx.Response]:
+            sent = {**_HEADERS, "Idempotency-Key": key, **headers}
+            return client.post("/v1/cart/release", content=big, headers=sent)
+
+        first = asyncio.create_task(post("k1"))
+        await producer.entered.wait()  # the first holds its body until the broker has it
+        second = await post("k2")
+        assert second.status_code == 503
+        assert second.json()["errors"][0]["code"] == "too_many_requests"
+        gate.set()
+        await producer.all_sent.wait()
+        waiters.offer(*_result(b"p1", b"k1", _item("r1")))
+        assert (await first).status_code == 200
+        # The first's bytes were given back: a third is read (and refused for its key).
+        third = await post("k3", **{"rokt-api-key": "unknown"})
+        assert third.status_code == 401

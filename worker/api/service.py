@@ -52,6 +52,11 @@ FORWARDED_HEADERS = frozenset(
 # At most this many events are waited for at once in one process (DESIGN.md: bounded
 # state); beyond it a request is answered 503 at once instead of queueing without end.
 MAX_WAITERS = 10_000
+# At most this many bytes of request bodies are held at once in one process: from before a
+# body is read (its content-length, else WORKER_MAX_RECORD_BYTES) until the broker has its
+# record. Beyond it a request is answered 503 before its body is read. A body costs a few
+# times its size while it is read and checked (docs/api.md), so this bounds that peak too.
+MAX_BODY_BYTES = 24 * 1024 * 1024
 
 HTTP_DESCRIPTIONS = {
     **DESCRIPTIONS,
@@ -110,6 +115,7 @@ class ReleaseService:
         input_topic: str,
         limits: Limits,
         timeout_s: float,
+        body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self._producer = producer
         self._authenticator = authenticator
@@ -117,6 +123,7 @@ class ReleaseService:
         self._topic = input_topic
         self._limits = limits
         self._timeout_s = timeout_s
+        self._bodies = _ByteBudget(body_bytes)
 
     async def answer(self, request: Request) -> HttpAnswer:
         started = time.perf_counter()
@@ -129,13 +136,19 @@ class ReleaseService:
         return answer
 
     async def _answer(self, request: Request) -> HttpAnswer:
-        checked = await self._check(request)
-        if isinstance(checked, HttpAnswer):
-            return checked
-        # The body is no longer referenced from here on but by `checked.value`, which is
-        # dropped once the broker has the record: a request then waits for its results
-        # holding a few small objects, not a body of up to WORKER_MAX_RECORD_BYTES.
-        return await self._produce_and_wait(checked)
+        body = self._bodies.take(announced_size(request, self._limits.max_record_bytes))
+        if body is None:
+            return error(503, "too_many_requests", "Too many request bytes in flight; retry later.")
+        try:
+            checked = await self._check(request)
+            if isinstance(checked, HttpAnswer):
+                return checked
+            # The body is no longer referenced from here on but by `checked.value`, which is
+            # dropped once the broker has the record: a request then waits for its results
+            # holding a few small objects, not a body of up to WORKER_MAX_RECORD_BYTES.
+            return await self._produce_and_wait(checked, body)
+        finally:
+            body.give_back()
 
     async def _check(self, request: Request) -> HttpAnswer | _Checked:
         """The request as the record to produce, or the answer that refuses it."""
@@ -200,7 +213,7 @@ class ReleaseService:
             wait_key=(partner.partner_id.encode(), event_id.encode()),
         )
 
-    async def _produce_and_wait(self, checked: _Checked) -> HttpAnswer:
+    async def _produce_and_wait(self, checked: _Checked, body: _Held) -> HttpAnswer:
         expected = None if checked.items is None else len(checked.items)
         queued = False
         try:
@@ -212,6 +225,7 @@ class ReleaseService:
                         self._topic, value, key=checked.cart_id.encode(), headers=checked.headers
                     )
                     del value
+                    body.give_back()
                     queued = True
                     # Shielded: other requests with the same key wait on the same future.
                     result = await asyncio.shield(future)
@@ -253,6 +267,39 @@ class _Checked:
     items: tuple[Item, ...] | None
     event_id: str
     wait_key: WaitKey
+
+
+class _ByteBudget:
+    """Bytes of request bodies held at once, at most `limit` (one request always fits)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> _Held | None:
+        if self.used and self.used + size > self._limit:
+            return None
+        self.used += size
+        return _Held(self, size)
+
+
+@dataclass(slots=True)
+class _Held:
+    budget: _ByteBudget
+    size: int
+
+    def give_back(self) -> None:
+        self.budget.used -= self.size
+        self.size = 0
+
+
+def announced_size(request: Request, limit: int) -> int:
+    """The bytes a request's body will hold: its content-length (0 when over `limit`: it is
+    refused unread), else `limit` (a chunked body may reach it)."""
+    announced = request.headers.get("content-length", "")
+    if announced.isdigit():
+        return int(announced) if int(announced) <= limit else 0
+    return limit
 
 
 def released_body(cart_id: str, asked: Sequence[Item] | None, result: Released) -> Body:
