@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import tracemalloc
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -364,3 +364,27 @@ async def test_request_bodies_in_flight_are_bounded_in_bytes() -> None:
         # The first's bytes were given back: a third is read (and refused for its key).
         third = await post("k3", **{"rokt-api-key": "unknown"})
         assert third.status_code == 401
+
+
+async def test_a_body_that_never_finishes_arriving_is_a_400_within_the_timeout() -> None:
+    """A client that announces a body and trickles it must not hold its connection, and
+    the bytes it sent, for ever."""
+    producer = _Producer()
+    never = asyncio.Event()
+
+    async def trickle() -> AsyncIterator[bytes]:
+        yield _BODY[:10]
+        await never.wait()
+        yield _BODY[10:]
+
+    transport = httpx.ASGITransport(
+        app=create_app(_service(producer, timeout_s=0.05), lambda: True, lambda: True)
+    )
+    async with (
+        httpx.AsyncClient(transport=transport, base_url="http://api") as client,
+        asyncio.timeout(10),  # a bound on the test, not a figure
+    ):
+        response = await client.post("/v1/cart/release", content=trickle(), headers=_HEADERS)
+    assert response.status_code == 400
+    assert response.json()["errors"][0]["code"] == "missing_body"
+    assert producer.sent == []

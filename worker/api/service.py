@@ -52,10 +52,11 @@ FORWARDED_HEADERS = frozenset(
 # At most this many events are waited for at once in one process (DESIGN.md: bounded
 # state); beyond it a request is answered 503 at once instead of queueing without end.
 MAX_WAITERS = 10_000
-# At most this many bytes of request bodies are held at once in one process: from before a
-# body is read (its content-length, else WORKER_MAX_RECORD_BYTES) until the broker has its
-# record. Beyond it a request is answered 503 before its body is read. A body costs a few
-# times its size while it is read and checked (docs/api.md), so this bounds that peak too.
+# At most this many bytes of request bodies are held at once in one process, counted as
+# they are read, until the broker has their records; a request that finds no room is
+# answered 503. A body costs a few times its size while it is read and checked
+# (docs/api.md), so this bounds that peak too. A body must arrive within
+# WORKER_API_TIMEOUT_S: a client trickling one holds its bytes no longer.
 MAX_BODY_BYTES = 24 * 1024 * 1024
 
 HTTP_DESCRIPTIONS = {
@@ -136,11 +137,9 @@ class ReleaseService:
         return answer
 
     async def _answer(self, request: Request) -> HttpAnswer:
-        body = self._bodies.take(announced_size(request, self._limits.max_record_bytes))
-        if body is None:
-            return error(503, "too_many_requests", "Too many request bytes in flight; retry later.")
+        body = self._bodies.hold()
         try:
-            checked = await self._check(request)
+            checked = await self._check(request, body)
             if isinstance(checked, HttpAnswer):
                 return checked
             # The body is no longer referenced from here on but by `checked.value`, which is
@@ -150,7 +149,7 @@ class ReleaseService:
         finally:
             body.give_back()
 
-    async def _check(self, request: Request) -> HttpAnswer | _Checked:
+    async def _check(self, request: Request, held: _Held) -> HttpAnswer | _Checked:
         """The request as the record to produce, or the answer that refuses it."""
         accept = request.headers.get("accept")
         if accept is not None and not accepts_json(accept):
@@ -167,9 +166,18 @@ class ReleaseService:
         )
         position = RawRecord(self._topic, 0, 0, None, None, headers)
         try:
-            body = await read_body(request, self._limits.max_record_bytes)
+            # Bounded in time: a client trickling its body holds no connection and no bytes
+            # for longer than a request may wait for its results.
+            async with asyncio.timeout(self._timeout_s):
+                body = await read_body(request, self._limits.max_record_bytes, held)
         except ClientDisconnect:
             return error(400, "missing_body", "The client went away before the body arrived.")
+        except TimeoutError:
+            return error(
+                400, "missing_body", f"The body did not arrive within {self._timeout_s:g} s."
+            )
+        if body is None:
+            return error(503, "too_many_requests", "Too many request bytes in flight; retry later.")
         if isinstance(body, int):
             return rejected(too_large(position, body, self._limits))
         record = RawRecord(self._topic, 0, 0, None, body, headers)
@@ -270,36 +278,35 @@ class _Checked:
 
 
 class _ByteBudget:
-    """Bytes of request bodies held at once, at most `limit` (one request always fits)."""
+    """Bytes of request bodies held at once, at most `limit` (a request alone always fits)."""
 
     def __init__(self, limit: int) -> None:
-        self._limit = limit
+        self.limit = limit
         self.used = 0
 
-    def take(self, size: int) -> _Held | None:
-        if self.used and self.used + size > self._limit:
-            return None
-        self.used += size
-        return _Held(self, size)
+    def hold(self) -> _Held:
+        return _Held(self)
 
 
 @dataclass(slots=True)
 class _Held:
+    """The bytes one request holds, counted as they are read."""
+
     budget: _ByteBudget
-    size: int
+    size: int = 0
+
+    def grow(self, size: int) -> bool:
+        """Count `size` more bytes, unless others' bytes leave no room for them."""
+        budget = self.budget
+        if budget.used > self.size and budget.used + size > budget.limit:
+            return False
+        self.size += size
+        budget.used += size
+        return True
 
     def give_back(self) -> None:
         self.budget.used -= self.size
         self.size = 0
-
-
-def announced_size(request: Request, limit: int) -> int:
-    """The bytes a request's body will hold: its content-length (0 when over `limit`: it is
-    refused unread), else `limit` (a chunked body may reach it)."""
-    announced = request.headers.get("content-length", "")
-    if announced.isdigit():
-        return int(announced) if int(announced) <= limit else 0
-    return limit
 
 
 def released_body(cart_id: str, asked: Sequence[Item] | None, result: Released) -> Body:
@@ -325,9 +332,10 @@ def inject_event_id(body: bytes, event_id: str) -> bytes:
     return orjson.dumps(parsed)
 
 
-async def read_body(request: Request, limit: int) -> bytes | int:
+async def read_body(request: Request, limit: int, held: _Held | None = None) -> bytes | int | None:
     """The body, or its size (at least, for a chunked one) when it is over `limit`: a body
-    announced as larger is refused before a byte of it is read."""
+    announced as larger is refused before a byte of it is read. None: `held` found no room
+    for the bytes read (the process holds MAX_BODY_BYTES of bodies)."""
     announced = request.headers.get("content-length", "")
     if announced.isdigit() and int(announced) > limit:
         return int(announced)
@@ -337,6 +345,8 @@ async def read_body(request: Request, limit: int) -> bytes | int:
         size += len(chunk)
         if size > limit:
             return size
+        if held is not None and not held.grow(len(chunk)):
+            return None
         chunks.append(chunk)
     return b"".join(chunks)
 
