@@ -138,7 +138,8 @@ class ReleaseStore(Protocol):
         ...
 
     async def record_inbox(self, entries: Sequence[InboxEntry]) -> set[EventKey]:
-        """Insert the entries; return the keys actually inserted."""
+        """Insert the entries; return the keys inserted (fewer: a key was taken by a
+        concurrent transaction, and the batch is to be retried)."""
         ...
 
     async def enqueue(self, messages: Sequence[OutboxMessage]) -> list[OutboxMessage]:

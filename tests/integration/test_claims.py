@@ -4,12 +4,14 @@ decided again on fresh reads (I1, I2)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import asyncpg
 import pytest
 
 from tests.integration.conftest import World, reserve
+from tests.integration.test_ops import eventually
 from worker.errors import TransientError
 from worker.records import RawRecord
 from worker.release import Accepted, Reservation, apply_batch
@@ -113,3 +115,56 @@ async def test_find_reservations_reads_each_row_once_in_id_order_and_only_the_pa
     assert rows[0] == Reservation(
         f"a-{p}", world.partner_id, cart, "i2", world.sku, "default", 1, "reserved", None
     )
+
+
+async def test_an_event_recorded_by_a_concurrent_transaction_retries_the_batch_as_a_replay(
+    db: asyncpg.Pool, world: World
+) -> None:
+    """Two records of one (partner, eventId) in two partitions, applied at once: the second
+    transaction finds the inbox key taken when the first commits, changes nothing and is
+    retried; the retry is a replay of the first's results (G3)."""
+    p = world.prefix
+    works = []
+    for partition in (0, 1):
+        rid, cart = f"r{partition}-{p}", f"c{partition}-{p}"
+        await reserve(db, world, rid, cart, "item-1", 1)
+        event = abandon_event(cart, [("item-1", rid)], world.api_key, event_id=f"e-{p}")
+        record = RawRecord("in", partition, 0, event.key, event.value, event.headers)
+        command = parse_record(record, Limits())
+        assert isinstance(command, ReleaseCommand)
+        works.append([Accepted(record, command, world.partner_id)])
+    topics, group = Topics("results", "dlq"), f"claims-{p}"
+
+    async with db.acquire() as first, db.acquire() as second:
+        first_tx = first.transaction()
+        await first_tx.start()
+        await apply_batch(PgReleaseStore(first, group), works[0], topics, fresh_from_inbox=True)
+
+        async def apply_second() -> None:
+            async with second.transaction():
+                await apply_batch(
+                    PgReleaseStore(second, group), works[1], topics, fresh_from_inbox=True
+                )
+
+        racing = asyncio.create_task(apply_second())
+        waiting = "SELECT wait_event_type = 'Lock' OR NULL FROM pg_stat_activity WHERE pid = $1"
+        await eventually(
+            lambda: db.fetchval(waiting, second.get_server_pid()), "the second never waited"
+        )
+        await first_tx.commit()
+        with pytest.raises(TransientError, match="recorded the same event"):
+            await racing
+        async with second.transaction():
+            report = await apply_batch(
+                PgReleaseStore(second, group), works[1], topics, fresh_from_inbox=True
+            )
+
+    assert report.replays == 1
+    assert report.outcomes == {}
+    statuses = await db.fetch(
+        "SELECT reservation_id, status FROM reservations WHERE reservation_id = ANY($1) "
+        "ORDER BY reservation_id",
+        [f"r0-{p}", f"r1-{p}"],
+    )
+    assert [tuple(s) for s in statuses] == [(f"r0-{p}", "released"), (f"r1-{p}", "reserved")]
+    assert await db.fetchval("SELECT reserved FROM stock WHERE sku = $1", world.sku) == 1
