@@ -71,8 +71,18 @@ async def create_pool(settings: Settings, size: int | None = None) -> asyncpg.Po
                     "lock_timeout": str(settings.lock_timeout_ms),
                     "application_name": "cart-release-worker",
                 },
+                reset=_keep_session,
             )
     return pool
+
+
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """What the pool does to a connection given back, besides asyncpg's own rollback of an
+    open transaction: nothing. Its default (advisory unlock, CLOSE ALL, UNLISTEN, RESET
+    ALL) is one more round trip at the end of every batch, before its results go out, and
+    undoes nothing here: the worker sets no session state (its settings are the
+    connection's startup parameters above), takes no advisory locks, listens to nothing
+    and opens cursors only inside transactions."""
 
 
 def make_producer(settings: Settings) -> AIOKafkaProducer:
@@ -109,9 +119,12 @@ def make_consumer(settings: Settings) -> AIOKafkaConsumer:
         max_poll_interval_ms=max(300_000, drain_ms + 10_000),
         max_partition_fetch_bytes=max(1_048_576, settings.max_record_bytes + 64 * 1024),
         fetch_max_bytes=16 * 1024 * 1024,
-        # A broker may hold a fetch until this deadline although records wait (the embedded
-        # Tansu does): at aiokafka's 500 ms default that alone added ~250 ms to the median
-        # record->result latency. Under load fetches return full long before it.
+        # The embedded Tansu 0.6 may hold a fetch for up to about half this wait although
+        # records wait (a record's send -> read: p50 4 ms, max 14 ms at 20; p50 27, max 53
+        # at 100; ~140 ms median at aiokafka's 500 ms default), and answers an empty fetch
+        # after it, so an idle consumer polls every 20 ms: ~0.06 CPU s/s of the broker per
+        # idle worker (docs/benchmark.md, "Latency at half load"). Apache Kafka answers as
+        # soon as a record is there. Under load fetches return full long before it.
         fetch_max_wait_ms=20,
     )
 
