@@ -202,9 +202,11 @@ class Settings(BaseSettings):
     api_timeout_s: float = Field(
         10.0,
         gt=0,
-        description="How long `release-worker api` waits for a request's results before it "
-        "answers 504 results_timeout (the release still happens; a retry with the same "
-        "Idempotency-Key then gets its results).",
+        description="How long one request to `release-worker api` may take, its body, the "
+        "partner's lookup and its results included; past it the answer is 504 "
+        "results_timeout (a retry with the same Idempotency-Key then gets its results, "
+        "releasing nothing twice), or 400 missing_body / 503 database_unavailable if the body "
+        "or the lookup took it all.",
     )
     log_format: Literal["json", "console"] = Field(
         "json", description="`json`: one JSON object per line (production); `console`: readable."

@@ -138,18 +138,22 @@ class ReleaseService:
 
     async def _answer(self, request: Request) -> HttpAnswer:
         body = self._bodies.hold()
+        # One deadline for the whole request (reading the body, the partner's lookup, the
+        # produce and the results), so that the server's graceful shutdown, which waits
+        # WORKER_API_TIMEOUT_S + 1 s, lets every request in flight finish.
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
         try:
-            checked = await self._check(request, body)
+            checked = await self._check(request, body, deadline)
             if isinstance(checked, HttpAnswer):
                 return checked
             # The body is no longer referenced from here on but by `checked.value`, which is
             # dropped once the broker has the record: a request then waits for its results
             # holding a few small objects, not a body of up to WORKER_MAX_RECORD_BYTES.
-            return await self._produce_and_wait(checked, body)
+            return await self._produce_and_wait(checked, body, deadline)
         finally:
             body.give_back()
 
-    async def _check(self, request: Request, held: _Held) -> HttpAnswer | _Checked:
+    async def _check(self, request: Request, held: _Held, deadline: float) -> HttpAnswer | _Checked:
         """The request as the record to produce, or the answer that refuses it."""
         accept = request.headers.get("accept")
         if accept is not None and not accepts_json(accept):
@@ -168,7 +172,7 @@ class ReleaseService:
         try:
             # Bounded in time: a client trickling its body holds no connection and no bytes
             # for longer than a request may wait for its results.
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout_at(deadline):
                 body = await read_body(request, self._limits.max_record_bytes, held)
         except ClientDisconnect:
             return error(400, "missing_body", "The client went away before the body arrived.")
@@ -204,7 +208,7 @@ class ReleaseService:
         try:
             # Bounded: a database that stops answering (no reset, a full pool) must not
             # hold requests, and their bodies, without end (TimeoutError is among these).
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout_at(deadline):
                 ((_, partner),) = await self._authenticator.authorize([verdict])
         except DATABASE_ERRORS:
             log.warning("api_database_unavailable")
@@ -221,13 +225,15 @@ class ReleaseService:
             wait_key=(partner.partner_id.encode(), event_id.encode()),
         )
 
-    async def _produce_and_wait(self, checked: _Checked, body: _Held) -> HttpAnswer:
+    async def _produce_and_wait(
+        self, checked: _Checked, body: _Held, deadline: float
+    ) -> HttpAnswer:
         expected = None if checked.items is None else len(checked.items)
         queued = False
         try:
             with self._waiters.waiting(checked.wait_key, expected) as future:
                 metrics.WAITERS.set(len(self._waiters))
-                async with asyncio.timeout(self._timeout_s):
+                async with asyncio.timeout_at(deadline):
                     value, checked.value = checked.value, b""
                     await self._producer.send_and_wait(
                         self._topic, value, key=checked.cart_id.encode(), headers=checked.headers
