@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from aiokafka.errors import KafkaTimeoutError
 
 from worker.api.http import create_app, openapi_document
 from worker.api.service import (
@@ -388,3 +389,27 @@ async def test_a_body_that_never_finishes_arriving_is_a_400_within_the_timeout()
     assert response.status_code == 400
     assert response.json()["errors"][0]["code"] == "missing_body"
     assert producer.sent == []
+
+
+class _FailingProducer(_Producer):
+    async def send_and_wait(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> object:
+        # As aiokafka after a request timeout: the broker may have written it or not.
+        raise KafkaTimeoutError
+
+
+async def test_a_produce_that_fails_is_a_503_that_names_the_event_id_to_retry_with() -> None:
+    response = await _post(_service(_FailingProducer()), _BODY)
+    assert response.status_code == 503
+    (detail,) = response.json()["errors"]
+    assert detail["code"] == "broker_unavailable"
+    # No Idempotency-Key was sent: the server's eventId is the only safe way to retry.
+    assert str(detail["value"]).startswith("api-")
+    assert "Idempotency-Key" in detail["message"]

@@ -263,7 +263,15 @@ class ReleaseService:
             )
         except KafkaError as failure:
             log.warning("api_produce_failed", error=type(failure).__name__)
-            return error(503, "broker_unavailable", "The request could not be queued.")
+            # A produce that failed may still have been written (a lost answer): only a
+            # retry under the same eventId is safe, so the answer names it.
+            return error(
+                503,
+                "broker_unavailable",
+                "The request could not be queued (it may still be applied); retry with the "
+                "same Idempotency-Key (the value): a retry releases nothing twice.",
+                checked.event_id,
+            )
         finally:
             metrics.WAITERS.set(len(self._waiters))
         if isinstance(result, Refused):
