@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -195,9 +196,11 @@ class Lane:
         batch: list[RawRecord] = []
         held: list[RawRecord] = []
         size = 0
+        # A plain tuple finds a TopicPartition key (a named tuple): no object per record.
+        holds = self.holds
         while self.buffer and len(batch) < limit:
             record = self.buffer[0]
-            if TopicPartition(record.topic, record.partition) in self.holds:
+            if holds and (record.topic, record.partition) in holds:
                 held.append(self.buffer.popleft())
                 continue
             if batch and size + record.size > limit_bytes:
@@ -522,7 +525,7 @@ class ReleaseConsumer:
                     lane.ready.set()
                 continue
             lane.idle.clear()
-            lane.busy_with = {TopicPartition(r.topic, r.partition) for r in records}
+            lane.busy_with = _partitions_of(records)
             lane.busy_bytes = sum(r.size for r in records)
             owners = {tp: self._assigned_at.get(tp) for tp in lane.busy_with}
             try:
@@ -535,18 +538,8 @@ class ReleaseConsumer:
                 self._offsets.applied(report.next_offsets)
                 if report.next_offsets:  # not when every record waited for a lock
                     self.last_progress = time.monotonic()
-                log.debug(
-                    "batch_applied",
-                    lane=lane.index,
-                    offsets=_offset_ranges(records),
-                    records=report.records,
-                    skipped=report.skipped,
-                    replays=report.replays,
-                    outcomes=dict(report.outcomes),
-                    rejections={str(s): n for s, n in report.rejections.items()},
-                    dead_letters=report.dead_letters,
-                    released_quantity=report.released_quantity,
-                )
+                if log.is_enabled_for(logging.DEBUG):  # its offset ranges cost per record
+                    _log_applied(lane, records, report)
                 if self._on_report is not None:
                     self._on_report(report)
             finally:
@@ -744,6 +737,26 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         await self._owner.on_assigned(set(assigned))
+
+
+def _partitions_of(records: Iterable[RawRecord]) -> set[TopicPartition]:
+    """The partitions of a batch's records (a named tuple made per partition, not per record)."""
+    return {TopicPartition(*tp) for tp in {(r.topic, r.partition) for r in records}}
+
+
+def _log_applied(lane: Lane, records: Sequence[RawRecord], report: BatchReport) -> None:
+    log.debug(
+        "batch_applied",
+        lane=lane.index,
+        offsets=_offset_ranges(records),
+        records=report.records,
+        skipped=report.skipped,
+        replays=report.replays,
+        outcomes=dict(report.outcomes),
+        rejections={str(s): n for s, n in report.rejections.items()},
+        dead_letters=report.dead_letters,
+        released_quantity=report.released_quantity,
+    )
 
 
 def _offset_ranges(records: Iterable[RawRecord]) -> dict[str, list[int]]:
