@@ -736,28 +736,31 @@ def _env(settings: Settings) -> dict[str, str]:
 @contextlib.asynccontextmanager
 async def servers(settings: Settings) -> AsyncIterator[tuple[Settings, ServerPids]]:
     """The servers in `settings`, or an embedded stack when they are not given; migrated.
-    Also how to find the servers' processes, when they are ours, to count their CPU."""
+    Also how to find the servers' processes, when they are ours, to count their CPU.
+    Until the block ends, SIGTERM/SIGINT cancel the caller (`stopped_by_signals`): its
+    `finally` blocks stop the child processes it started, then these servers stop."""
     if settings.database_url and settings.kafka_bootstrap:
         given = settings
         stack_cm: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     else:
         stack_cm = embedded_stack()
-    with stack_cm as stack:
-        if stack is not None:
-            given = settings.model_copy(
-                update={"database_url": stack.database_url, "kafka_bootstrap": stack.bootstrap}
-            )
-        assert given.database_url
-        done = await asyncio.to_thread(migrate, given.database_url)
-        if done.returncode != 0:
-            raise RuntimeError(f"migration failed: {done.stderr}")
-        pids: ServerPids = {}
-        if stack is not None:
-            pids = {
-                "postgres": lambda: [p for p in [stack.postgres.pid] if p],
-                "broker": lambda: [p for p in [stack.broker.pid] if p],
-            }
-        yield given, pids
+    async with stopped_by_signals():
+        with stack_cm as stack:
+            if stack is not None:
+                given = settings.model_copy(
+                    update={"database_url": stack.database_url, "kafka_bootstrap": stack.bootstrap}
+                )
+            assert given.database_url
+            done = await asyncio.to_thread(migrate, given.database_url)
+            if done.returncode != 0:
+                raise RuntimeError(f"migration failed: {done.stderr}")
+            pids: ServerPids = {}
+            if stack is not None:
+                pids = {
+                    "postgres": lambda: [p for p in [stack.postgres.pid] if p],
+                    "broker": lambda: [p for p in [stack.broker.pid] if p],
+                }
+            yield given, pids
 
 
 async def run_bench(
@@ -773,8 +776,7 @@ async def run_bench(
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     started = time.monotonic()
     load_at_start = [round(x, 2) for x in os.getloadavg()]
-    # SIGTERM/SIGINT: the `finally` blocks stop the child processes and the servers.
-    async with stopped_by_signals(), servers(settings) as (given, server_pids):
+    async with servers(settings) as (given, server_pids):
         pool = await asyncpg.create_pool(given.database_url, min_size=2, max_size=12)
         try:
             with progress_bars(console) as progress:
