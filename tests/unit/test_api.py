@@ -413,3 +413,24 @@ async def test_a_produce_that_fails_is_a_503_that_names_the_event_id_to_retry_wi
     # No Idempotency-Key was sent: the server's eventId is the only safe way to retry.
     assert str(detail["value"]).startswith("api-")
     assert "Idempotency-Key" in detail["message"]
+
+
+async def test_a_request_cancelled_while_it_waits_leaves_no_waiter_and_no_bytes() -> None:
+    """A server cancelling a request (shutdown past its grace, a dropped connection's
+    task) leaves nothing behind: its waiter goes, and the bytes it held are given back."""
+    gate = asyncio.Event()
+    producer = _Producer(gate=gate)
+    waiters = Waiters(10)
+    service = _service(producer, timeout_s=30, waiters=waiters)
+    transport = httpx.ASGITransport(app=create_app(service, lambda: True, lambda: True))
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        request = asyncio.create_task(
+            client.post("/v1/cart/release", content=_BODY, headers=_HEADERS)
+        )
+        await producer.entered.wait()
+        assert len(waiters) == 1
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    assert len(waiters) == 0
+    assert service.body_bytes_held == 0

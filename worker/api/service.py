@@ -126,6 +126,11 @@ class ReleaseService:
         self._timeout_s = timeout_s
         self._bodies = _ByteBudget(body_bytes)
 
+    @property
+    def body_bytes_held(self) -> int:
+        """Bytes of request bodies held now (at most MAX_BODY_BYTES, but one request's)."""
+        return self._bodies.used
+
     async def answer(self, request: Request) -> HttpAnswer:
         started = time.perf_counter()
         answer = await self._answer(request)
