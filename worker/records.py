@@ -37,6 +37,11 @@ class RawRecord:
     trace_headers: Headers = field(default=(), compare=False, repr=False)
     # `size`, counted once: the consumer's memory bounds read it several times a record.
     _size: int = field(init=False, default=0, compare=False, repr=False)
+    # Lower-cased header name -> the first value of that name, built by the first `header`
+    # call (validation, authorisation and the results look up about nine a record).
+    _by_name: dict[str, bytes | None] | None = field(
+        init=False, default=None, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         size = len(self.value or b"") + len(self.key or b"")
@@ -60,14 +65,14 @@ class RawRecord:
         return f"{self.topic}/{self.partition}/{self.offset}"
 
     def header(self, name: str) -> bytes | None:
-        """First header of that name, matched case-insensitively."""
-        # The length first: cheaper than lower() for every other header, and lower() keeps
-        # the length of any name it could turn into an ASCII one (`name` is ASCII).
-        size = len(name)
-        for key, value in self.headers:
-            if len(key) == size and key.lower() == name:
-                return value
-        return None
+        """First header of that name, matched case-insensitively (`name` is lower case)."""
+        by_name = self._by_name
+        if by_name is None:
+            by_name = {}
+            for key, value in self.headers:
+                by_name.setdefault(key.lower(), value)
+            self._by_name = by_name
+        return by_name.get(name)
 
 
 @dataclass(frozen=True, slots=True)
