@@ -434,3 +434,20 @@ async def test_a_request_cancelled_while_it_waits_leaves_no_waiter_and_no_bytes(
             await request
     assert len(waiters) == 0
     assert service.body_bytes_held == 0
+
+
+class _Broken:
+    async def answer(self, request: object) -> HttpAnswer:
+        raise RuntimeError("a bug")
+
+
+async def test_an_unexpected_error_is_a_500_in_the_pages_error_schema() -> None:
+    app = create_app(_Broken(), lambda: True, lambda: True)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        response = await client.post("/v1/cart/release", content=_BODY, headers=_HEADERS)
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["errors"][0]["code"] == "internal_error"
+    assert set(body) == {"description", "errors"}

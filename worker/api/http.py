@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, Protocol
 
 import orjson
+import structlog
 from fastapi import FastAPI, Header, Request, Response
 from fastapi.openapi.utils import get_openapi
 from prometheus_client.exposition import choose_encoder
@@ -22,7 +23,7 @@ from starlette.routing import Route
 
 from worker.api import metrics
 from worker.api.models import ErrorBody, ReleaseResponse
-from worker.api.service import HTTP_DESCRIPTIONS, HttpAnswer
+from worker.api.service import HTTP_DESCRIPTIONS, HttpAnswer, error
 from worker.contract import API_KEY_HEADER, SESSION_HEADER, TAG_HEADER, ReleaseRequest
 
 TITLE = "cart-release-worker API"
@@ -31,6 +32,8 @@ RELEASE_PATH = "/v1/cart/release"
 # Required by the page; declared optional to FastAPI so that the worker's codes answer a
 # missing one (401 missing_api_key, 400 missing_header), and marked required in the document.
 REQUIRED_HEADERS = (API_KEY_HEADER, SESSION_HEADER, TAG_HEADER)
+
+log = structlog.get_logger("worker.api")
 
 DESCRIPTION = """\
 The partner API page *POST Release Cart Items* served over HTTP on top of the Kafka
@@ -117,6 +120,14 @@ def create_app(
     async def release(request: Request) -> Response:
         answer = await service.answer(request)
         return Response(orjson.dumps(answer.body), answer.status, media_type="application/json")
+
+    async def unexpected(request: Request, failure: Exception) -> Response:
+        # Starlette's own answer is text/plain: a bug still answers in the page's schema.
+        log.error("api_request_failed", exc_info=failure)
+        answer = error(500, "internal_error", "The request failed unexpectedly; retry it later.")
+        return Response(orjson.dumps(answer.body), 500, media_type="application/json")
+
+    app.add_exception_handler(Exception, unexpected)
 
     # First match wins: POST requests reach `release` directly; the FastAPI route above
     # stays in app.routes for the OpenAPI document (which only reads APIRoutes).
