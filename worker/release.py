@@ -29,7 +29,7 @@ from worker.errors import TransientError
 from worker.records import Headers, OutboxMessage, Publication, RawRecord
 from worker.results import (
     Topics,
-    item_result_payload,
+    item_results,
     rejection_messages,
     rejection_payload,
     result_headers,
@@ -561,19 +561,7 @@ def item_payloads(
 ) -> list[bytes]:
     """The `item_result` bodies of one event's items: of a release request, of a replay
     rebuilt after pruning, or of an expiry."""
-    return [
-        item_result_payload(
-            event_id=event_id,
-            trigger=trigger,
-            cart_id=cart_id,
-            cart_item_id=d.cart_item_id,
-            reservation_id=d.reservation_id,
-            outcome=d.outcome,
-            quantity=d.quantity,
-            processed_at=processed_at,
-        )
-        for d in decisions
-    ]
+    return item_results(event_id, trigger, cart_id, decisions, processed_at)
 
 
 def stock_totals(moved: Iterable[tuple[str, str, int]]) -> dict[tuple[str, str], int]:

@@ -10,6 +10,7 @@ import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple, Protocol
 
 import orjson
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
@@ -79,6 +80,26 @@ def result_messages(
     return [OutboxMessage(topic, key, p, headers, None, source_ts_ms) for p in payloads]
 
 
+class ItemOutcome(Protocol):
+    """What an item result says of its item (`release.ItemDecision` is one)."""
+
+    @property
+    def cart_item_id(self) -> str: ...
+    @property
+    def reservation_id(self) -> str: ...
+    @property
+    def outcome(self) -> Outcome: ...
+    @property
+    def quantity(self) -> int: ...
+
+
+class _Item(NamedTuple):
+    cart_item_id: str
+    reservation_id: str
+    outcome: Outcome
+    quantity: int
+
+
 def item_result_payload(
     *,
     event_id: str,
@@ -90,26 +111,53 @@ def item_result_payload(
     quantity: int,
     processed_at: datetime,
 ) -> bytes:
-    """The `item_result` body, byte for byte what `ItemResult(...).model_dump_json()` gives.
+    """The `item_result` body, byte for byte what `ItemResult(...).model_dump_json()` gives
+    (tests/unit/test_fast_json.py checks the two agree on arbitrary text)."""
+    item = _Item(cart_item_id, reservation_id, outcome, quantity)
+    return item_results(event_id, trigger, cart_id, [item], processed_at)[0]
 
-    This is the hot path (one call per item), so it renders with orjson from a dict in
-    the model's field order instead of building a model; tests/unit/test_fast_json.py
-    checks the two agree on arbitrary text.
+
+# Per outcome, the JSON between an item's itemReservationId and its quantity.
+_OUTCOME_PARTS = {
+    o: b',"success":%s,"outcome":%s,"quantity":' % (orjson.dumps(o.success), orjson.dumps(o))
+    for o in Outcome
+}
+
+
+def item_results(
+    event_id: str,
+    trigger: Trigger,
+    cart_id: str,
+    items: Iterable[ItemOutcome],
+    processed_at: datetime,
+) -> list[bytes]:
+    """The `item_result` bodies of one event's items, as `item_result_payload` renders each.
+
+    This is the hot path (one body per item): the fields an event's items share are
+    rendered once, the item's own by orjson (its string escapes are pydantic's), and the
+    body is joined in the model's field order, instead of building a model or a dict.
     """
-    return orjson.dumps(
-        {
-            "type": "item_result",
-            "eventId": event_id,
-            "trigger": trigger,  # orjson writes an enum as its value
-            "cartId": cart_id,
-            "cartItemId": cart_item_id,
-            "itemReservationId": reservation_id,
-            "success": outcome.success,
-            "outcome": outcome,
-            "quantity": quantity,
-            "processedAt": _timestamp(processed_at),
-        }
+    head = b'{"type":"item_result","eventId":%s,"trigger":%s,"cartId":%s,"cartItemId":' % (
+        orjson.dumps(event_id),
+        orjson.dumps(trigger),
+        orjson.dumps(cart_id),
     )
+    tail = b',"processedAt":%s}' % orjson.dumps(_timestamp(processed_at))
+    dumps, parts = orjson.dumps, _OUTCOME_PARTS
+    return [
+        b"".join(
+            (
+                head,
+                dumps(i.cart_item_id),
+                b',"itemReservationId":',
+                dumps(i.reservation_id),
+                parts[i.outcome],
+                b"%d" % i.quantity,
+                tail,
+            )
+        )
+        for i in items
+    ]
 
 
 @functools.lru_cache(maxsize=64)

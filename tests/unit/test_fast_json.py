@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from worker.contract import ItemResult, Outcome, Trigger
-from worker.results import item_result_payload
+from worker.release import ItemDecision
+from worker.results import item_result_payload, item_results
 
 _text = st.text(min_size=1, max_size=40)
 
@@ -57,3 +58,36 @@ def test_fast_item_result_escapes_control_characters_like_the_model() -> None:
         quantity=0,
         processed_at=datetime(2026, 11, 27, 15, 0, 0, 999999, tzinfo=UTC),
     )
+
+
+@given(
+    _text,
+    st.sampled_from(list(Trigger)),
+    _text,
+    st.lists(
+        st.tuples(_text, _text, st.sampled_from(list(Outcome)), st.integers(0, 2**31)),
+        max_size=4,
+    ),
+    st.datetimes(min_value=datetime(2000, 1, 1), timezones=st.just(UTC)),
+)
+def test_an_events_item_results_are_each_items_own_rendering(
+    event_id: str,
+    trigger: Trigger,
+    cart_id: str,
+    items: list[tuple[str, str, Outcome, int]],
+    processed_at: datetime,
+) -> None:
+    decisions = [ItemDecision(*item) for item in items]
+    assert item_results(event_id, trigger, cart_id, decisions, processed_at) == [
+        item_result_payload(
+            event_id=event_id,
+            trigger=trigger,
+            cart_id=cart_id,
+            cart_item_id=d.cart_item_id,
+            reservation_id=d.reservation_id,
+            outcome=d.outcome,
+            quantity=d.quantity,
+            processed_at=processed_at,
+        )
+        for d in decisions
+    ]
