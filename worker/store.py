@@ -94,29 +94,29 @@ class PgReleaseStore:
     async def lock_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         topics = [t for t, _ in partitions]
         numbers = [p for _, p in partitions]
-        # Create missing rows first, so that every worker then queues on the same row lock.
-        await self._conn.execute(
-            """
-            INSERT INTO consumer_offsets (group_id, topic, partition)
-            SELECT $1, t, p FROM unnest($2::text[], $3::int[]) AS u(t, p)
-            ON CONFLICT DO NOTHING
-            """,
-            self._group_id,
-            topics,
-            numbers,
-        )
-        rows = await self._conn.fetch(
-            """
+        lock = """
             SELECT c.topic, c.partition, c.next_offset FROM consumer_offsets c
             JOIN unnest($2::text[], $3::int[]) AS u(t, p) ON c.topic = u.t AND c.partition = u.p
             WHERE c.group_id = $1
             ORDER BY c.topic, c.partition
             FOR UPDATE OF c
-            """,
-            self._group_id,
-            topics,
-            numbers,
-        )
+            """
+        rows = await self._conn.fetch(lock, self._group_id, topics, numbers)
+        if len(rows) < len(partitions):
+            # A partition's first batch in this group: create its row, then lock them all
+            # (so every worker queues on the same row lock). Once per partition, ever; the
+            # batches after it lock their rows in one statement.
+            await self._conn.execute(
+                """
+                INSERT INTO consumer_offsets (group_id, topic, partition)
+                SELECT $1, t, p FROM unnest($2::text[], $3::int[]) AS u(t, p)
+                ON CONFLICT DO NOTHING
+                """,
+                self._group_id,
+                topics,
+                numbers,
+            )
+            rows = await self._conn.fetch(lock, self._group_id, topics, numbers)
         return {(r[0], r[1]): r[2] for r in rows if r[2] is not None}
 
     async def stored_results(self, keys: Sequence[EventKey]) -> dict[EventKey, StoredResults]:

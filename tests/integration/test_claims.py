@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import cast
 
 import asyncpg
 import pytest
@@ -168,3 +169,36 @@ async def test_an_event_recorded_by_a_concurrent_transaction_retries_the_batch_a
     )
     assert [tuple(s) for s in statuses] == [(f"r0-{p}", "released"), (f"r1-{p}", "reserved")]
     assert await db.fetchval("SELECT reserved FROM stock WHERE sku = $1", world.sku) == 1
+
+
+class _Counting:
+    """A connection that counts the statements sent through it."""
+
+    def __init__(self, conn: Conn) -> None:
+        self._conn = conn
+        self.statements = 0
+
+    async def execute(self, sql: str, *args: object) -> str:
+        self.statements += 1
+        return await self._conn.execute(sql, *args)
+
+    async def fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        self.statements += 1
+        return await self._conn.fetch(sql, *args)
+
+
+async def test_offset_rows_are_created_once_and_later_batches_lock_them_in_one_statement(
+    db: asyncpg.Pool, world: World
+) -> None:
+    group, partitions = f"offsets-{world.prefix}", [("in", 0), ("in", 1)]
+    async with db.acquire() as conn:
+        counted = _Counting(conn)
+        store = PgReleaseStore(cast(Conn, counted), group)
+        async with conn.transaction():
+            assert await store.lock_offsets(partitions) == {}  # rows made, nothing applied
+            await store.advance_offsets({("in", 0): 5, ("in", 1): 7})
+        first = counted.statements
+        async with conn.transaction():
+            found = await store.lock_offsets(partitions)
+        assert counted.statements - first == 1
+    assert found == {("in", 0): 5, ("in", 1): 7}
