@@ -147,6 +147,15 @@ async def _capture(
     is left as seeded). Lane n's results go to the topic `dblimit.results.<n>`."""
     captured = []
     async with pool.acquire() as conn:
+        # The partitions' offset rows exist in the steady state (a partition's first batch
+        # creates its row, with two statements more): made here, committed, so that the
+        # rolled-back capture records the steady sequence.
+        await conn.execute(
+            "INSERT INTO consumer_offsets (group_id, topic, partition) "
+            "SELECT $1, 'dblimit', p FROM generate_series(0, $2 - 1) AS p",
+            group,
+            len(lanes),
+        )
         for n, works in enumerate(lanes):
             topics = Topics(f"dblimit.results.{n}", "dblimit.dlq")
             batches = []
