@@ -37,6 +37,7 @@ from bench.run import STEADY
 from bench.workload import PARTITIONS, prepare
 from worker import store
 from worker.auth import Authenticator
+from worker.cli.main import tune_garbage_collector
 from worker.config import Settings
 from worker.migrate import migrate
 from worker.processor import BatchProcessor
@@ -72,6 +73,7 @@ async def measure(url: str, records: int, batch: int, callgrind: bool) -> dict[s
             # A long TTL: one partner lookup, not one per 5 s of a slow callgrind run.
             Authenticator(lambda d: store.find_partners(pool, d), settings.auth_cache_ttl_s),
         )
+        tune_garbage_collector()  # as `release-worker run` does once started
         await processor.process(raw[:batch])  # warm-up
         # The server's main process, a backend's parent: its tree's CPU is PostgreSQL's.
         postmaster = _parent(await pool.fetchval("SELECT pg_backend_pid()"))
