@@ -56,6 +56,15 @@ def _column(values: list[str] | list[int]) -> str:
     return orjson.dumps(values).decode()
 
 
+def _col(n: int) -> str:
+    """SQL for the set of `$n`, a column sent by `_column`. Through an array, not straight
+    from `json_array_elements_text`: the planner estimates the unnest of an array it cannot
+    see at 10 rows, as it did the `text[]` parameters, where it takes any set-returning
+    function at 100 and so hash-joined small batches (2-3 times the CPU per item of
+    PostgreSQL at 15 records a batch: docs/benchmark.md, issue 13 step 7)."""
+    return f"unnest(ARRAY(SELECT json_array_elements_text(${n}::json)))"
+
+
 class PgTransactions:
     """`release.Transactions` on a pool: each `begin` takes a connection and a transaction."""
 
@@ -121,10 +130,10 @@ class PgReleaseStore:
 
     async def stored_results(self, keys: Sequence[EventKey]) -> dict[EventKey, StoredResults]:
         rows = await self._conn.fetch(
-            """
+            f"""
             SELECT i.partner_id, i.event_id, i.cart_id, i.results, i.result_headers FROM inbox i
-            JOIN ROWS FROM (json_array_elements_text($1::json),
-                            json_array_elements_text($2::json)) AS u(p, e)
+            JOIN ROWS FROM ({_col(1)},
+                            {_col(2)}) AS u(p, e)
               ON i.partner_id = u.p AND i.event_id = u.e
             """,
             _column([k[0] for k in keys]),
@@ -150,13 +159,13 @@ class PgReleaseStore:
             f"""
             SELECT DISTINCT ON (r.reservation_id) *
               FROM (SELECT {_R_COLUMNS} FROM reservations r
-                      JOIN ROWS FROM (json_array_elements_text($1::json),
-                                      json_array_elements_text($2::json)) AS u(id, partner)
+                      JOIN ROWS FROM ({_col(1)},
+                                      {_col(2)}) AS u(id, partner)
                         ON r.reservation_id = u.id AND r.partner_id = u.partner
                     UNION ALL
                     SELECT {_R_COLUMNS} FROM reservations r
-                      JOIN ROWS FROM (json_array_elements_text($3::json),
-                                      json_array_elements_text($4::json)) AS u(partner, cart)
+                      JOIN ROWS FROM ({_col(3)},
+                                      {_col(4)}) AS u(partner, cart)
                         ON r.partner_id = u.partner AND r.cart_id = u.cart) AS r
              ORDER BY r.reservation_id
             """,
@@ -169,10 +178,10 @@ class PgReleaseStore:
 
     async def foreign_reservations(self, explicit: Sequence[tuple[str, str]]) -> set[str]:
         rows = await self._conn.fetch(
-            """
+            f"""
             SELECT r.reservation_id FROM reservations r
-            JOIN ROWS FROM (json_array_elements_text($1::json),
-                            json_array_elements_text($2::json)) AS u(id, partner)
+            JOIN ROWS FROM ({_col(1)},
+                            {_col(2)}) AS u(id, partner)
               ON r.reservation_id = u.id AND r.partner_id <> u.partner
             """,
             _column([e[0] for e in explicit]),
@@ -188,12 +197,12 @@ class PgReleaseStore:
         # retried. Scoped by partner too: the statement itself cannot touch another
         # partner's reservation.
         rows = await self._conn.fetch(
-            """
+            f"""
             UPDATE reservations r
                SET status = 'released', released_at = now(), release_event_id = u.event_id
-              FROM ROWS FROM (json_array_elements_text($1::json),
-                              json_array_elements_text($2::json),
-                              json_array_elements_text($3::json)) AS u(id, partner_id, event_id)
+              FROM ROWS FROM ({_col(1)},
+                              {_col(2)},
+                              {_col(3)}) AS u(id, partner_id, event_id)
              WHERE r.reservation_id = u.id AND r.partner_id = u.partner_id
                AND r.status = 'reserved'
             RETURNING r.sku, r.location_id, r.quantity
@@ -211,12 +220,12 @@ class PgReleaseStore:
         # a non-key column takes anyway: it does not block the checkout's foreign-key checks
         # (FOR KEY SHARE) on a hot SKU while the transaction runs.
         await self._conn.execute(
-            """
+            f"""
             WITH locked AS (
                 SELECT s.sku, s.location_id, u.qty::bigint AS qty FROM stock s
-                JOIN ROWS FROM (json_array_elements_text($1::json),
-                                json_array_elements_text($2::json),
-                                json_array_elements_text($3::json)) AS u(sku, loc, qty)
+                JOIN ROWS FROM ({_col(1)},
+                                {_col(2)},
+                                {_col(3)}) AS u(sku, loc, qty)
                   ON s.sku = u.sku AND s.location_id = u.loc
                 ORDER BY s.sku, s.location_id
                 FOR NO KEY UPDATE OF s
@@ -245,23 +254,23 @@ class PgReleaseStore:
             owners.extend([n] * len(e.results))
         try:
             await self._conn.execute(
-                """
+                f"""
                 INSERT INTO inbox (partner_id, event_id, cart_id, source_topic, source_partition,
                                    source_offset, results, result_headers)
-                SELECT u.p, u.e, u.c, u.t, u.part::int, u.o::bigint, coalesce(f.results, '{}'),
+                SELECT u.p, u.e, u.c, u.t, u.part::int, u.o::bigint, coalesce(f.results, '{{}}'),
                        u.h
-                  FROM ROWS FROM (json_array_elements_text($1::json),
-                                  json_array_elements_text($2::json),
-                                  json_array_elements_text($3::json),
-                                  json_array_elements_text($4::json),
-                                  json_array_elements_text($5::json),
-                                  json_array_elements_text($6::json),
+                  FROM ROWS FROM ({_col(1)},
+                                  {_col(2)},
+                                  {_col(3)},
+                                  {_col(4)},
+                                  {_col(5)},
+                                  {_col(6)},
                                   unnest($9::bytea[]))
                        WITH ORDINALITY AS u(p, e, c, t, part, o, h, n)
                   LEFT JOIN (SELECT f.owner::bigint AS owner, array_agg(f.payload ORDER BY f.i)
                                     AS results
                                FROM ROWS FROM (unnest($7::bytea[]),
-                                               json_array_elements_text($8::json))
+                                               {_col(8)})
                                     WITH ORDINALITY AS f(payload, owner, i)
                               GROUP BY f.owner::bigint) AS f
                     ON f.owner = u.n
