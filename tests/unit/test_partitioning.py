@@ -1,5 +1,6 @@
 """The publisher's key partitioning is the producer's own (G4: a cart's results share a
-partition whoever publishes them: the fast path, a catch-up, the relay through `send`)."""
+partition whoever publishes them: the fast path, a catch-up, the relay through `send`),
+and its cheap size bound never lets through a message `send` would refuse."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from worker import partitioning
+from worker.publisher import _FRAMING, _headers_size
+from worker.results import message_bytes
 
 
 @given(st.binary(max_size=700))
@@ -27,3 +30,17 @@ def test_known_values_of_kafkas_murmur2() -> None:
     vectors = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536}
     for data, signed in vectors.items():
         assert partitioning.murmur2(data) == signed & 0xFFFFFFFF
+
+
+@given(
+    st.none() | st.binary(max_size=300),
+    st.none() | st.binary(max_size=300),
+    st.lists(st.tuples(st.text(max_size=20), st.none() | st.binary(max_size=200)), max_size=8),
+)
+def test_the_publishers_size_bound_is_never_below_aiokafkas_estimate(
+    key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes | None]]
+) -> None:
+    # A message within the bound skips the estimate (`Publisher._hand_over`): the bound
+    # must not let through one that `send` would refuse as over `max_request_size`.
+    bound = len(value or b"") + len(key or b"") + _headers_size(headers) + _FRAMING
+    assert bound >= message_bytes(key, value, tuple(headers))
