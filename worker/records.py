@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 # Kafka allows a header without a value (None); dead letters keep such headers as they came.
 Headers = tuple[tuple[str, bytes | None], ...]
@@ -75,17 +76,32 @@ class RawRecord:
         return by_name.get(name)
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxMessage:
-    """A record to publish: a result, a rejection or a dead letter."""
+class OutboxMessage(NamedTuple):
+    """A record to publish: a result, a rejection or a dead letter.
+
+    A named tuple: one is made per item result, and a frozen dataclass's __init__ sets
+    each field through object.__setattr__ (~5% of the worker's instructions per item).
+    Equal, as it was, when the message is: its outbox id and source time are left out."""
 
     topic: str
     key: bytes | None
     payload: bytes | None
     headers: Headers = ()
-    outbox_id: int | None = field(default=None, compare=False)
+    outbox_id: int | None = None
     # CreateTime of the input record, for the record->result latency histogram.
-    source_ts_ms: int = field(default=0, compare=False)
+    source_ts_ms: int = 0
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, OutboxMessage):
+            return NotImplemented
+        return self[:4] == other[:4]
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:
+        return hash(self[:4])
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,6 @@ where the simulation injects outages, lock waits and crashes.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
 
 from worker.records import OutboxMessage
 from worker.release import EventKey, InboxEntry, Reservation, StoredResults, TopicPartition
@@ -132,7 +131,7 @@ class FakeStore:
     async def enqueue(self, messages: Sequence[OutboxMessage]) -> list[OutboxMessage]:
         await self.checkpoint("enqueue")
         start = self.next_outbox_id
-        stored = [replace(m, outbox_id=start + n) for n, m in enumerate(messages)]
+        stored = [m._replace(outbox_id=start + n) for n, m in enumerate(messages)]
         self.next_outbox_id += len(stored)
         self.outbox.extend(stored)
         self.enqueued.append(tuple(stored))  # the caller may extend the list it gets
