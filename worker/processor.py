@@ -34,7 +34,7 @@ from worker.logs import LineBudget
 from worker.records import RawRecord
 from worker.release import Accepted, BatchReport, Prepared, Rejected, Transactions, apply_batch
 from worker.results import Topics
-from worker.retry import Verdict, classify, note_retry, transient_retrying
+from worker.retry import Verdict, classify, note_retry, retry_transient
 from worker.validate import Limits, parse_record
 
 log = structlog.get_logger("worker.processor")
@@ -106,9 +106,9 @@ class BatchProcessor:
         commands = [p for p in parsed if not isinstance(p, Rejection)]
         decisions: dict[int, Partner | Rejection] = {}
         if commands:
-            async for attempt in transient_retrying(self._settings, self._on_retry):
-                with attempt:
-                    authorized = await self._auth.authorize(commands)
+            authorized = await retry_transient(
+                self._settings, lambda: self._auth.authorize(commands), self._on_retry
+            )
             decisions = {id(c): verdict for c, verdict in authorized}
         works: list[Prepared] = []
         for record, item in zip(records, parsed, strict=True):
@@ -211,10 +211,11 @@ class BatchProcessor:
         )
 
     async def _apply(self, works: list[Prepared], retry_on: frozenset[Verdict]) -> BatchReport:
-        async for attempt in transient_retrying(self._settings, self._on_retry, retry_on=retry_on):
-            with attempt:
-                async with self._transactions.begin() as store:
-                    report = await apply_batch(store, works, self._topics, fresh_from_inbox=True)
+        async def applied() -> BatchReport:
+            async with self._transactions.begin() as store:
+                return await apply_batch(store, works, self._topics, fresh_from_inbox=True)
+
+        report = await retry_transient(self._settings, applied, self._on_retry, retry_on=retry_on)
         if self._on_success is not None:
             self._on_success()
         return report

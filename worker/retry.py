@@ -32,11 +32,12 @@ that server (the next pass tries again).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import random
-from collections.abc import Callable, Collection, Iterator
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Collection, Iterator
+from typing import Protocol, TypeVar
 
 import asyncpg
 import structlog
@@ -210,6 +211,36 @@ def transient_retrying(
         before_sleep=before_sleep,
         reraise=True,
     )
+
+
+T = TypeVar("T")
+
+
+async def retry_transient(
+    settings: Settings,
+    call: Callable[[], Awaitable[T]],
+    on_retry: Callable[[str], None] | None = None,
+    *,
+    retry_on: Collection[Verdict] = TRANSIENT_OR_LOCK_WAIT,
+) -> T:
+    """`await call()`, retried exactly as `transient_retrying` retries a block (errors whose
+    verdict is in `retry_on`, forever, on the curve of `backoff`, each counted and logged,
+    `on_retry` for outages), in a plain loop: tenacity's machinery costs about 270,000
+    instructions a use even when the first attempt succeeds, and the processor retries
+    twice a batch (6% of the worker's instructions per item in batches of 15 records)."""
+    attempt = 1
+    while True:
+        try:
+            return await call()
+        except Exception as error:
+            verdict = classify(error)
+            if verdict not in retry_on:
+                raise
+            label = note_retry(error, attempt=attempt)
+            if on_retry is not None and verdict is Verdict.TRANSIENT:
+                on_retry(label)
+        await asyncio.sleep(backoff_s(settings, attempt))
+        attempt += 1
 
 
 def backoff(settings: Settings) -> wait_exponential_jitter:

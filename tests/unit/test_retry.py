@@ -27,6 +27,7 @@ from worker.retry import (
     cause,
     classify,
     closed_connection_is_transient,
+    retry_transient,
     transient_retrying,
 )
 
@@ -164,4 +165,32 @@ async def test_the_policy_retries_its_verdicts_and_raises_anything_else_at_once(
 
     with pytest.raises(pg.LockNotAvailableError):
         await outage_then_lock_wait()
+    assert outages == ["ConnectionRefusedError"]
+
+
+async def test_the_plain_loop_retries_as_the_policy_does() -> None:
+    settings = Settings(retry_initial_s=0.001, retry_max_s=0.001)
+    failures: list[BaseException] = [pg.DeadlockDetectedError("x"), pg.LockNotAvailableError("x")]
+    attempts = 0
+
+    async def flaky() -> str:
+        nonlocal attempts
+        attempts += 1
+        if failures:
+            raise failures.pop(0)
+        return "done"
+
+    assert await retry_transient(settings, flaky) == "done"
+    assert attempts == 3
+    outages: list[str] = []
+
+    async def outage_then_lock_wait() -> None:
+        if not outages:
+            raise ConnectionRefusedError(111, "refused")
+        raise pg.LockNotAvailableError("x")
+
+    with pytest.raises(pg.LockNotAvailableError):
+        await retry_transient(
+            settings, outage_then_lock_wait, outages.append, retry_on={Verdict.TRANSIENT}
+        )
     assert outages == ["ConnectionRefusedError"]
