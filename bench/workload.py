@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
@@ -113,8 +115,22 @@ def make_producer(bootstrap: str) -> AIOKafkaProducer:
     )
 
 
+class Sender(Protocol):
+    """What `produce` needs of a producer (`AIOKafkaProducer.send`)."""
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[Any]: ...
+
+
 async def produce(
-    producer: AIOKafkaProducer,
+    producer: Sender,
     topic: str,
     workload: Workload,
     indexes: range,
@@ -122,11 +138,15 @@ async def produce(
     rate: float | None = None,
 ) -> None:
     """Produce the workload's events `indexes`, noting each one's timestamp (ms) in `sent_at`
-    as it goes. `rate` None: as fast as the client can; else open loop at `rate` records/s,
-    whatever the consumer does, scheduled against the clock in 5 ms ticks so a slow tick is
-    caught up rather than lowering the offered rate."""
+    as it goes. `rate` None: as fast as the client can, each stamped when it is sent. Else
+    open loop at `rate` records/s, whatever the consumer does, scheduled against the clock
+    in 5 ms ticks so a slow tick is caught up rather than lowering the offered rate; each
+    record is stamped with the time it was due (`started + k / rate`), not the time it went
+    out, so a stall of the producer or of this loop counts in the latency (no coordinated
+    omission), as in the HTTP bench (`bench.http.offer`)."""
     futures = []
     started = time.monotonic()
+    started_ms = time.time() * 1000
     position = indexes.start
     while position < indexes.stop:
         due = indexes.stop
@@ -134,11 +154,14 @@ async def produce(
             due = min(due, indexes.start + int((time.monotonic() - started) * rate) + 1)
         while position < due:
             e = workload.events[position]
-            now_ms = int(time.time() * 1000)
-            sent_at[workload.event_ids[position]] = now_ms
+            if rate is None:
+                stamp_ms = int(time.time() * 1000)
+            else:
+                stamp_ms = int(started_ms + (position - indexes.start) * 1000 / rate)
+            sent_at[workload.event_ids[position]] = stamp_ms
             futures.append(
                 await producer.send(
-                    topic, e.value, key=e.key, headers=list(e.headers), timestamp_ms=now_ms
+                    topic, e.value, key=e.key, headers=list(e.headers), timestamp_ms=stamp_ms
                 )
             )
             position += 1
