@@ -49,6 +49,8 @@ async def main(seconds: float, rates: list[float], search: bool, profile: bool) 
             f"{m.offered_rate or 0:6.0f} req/s  api CPU {1e6 * api_s / m.records:5.0f} µs/request"
             f"  p50 {m.latency_ms['p50']:4.0f} ms  p99 {m.latency_ms['p99']:4.0f} ms"
             f"  within p99 target: {m.checks['within_p99_target']}  {m.checks['answers']}"
+            f"  released {m.checks['released_in_db']}, never sent {m.checks['not_sent']}"
+            f" (check: {'ok' if m.checks['ok_released_in_db'] else 'FAILED'})"
         )
 
 

@@ -37,6 +37,9 @@ class Answer:
     done: float  # time.monotonic() at which its answer was read
     status: int
     body: bytes
+    # Whether the request was written to a connection: one given up before (waiting for a
+    # free connection past `max_connections`) never reached the server.
+    sent: bool = True
 
     @property
     def latency_ms(self) -> float:
@@ -70,10 +73,12 @@ class _Connection:
         self.used = 0  # requests answered on it
         self.idle_since = time.monotonic()
 
-    async def exchange(self, request: bytes) -> tuple[int, bytes, bool]:
-        """Send one request, read its answer: (status, body, whether the server keeps the
-        connection open)."""
+    def write(self, request: bytes) -> None:
         self.writer.write(request)
+
+    async def answer(self) -> tuple[int, bytes, bool]:
+        """Read the answer to the request written: (status, body, whether the server keeps
+        the connection open)."""
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
         length, keep = 0, True
@@ -112,14 +117,17 @@ class OpenLoopClient:
         """Send `request` on a connection, read its answer. A client gives up `timeout_s`
         after the request was due, the wait for a connection included: TIMED_OUT."""
         connection: _Connection | None = None
+        sent = False
         try:
             async with (
                 asyncio.timeout(max(0.0, scheduled + self.timeout_s - time.monotonic())),
                 self._slots,
             ):
                 connection = await self._take()
+                connection.write(request)
+                sent = True
                 try:
-                    status, body, keep = await connection.exchange(request)
+                    status, body, keep = await connection.answer()
                 except _LOST:
                     if not connection.used:
                         raise
@@ -127,7 +135,8 @@ class OpenLoopClient:
                     # Idempotency-Key would make even a repeat harmless).
                     connection.close()
                     connection = await self._open()
-                    status, body, keep = await connection.exchange(request)
+                    connection.write(request)
+                    status, body, keep = await connection.answer()
                 done = time.monotonic()
                 if keep:
                     connection.idle_since = done
@@ -139,7 +148,7 @@ class OpenLoopClient:
             if connection is not None:
                 connection.close()
             status = TIMED_OUT if isinstance(error, TimeoutError) else LOST
-            return Answer(scheduled, time.monotonic(), status, repr(error).encode())
+            return Answer(scheduled, time.monotonic(), status, repr(error).encode(), sent)
 
     async def _take(self) -> _Connection:
         """The most recently used idle connection (those idle too long are closed: they
@@ -205,6 +214,16 @@ def released_everything(answer: Answer, items: int) -> bool:
         return len(body["items"]) == items and all(
             item["success"] is True and item["outcome"] == "released" for item in body["items"]
         )
+    return False
+
+
+def shed(answer: Answer) -> bool:
+    """A 503 the api sheds load with (`too_many_requests`: nothing done, retry later)."""
+    if answer.status != 503:
+        return False
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        errors = orjson.loads(answer.body)["errors"]
+        return any(e["code"] == "too_many_requests" for e in errors)
     return False
 
 

@@ -15,6 +15,7 @@ from bench.http import (
     next_rate,
     offer,
     released_everything,
+    shed,
     statuses,
 )
 
@@ -128,3 +129,42 @@ def test_only_a_200_releasing_every_item_counts_as_released() -> None:
     assert not released_everything(answer(200, b'{"cartId":"c","items":[%s]}' % other), 1)
     assert not released_everything(answer(504, b"{}"), 0)
     assert not released_everything(answer(200, b"not json"), 0)
+
+
+def test_only_a_503_too_many_requests_counts_as_shed_load() -> None:
+    def answer(status: int, code: bytes) -> Answer:
+        return Answer(0.0, 0.1, status, b'{"description":"d","errors":[{"code":"%s"}]}' % code)
+
+    assert shed(answer(503, b"too_many_requests"))
+    assert not shed(answer(503, b"broker_unavailable"))
+    assert not shed(answer(429, b"too_many_requests"))
+    assert not shed(Answer(0.0, 0.1, 503, b"not json"))
+
+
+async def test_a_request_given_up_before_a_connection_was_free_is_known_never_sent() -> None:
+    """Past `max_connections`, requests wait for a connection; one given up while waiting
+    never reached the server (the bench must not expect its release), while one given up
+    after it was written may have been applied."""
+    received: list[bytes] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.readuntil(b"\r\n\r\n"))
+        await reader.read()  # never answers
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = OpenLoopClient("127.0.0.1", port, timeout_s=0.3, max_connections=1)
+    try:
+        async with asyncio.timeout(10):
+            now = time.monotonic()
+            first, second = await asyncio.gather(
+                client.send(b"GET /1 HTTP/1.1\r\n\r\n", now),
+                client.send(b"GET /2 HTTP/1.1\r\n\r\n", now),
+            )
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
+    assert (first.status, second.status) == (TIMED_OUT, TIMED_OUT)
+    assert (first.sent, second.sent) == (True, False)
+    assert received == [b"GET /1 HTTP/1.1\r\n\r\n"]
