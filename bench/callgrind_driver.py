@@ -32,7 +32,7 @@ from pathlib import Path
 
 import asyncpg
 
-from bench.observe import cpu_seconds, tree_cpu_seconds
+from bench.cpu import cpu_seconds, tree_cpu_seconds
 from bench.run import STEADY
 from bench.workload import PARTITIONS, prepare
 from worker import store

@@ -26,7 +26,7 @@ from typing import Any, cast
 
 import asyncpg
 
-from bench.observe import CpuSplit
+from bench.cpu import CpuSplit
 from bench.workload import Scenario, Workload, prepare, vacuum_analyze
 from worker import store
 from worker.records import RawRecord

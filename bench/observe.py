@@ -17,6 +17,7 @@ from typing import IO
 
 import orjson
 
+from bench.cpu import cpu_seconds
 from worker.contract import EVENT_ID_HEADER
 from worker.testing.topic_reader import reading
 
@@ -127,64 +128,6 @@ def _status_mb(pid: int, field: str) -> float:
     except OSError:
         pass
     return 0.0
-
-
-def cpu_seconds(pid: int, reaped: bool = False) -> float:
-    """User + system CPU time the process has used so far (with `reaped`, also that of its
-    children that have exited and been waited for); 0 if it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    # utime, stime, cutime, cstime are fields 14-17 of stat, counted after the name's ")".
-    ticks = int(fields[11]) + int(fields[12])
-    if reaped:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """CPU seconds of a process and its descendants, those alive now and those that have
-    exited (e.g. PostgreSQL's postmaster, its backends, and closed sessions' backends)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        total += cpu_seconds(pid, reaped=True)
-        todo.extend(children.get(pid, []))
-    return total
-
-
-class CpuSplit:
-    """CPU seconds used by each named group of processes between `start()` and `stop()`:
-    `trees` count each pid with its descendants, `single` the pid alone."""
-
-    def __init__(
-        self,
-        trees: Mapping[str, Callable[[], Sequence[int]]],
-        single: Mapping[str, Callable[[], Sequence[int]]],
-    ) -> None:
-        self._trees, self._single = trees, single
-        self._before: dict[str, float] = {}
-
-    def _now(self) -> dict[str, float]:
-        now = {name: sum(map(tree_cpu_seconds, pids())) for name, pids in self._trees.items()}
-        now |= {name: sum(map(cpu_seconds, pids())) for name, pids in self._single.items()}
-        return now
-
-    def start(self) -> None:
-        self._before = self._now()
-
-    def stop(self) -> dict[str, float]:
-        return {n: round(v - self._before.get(n, 0.0), 2) for n, v in self._now().items()}
 
 
 def rss_mb(pid: int) -> float:

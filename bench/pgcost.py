@@ -31,8 +31,8 @@ from statistics import median
 
 import asyncpg
 
+from bench.cpu import cpu_seconds
 from bench.dblimit import _works
-from bench.observe import cpu_seconds
 from bench.workload import Scenario, Workload, prepare
 from worker import store
 from worker.migrate import migrate

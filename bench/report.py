@@ -15,6 +15,8 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from bench.cpu import KINDS
+
 
 def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of unsorted values; NaN when empty."""
@@ -199,6 +201,26 @@ def sustained(measurements: Sequence[Measurement], target_ms: float) -> dict[str
         "rate": None if best is None else round(best, 1),
         "lowest_failing_rate": round(min(failed), 1) if failed else None,
     }
+
+
+def postgres_kinds_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """For each backlog and db_limit row, PostgreSQL's CPU per item by kind of process
+    (`bench.cpu.PostgresKinds`): the statements' backends against the server's catching up."""
+    lines = []
+    for m in rows:
+        by = m.get("cpu_us_per_item_by_process", {})
+        if "postgres backends" not in by or not (
+            m["mode"] == "backlog" or m["system"].startswith("db_limit")
+        ):
+            continue
+        system = m["system"] if m.get("processes", 1) == 1 else f"{m['system']} ×{m['processes']}"
+        parts = " · ".join(f"{kind} {by[f'postgres {kind}']:,.0f}" for kind in KINDS)
+        lines.append(
+            f"{m['scenario']} · {system} · {m['mode']}: {by.get('postgres', 0):,.0f} = {parts}"
+        )
+    if lines:
+        lines.insert(0, "PostgreSQL CPU µs/item by process (backends run the statements):")
+    return lines
 
 
 def sustained_line(found: dict[str, Any]) -> str:
@@ -432,6 +454,8 @@ def markdown(document: dict[str, Any]) -> str:
         )
     if document.get("api_sustained", {}).get("rate") is not None:
         lines += ["", sustained_line(document["api_sustained"])]
+    if kinds := postgres_kinds_lines(document["measurements"]):
+        lines += ["", *(f"- {line}" if n else line for n, line in enumerate(kinds))]
     return "\n".join(lines)
 
 

@@ -30,11 +30,13 @@ from rich.console import Console
 from rich.progress import Progress
 
 from bench import dblimit, http
-from bench.observe import CpuSplit, Processes, ResultReader, peak_rss_mb, stopped_by_signals
+from bench.cpu import CpuSplit
+from bench.observe import Processes, ResultReader, peak_rss_mb, stopped_by_signals
 from bench.report import (
     Measurement,
     latency_figures,
     percentile,
+    postgres_kinds_lines,
     scale_figures,
     sustained,
     sustained_line,
@@ -800,6 +802,8 @@ async def run_bench(
     found = sustained(measurements, plan.http_p99_ms) if api_rows else None
     if found is not None:
         console.print(sustained_line(found))
+    for line in postgres_kinds_lines([m.to_json() for m in measurements]):
+        console.print(line)
     meta = {
         "loadavg_at_start": load_at_start,
         "stamp": stamp,
