@@ -239,7 +239,9 @@ class PgReleaseStore:
             _column([d[2] for d in deltas]),
         )
 
-    async def record_inbox(self, entries: Sequence[InboxEntry]) -> set[EventKey]:
+    async def record_inbox(
+        self, entries: Sequence[InboxEntry], next_offsets: dict[TopicPartition, int]
+    ) -> set[EventKey]:
         # bytea[] per row does not fit unnest (it would flatten), so all results travel in
         # one flat bytea[] with the number of the entry each belongs to, and are grouped
         # back per entry by that number alone (slicing the array per row would copy it every
@@ -247,6 +249,10 @@ class PgReleaseStore:
         # A plain INSERT, not ON CONFLICT DO NOTHING: a key taken by a concurrent
         # transaction fails it either way (a replay found no row when the batch read the
         # inbox), and speculative insertion costs an index probe and a WAL record per row.
+        # The offsets' UPDATE rides along as a data-modifying CTE (always run to completion,
+        # and the statement fails or succeeds as one): its rows are locked since
+        # `lock_offsets`, so it waits for nothing and reads them as this transaction left
+        # them, and what it sets does not depend on the inbox's rows.
         payloads: list[bytes] = []
         owners: list[int] = []
         for n, e in enumerate(entries, start=1):
@@ -254,28 +260,7 @@ class PgReleaseStore:
             owners.extend([n] * len(e.results))
         try:
             await self._conn.execute(
-                f"""
-                INSERT INTO inbox (partner_id, event_id, cart_id, source_topic, source_partition,
-                                   source_offset, results, result_headers)
-                SELECT u.p, u.e, u.c, u.t, u.part::int, u.o::bigint, coalesce(f.results, '{{}}'),
-                       u.h
-                  FROM ROWS FROM ({_col(1)},
-                                  {_col(2)},
-                                  {_col(3)},
-                                  {_col(4)},
-                                  {_col(5)},
-                                  {_col(6)},
-                                  unnest($9::bytea[]))
-                       WITH ORDINALITY AS u(p, e, c, t, part, o, h, n)
-                  LEFT JOIN (SELECT f.owner::bigint AS owner, array_agg(f.payload ORDER BY f.i)
-                                    AS results
-                               FROM ROWS FROM (unnest($7::bytea[]),
-                                               {_col(8)})
-                                    WITH ORDINALITY AS f(payload, owner, i)
-                              GROUP BY f.owner::bigint) AS f
-                    ON f.owner = u.n
-                 ORDER BY u.n
-                """,
+                _RECORD_INBOX,
                 _column([e.partner_id for e in entries]),
                 _column([e.event_id for e in entries]),
                 _column([e.cart_id for e in entries]),
@@ -285,6 +270,7 @@ class PgReleaseStore:
                 payloads,
                 _column(owners),
                 [self._encode(e.headers) for e in entries],
+                *self._advance_arguments(next_offsets),
             )
         except asyncpg.UniqueViolationError:
             return set()  # the transaction is aborted; `apply_batch` retries the batch
@@ -294,24 +280,59 @@ class PgReleaseStore:
         return await enqueue(self._conn, messages, self._encoded)
 
     async def advance_offsets(self, next_offsets: dict[TopicPartition, int]) -> None:
+        await self._conn.execute(_ADVANCE_OFFSETS, *self._advance_arguments(next_offsets))
+
+    def _advance_arguments(
+        self, next_offsets: dict[TopicPartition, int]
+    ) -> tuple[str, list[str], list[int], list[int], list[int | None]]:
         items = sorted(next_offsets.items())
-        # The published watermark rides along (NULL: nothing new to claim; GREATEST ignores
-        # NULLs): a claim is a full prefix, so the greater of two true claims is true.
         published = self._published
-        await self._conn.execute(
-            """
-            UPDATE consumer_offsets c
-               SET next_offset = GREATEST(COALESCE(c.next_offset, 0), u.n),
-                   published_offset = GREATEST(c.published_offset, u.w), updated_at = now()
-              FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[]) AS u(t, p, n, w)
-             WHERE c.group_id = $1 AND c.topic = u.t AND c.partition = u.p
-            """,
+        return (
             self._group_id,
             [tp[0] for tp, _ in items],
             [tp[1] for tp, _ in items],
             [n for _, n in items],
             [None if published is None else published(tp) for tp, _ in items],
         )
+
+
+def _advance_offsets(first: int) -> str:
+    """The offsets' UPDATE, its parameters (`_advance_arguments`) numbered from `first`.
+    The published watermark rides along (NULL: nothing new to claim; GREATEST ignores
+    NULLs): a claim is a full prefix, so the greater of two true claims is true."""
+    g, t, p, n, w = range(first, first + 5)
+    return f"""
+        UPDATE consumer_offsets c
+           SET next_offset = GREATEST(COALESCE(c.next_offset, 0), u.n),
+               published_offset = GREATEST(c.published_offset, u.w), updated_at = now()
+          FROM unnest(${t}::text[], ${p}::int[], ${n}::bigint[], ${w}::bigint[]) AS u(t, p, n, w)
+         WHERE c.group_id = ${g} AND c.topic = u.t AND c.partition = u.p
+        """
+
+
+_ADVANCE_OFFSETS = _advance_offsets(1)
+# The inbox INSERT with the offsets' UPDATE (parameters 10-14) as a data-modifying CTE.
+_RECORD_INBOX = f"""
+    WITH advanced AS ({_advance_offsets(10)})
+    INSERT INTO inbox (partner_id, event_id, cart_id, source_topic, source_partition,
+                       source_offset, results, result_headers)
+    SELECT u.p, u.e, u.c, u.t, u.part::int, u.o::bigint, coalesce(f.results, '{{}}'), u.h
+      FROM ROWS FROM ({_col(1)},
+                      {_col(2)},
+                      {_col(3)},
+                      {_col(4)},
+                      {_col(5)},
+                      {_col(6)},
+                      unnest($9::bytea[]))
+           WITH ORDINALITY AS u(p, e, c, t, part, o, h, n)
+      LEFT JOIN (SELECT f.owner::bigint AS owner, array_agg(f.payload ORDER BY f.i) AS results
+                   FROM ROWS FROM (unnest($7::bytea[]),
+                                   {_col(8)})
+                        WITH ORDINALITY AS f(payload, owner, i)
+                  GROUP BY f.owner::bigint) AS f
+        ON f.owner = u.n
+     ORDER BY u.n
+    """
 
 
 def encode_headers(headers: Headers) -> bytes:

@@ -202,3 +202,41 @@ async def test_offset_rows_are_created_once_and_later_batches_lock_them_in_one_s
             found = await store.lock_offsets(partitions)
         assert counted.statements - first == 1
     assert found == {("in", 0): 5, ("in", 1): 7}
+
+
+async def test_a_batch_advances_its_offsets_and_watermark_in_its_inbox_insert(
+    db: asyncpg.Pool, world: World
+) -> None:
+    """Six statements for a fresh batch (lock, inbox lookup, reservations, release, stock,
+    inbox with the offsets): the offsets' UPDATE is no round trip of its own."""
+    p, group = world.prefix, f"fold-{world.prefix}"
+    works = []
+    for offset in (0, 1):
+        rid, cart = f"r{offset}-{p}", f"c{offset}-{p}"
+        await reserve(db, world, rid, cart, "item-1", 1)
+        event = abandon_event(cart, [("item-1", rid)], world.api_key, event_id=f"e{offset}-{p}")
+        record = RawRecord("in", 0, offset, event.key, event.value, event.headers)
+        command = parse_record(record, Limits())
+        assert isinstance(command, ReleaseCommand)
+        works.append(Accepted(record, command, world.partner_id))
+    topics = Topics("results", "dlq")
+    async with db.acquire() as conn:
+        async with conn.transaction():  # the partition's first batch makes its offset row
+            await apply_batch(PgReleaseStore(conn, group), works[:1], topics, fresh_from_inbox=True)
+        counted = _Counting(conn)
+        store = PgReleaseStore(cast(Conn, counted), group, published=lambda tp: 1)
+        async with conn.transaction():
+            report = await apply_batch(store, works[1:], topics, fresh_from_inbox=True)
+    assert counted.statements == 6
+    assert report.outcomes == {"released": 1}
+    row = await db.fetchrow(
+        "SELECT next_offset, published_offset FROM consumer_offsets WHERE group_id = $1", group
+    )
+    assert row is not None
+    assert tuple(row) == (2, 1)
+    inbox = await db.fetchval(
+        "SELECT count(*) FROM inbox WHERE partner_id = $1 AND event_id = ANY($2)",
+        world.partner_id,
+        [f"e0-{p}", f"e1-{p}"],
+    )
+    assert inbox == 2

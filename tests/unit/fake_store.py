@@ -116,7 +116,9 @@ class FakeStore:
         for sku, loc, qty in deltas:
             self.reserved[(sku, loc)] -= qty
 
-    async def record_inbox(self, entries: Sequence[InboxEntry]) -> set[EventKey]:
+    async def record_inbox(
+        self, entries: Sequence[InboxEntry], next_offsets: dict[TopicPartition, int]
+    ) -> set[EventKey]:
         await self.checkpoint("record_inbox")
         inserted = set()
         for e in entries:
@@ -126,6 +128,8 @@ class FakeStore:
                 self.inbox_rows.append(((e.record.topic, e.record.partition), e.record.offset, key))
                 self._written[1].append(key)
                 inserted.add(key)
+        # One statement with the inbox rows (a failed insert rolls the transaction back).
+        self._advance(next_offsets)
         return inserted
 
     async def enqueue(self, messages: Sequence[OutboxMessage]) -> list[OutboxMessage]:
@@ -140,12 +144,15 @@ class FakeStore:
 
     async def advance_offsets(self, next_offsets: dict[TopicPartition, int]) -> None:
         await self.checkpoint("advance_offsets")
+        self._advance(next_offsets)
+
+    def _advance(self, next_offsets: dict[TopicPartition, int]) -> None:
         for tp, n in next_offsets.items():
             self.offsets[tp] = max(self.offsets.get(tp, 0), n)
             claim = self.claim(tp)
             if claim is not None:
                 self.published_offsets[tp] = max(self.published_offsets.get(tp, 0), claim)
-        # `apply_batch`'s last call: what this transaction wrote, should it commit.
+        # `apply_batch`'s last write: what this transaction wrote, should it commit.
         outbox, keys = self._written
         self.transactions.append((tuple(outbox), tuple(keys)))
         self._written = ([], [])

@@ -333,3 +333,17 @@ async def test_without_fresh_from_inbox_every_result_is_an_outbox_row() -> None:
     report = await apply_batch(store, [work(0, "c1", [("i-r1", "r1")], "e1")], TOPICS)
     assert report.publications == []
     assert outcomes(store) == [("r1", "released", 2)]
+
+
+async def test_a_batch_recording_inbox_rows_advances_its_offsets_with_them() -> None:
+    store = FakeStore([reservation("r1")])
+    calls: list[str] = []
+
+    async def checkpoint(what: str) -> None:
+        calls.append(what)
+
+    store.checkpoint = checkpoint
+    await apply_batch(store, [work(4, "c1", [("i-r1", "r1")], "e1")], TOPICS)
+    assert calls[-1] == "record_inbox"
+    assert "advance_offsets" not in calls
+    assert store.offsets == {("in", 0): 5}

@@ -41,7 +41,7 @@ from worker.config import Settings
 from worker.contract import Rejection
 from worker.errors import TransientError
 from worker.records import OutboxMessage, RawRecord
-from worker.release import Accepted, BatchReport, TopicPartition, apply_batch
+from worker.release import Accepted, BatchReport, EventKey, InboxEntry, TopicPartition, apply_batch
 from worker.results import DLQ_HEADER_PREFIX, DLQ_PARTNER_ID_HEADER, Topics
 from worker.store import PgReleaseStore
 from worker.validate import Limits, parse_record
@@ -199,6 +199,11 @@ class _PastItsOffset(PgReleaseStore):
 
     async def lock_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         return {}
+
+    async def record_inbox(
+        self, entries: Sequence[InboxEntry], next_offsets: dict[TopicPartition, int]
+    ) -> set[EventKey]:
+        return await super().record_inbox(entries, {})
 
     async def advance_offsets(self, next_offsets: dict[TopicPartition, int]) -> None:
         return None
