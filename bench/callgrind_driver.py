@@ -30,12 +30,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
-
 from bench.cpu import cpu_seconds, tree_cpu_seconds
 from bench.run import STEADY
 from bench.workload import PARTITIONS, prepare
 from worker import store
+from worker.app import create_pool
 from worker.auth import Authenticator
 from worker.cli.main import tune_garbage_collector
 from worker.config import Settings
@@ -60,7 +59,9 @@ def _parent(pid: int) -> int:
 
 async def measure(url: str, records: int, batch: int, callgrind: bool) -> dict[str, float]:
     settings = Settings(database_url=url, batch_max_records=batch, auth_cache_ttl_s=3600)
-    pool = await asyncpg.create_pool(url, min_size=2, max_size=4)
+    # The worker's own pool (its reset on release, its timeouts), not asyncpg's defaults:
+    # the default reset is one more round trip a batch that the worker does not make.
+    pool = await create_pool(settings, size=4)
     try:
         workload = await prepare(pool, STEADY, batch + records)
         raw = [
