@@ -130,11 +130,10 @@ class ReleaseStore(Protocol):
     async def release(self, releases: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, int]]:
         """Claim: move (reservation_id, partner_id, event_id), given in reservation_id order
         (the lock order), from reserved to released, only where the reservation is that
-        partner's and still reserved; return (sku, location_id, quantity) per moved row."""
-        ...
-
-    async def return_stock(self, deltas: Sequence[tuple[str, str, int]]) -> None:
-        """reserved -= quantity per (sku, location_id, quantity), in that sorted order."""
+        partner's and still reserved, and return the moved rows' quantities to stock
+        (reserved -= their sum per (sku, location_id), the stock rows locked after every
+        reservation, in that sorted order); return (sku, location_id, quantity) per moved
+        row."""
         ...
 
     async def record_inbox(
@@ -339,7 +338,8 @@ class BatchPlan:
     """
 
     releases: list[tuple[str, str, str]]  # (reservation_id, partner_id, event_id), by id
-    stock_deltas: list[tuple[str, str, int]]  # (sku, location_id, quantity), sorted
+    # (sku, location_id, quantity), sorted: what the claim is to return to stock (checked)
+    stock_deltas: list[tuple[str, str, int]]
     inbox: list[InboxEntry]
     outbox: list[OutboxMessage]  # results, replays, rejections and dead letters
     next_offsets: dict[TopicPartition, int]
@@ -385,9 +385,9 @@ async def apply_batch(
             # Confirmed, expired or released elsewhere since it was read: decide again.
             raise TransientError("a reservation left 'reserved' after it was read; retrying")
         if stock_totals(moved) != {(sku, loc): qty for sku, loc, qty in plan.stock_deltas}:
-            # The results quote the quantities read: a claim returning others decides again.
+            # The results quote the quantities read: a claim returning others decides again
+            # (and what it returned to stock is rolled back with it).
             raise TransientError("a reservation changed after it was read; retrying")
-        await store.return_stock(plan.stock_deltas)
     plan.report.messages = await store.enqueue(plan.outbox) if plan.outbox else []
     if plan.inbox:
         # The last write carries the offsets' advance: one round trip a batch less.

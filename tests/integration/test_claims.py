@@ -28,16 +28,17 @@ class ConfirmedAfterRead(PgReleaseStore):
     """Reads the reservations, then lets the checkout confirm them (committed, on another
     connection) before the batch goes on to claim them."""
 
-    def __init__(self, conn: Conn, group_id: str, db: asyncpg.Pool) -> None:
+    def __init__(self, conn: Conn, group_id: str, db: asyncpg.Pool, first: int = 0) -> None:
         super().__init__(conn, group_id)
         self._db = db
+        self._first = first  # confirm only this many rows (0: all)
 
     async def find_reservations(
         self, explicit: Sequence[tuple[str, str]], carts: Sequence[tuple[str, str]]
     ) -> list[Reservation]:
         rows = await super().find_reservations(explicit, carts)
         async with self._db.acquire() as other, other.transaction():
-            for row in rows:
+            for row in rows[: self._first or len(rows)]:
                 await other.execute(
                     "UPDATE reservations SET status = 'confirmed' WHERE reservation_id = $1",
                     row.reservation_id,
@@ -81,6 +82,37 @@ async def test_a_reservation_confirmed_after_it_was_read_is_not_released_and_rep
     assert row is not None
     # Confirmed once by the checkout; the release returned nothing to stock (I1, I2).
     assert (row["status"], row["reserved"], row["on_hand"]) == ("confirmed", 0, 998)
+
+
+async def test_a_partial_claim_rolls_back_the_stock_it_returned_and_decides_again(
+    db: asyncpg.Pool, world: World
+) -> None:
+    """The claim returns the stock of what it moved in the same statement: when it moved
+    fewer rows than decided, the batch raises and that stock goes back with the claim."""
+    p = world.prefix
+    cart = f"c-{p}"
+    await reserve(db, world, f"r1-{p}", cart, "item-1", 2)
+    await reserve(db, world, f"r2-{p}", cart, "item-2", 3)
+    items = [("item-1", f"r1-{p}"), ("item-2", f"r2-{p}")]
+    event = abandon_event(cart, items, world.api_key, event_id=f"e-{p}")
+    record = RawRecord("in", 0, 0, event.key, event.value, event.headers)
+    command = parse_record(record, Limits())
+    assert isinstance(command, ReleaseCommand)
+    works = [Accepted(record, command, world.partner_id)]
+    topics, group = Topics("results", "dlq"), f"claims-{p}"
+    stock = "SELECT reserved, on_hand FROM stock WHERE sku = $1"
+
+    async with db.acquire() as conn:
+        with pytest.raises(TransientError, match="left 'reserved'"):
+            async with conn.transaction():
+                await apply_batch(ConfirmedAfterRead(conn, group, db, first=1), works, topics)
+        # Only the checkout's confirmation of r1 stands.
+        assert tuple(await db.fetchrow(stock, world.sku) or ()) == (3, 998)
+        async with conn.transaction():
+            report = await apply_batch(PgReleaseStore(conn, group), works, topics)
+
+    assert report.outcomes == {"confirmed": 1, "released": 1}
+    assert tuple(await db.fetchrow(stock, world.sku) or ()) == (0, 998)
 
 
 async def test_find_reservations_reads_each_row_once_in_id_order_and_only_the_partners(
@@ -204,22 +236,25 @@ async def test_offset_rows_are_created_once_and_later_batches_lock_them_in_one_s
     assert found == {("in", 0): 5, ("in", 1): 7}
 
 
-async def test_a_batch_advances_its_offsets_and_watermark_in_its_inbox_insert(
+async def test_a_fresh_batch_is_five_statements_with_its_stock_and_offsets_in_them(
     db: asyncpg.Pool, world: World
 ) -> None:
-    """Six statements for a fresh batch (lock, inbox lookup, reservations, release, stock,
-    inbox with the offsets): the offsets' UPDATE is no round trip of its own."""
+    """Lock, inbox lookup, reservations, the claim with its stock, the inbox with the
+    offsets and watermark: returning stock and advancing the offsets are no round trips of
+    their own, and still happen."""
     p, group = world.prefix, f"fold-{world.prefix}"
     works = []
     for offset in (0, 1):
         rid, cart = f"r{offset}-{p}", f"c{offset}-{p}"
-        await reserve(db, world, rid, cart, "item-1", 1)
+        await reserve(db, world, rid, cart, "item-1", 2)
         event = abandon_event(cart, [("item-1", rid)], world.api_key, event_id=f"e{offset}-{p}")
         record = RawRecord("in", 0, offset, event.key, event.value, event.headers)
         command = parse_record(record, Limits())
         assert isinstance(command, ReleaseCommand)
         works.append(Accepted(record, command, world.partner_id))
     topics = Topics("results", "dlq")
+    reserved = "SELECT reserved FROM stock WHERE sku = $1"
+    assert await db.fetchval(reserved, world.sku) == 4
     async with db.acquire() as conn:
         async with conn.transaction():  # the partition's first batch makes its offset row
             await apply_batch(PgReleaseStore(conn, group), works[:1], topics, fresh_from_inbox=True)
@@ -227,8 +262,9 @@ async def test_a_batch_advances_its_offsets_and_watermark_in_its_inbox_insert(
         store = PgReleaseStore(cast(Conn, counted), group, published=lambda tp: 1)
         async with conn.transaction():
             report = await apply_batch(store, works[1:], topics, fresh_from_inbox=True)
-    assert counted.statements == 6
+    assert counted.statements == 5
     assert report.outcomes == {"released": 1}
+    assert await db.fetchval(reserved, world.sku) == 0
     row = await db.fetchrow(
         "SELECT next_offset, published_offset FROM consumer_offsets WHERE group_id = $1", group
     )

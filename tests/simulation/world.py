@@ -372,7 +372,6 @@ DB_FAULTS: dict[str, Callable[[], Exception]] = {
 LOCKING = {
     "lock_offsets",
     "release",
-    "return_stock",
     "record_inbox",
     "advance_offsets",
     "delete_outbox",

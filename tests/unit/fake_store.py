@@ -108,13 +108,13 @@ class FakeStore:
             if row.status == "reserved" and row.partner_id == partner_id:
                 self.reservations[rid] = row._replace(status="released", release_event_id=event_id)
                 moved.append((row.sku, row.location_id, row.quantity))
+        # The moved rows' quantities back to stock, in the stock lock order.
+        totals: dict[tuple[str, str], int] = {}
+        for sku, loc, qty in moved:
+            totals[(sku, loc)] = totals.get((sku, loc), 0) + qty
+        for key in sorted(totals):
+            self.reserved[key] -= totals[key]
         return moved
-
-    async def return_stock(self, deltas: Sequence[tuple[str, str, int]]) -> None:
-        await self.checkpoint("return_stock")
-        assert list(deltas) == sorted(deltas), "stock must be locked in (sku, location) order"
-        for sku, loc, qty in deltas:
-            self.reserved[(sku, loc)] -= qty
 
     async def record_inbox(
         self, entries: Sequence[InboxEntry], next_offsets: dict[TopicPartition, int]
