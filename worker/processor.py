@@ -29,7 +29,7 @@ import structlog
 from worker import metrics, tracing
 from worker.auth import Authenticator, Partner
 from worker.config import Settings
-from worker.contract import Rejection
+from worker.contract import Outcome, Rejection
 from worker.logs import LineBudget
 from worker.records import RawRecord
 from worker.release import Accepted, BatchReport, Prepared, Rejected, Transactions, apply_batch
@@ -48,6 +48,9 @@ CROSS_PARTNER_LINES_PER_S = 10
 # A sender controls how many records are rejected too (a flood of unknown keys is one
 # `record_rejected` line each): at most this many lines a second, the rest counted.
 REJECTION_LINES_PER_S = 100
+
+_RECORDS = {result: metrics.RECORDS.labels(result=result) for result in metrics.RECORD_RESULTS}
+_ITEMS = {outcome.value: metrics.ITEMS.labels(outcome=outcome.value) for outcome in Outcome}
 
 
 class BatchProcessor:
@@ -289,20 +292,28 @@ def _log_cross_partner(report: BatchReport, budget: LineBudget) -> None:
 def _count(
     report: BatchReport, cross_partner_lines: LineBudget, rejection_lines: LineBudget
 ) -> None:
-    rejected = sum(report.rejections.values())
-    metrics.RECORDS.labels(result="skipped").inc(report.skipped)
-    metrics.RECORDS.labels(result="replayed").inc(report.replays)
-    metrics.RECORDS.labels(result="rejected").inc(rejected)
-    metrics.RECORDS.labels(result="processed").inc(
-        report.records - report.skipped - report.replays - rejected
-    )
-    for status, n in report.rejections.items():
-        metrics.REJECTIONS.labels(status=str(status)).inc(n)
+    # Every batch: the series' children are looked up once (`labels` costs more than
+    # `inc`), and zeros are not added.
+    rejected = len(report.rejected)
+    processed = report.records - report.skipped - report.replays - rejected
+    for result, n in (
+        ("skipped", report.skipped),
+        ("replayed", report.replays),
+        ("rejected", rejected),
+        ("processed", processed),
+    ):
+        if n:
+            _RECORDS[result].inc(n)
+    if rejected:
+        for status, n in report.rejections.items():
+            metrics.REJECTIONS.labels(status=str(status)).inc(n)
+        metrics.DEAD_LETTERS.inc(report.dead_letters)
     for outcome, n in report.outcomes.items():
-        metrics.ITEMS.labels(outcome=outcome).inc(n)
-    metrics.DEAD_LETTERS.inc(report.dead_letters)
-    metrics.CROSS_PARTNER.inc(report.foreign)
-    metrics.RELEASED_QUANTITY.inc(report.released_quantity)
+        _ITEMS[outcome].inc(n)
+    if report.cross_partner:
+        metrics.CROSS_PARTNER.inc(report.foreign)
+    if report.released_quantity:
+        metrics.RELEASED_QUANTITY.inc(report.released_quantity)
     _log_cross_partner(report, cross_partner_lines)
     for record, rejection in report.rejected:
         held_back = rejection_lines.take()

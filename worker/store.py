@@ -65,6 +65,35 @@ def _col(n: int) -> str:
     return f"unnest(ARRAY(SELECT json_array_elements_text(${n}::json)))"
 
 
+# The statements are made once: asyncpg finds its prepared statement by the text, and a
+# text made anew each call is formatted and hashed anew (every batch, whatever its size).
+_STORED_RESULTS = f"""
+    SELECT i.partner_id, i.event_id, i.cart_id, i.results, i.result_headers FROM inbox i
+    JOIN ROWS FROM ({_col(1)},
+                    {_col(2)}) AS u(p, e)
+      ON i.partner_id = u.p AND i.event_id = u.e
+    """
+_FIND_RESERVATIONS = f"""
+    SELECT DISTINCT ON (r.reservation_id) *
+      FROM (SELECT {_R_COLUMNS} FROM reservations r
+              JOIN ROWS FROM ({_col(1)},
+                              {_col(2)}) AS u(id, partner)
+                ON r.reservation_id = u.id AND r.partner_id = u.partner
+            UNION ALL
+            SELECT {_R_COLUMNS} FROM reservations r
+              JOIN ROWS FROM ({_col(3)},
+                              {_col(4)}) AS u(partner, cart)
+                ON r.partner_id = u.partner AND r.cart_id = u.cart) AS r
+     ORDER BY r.reservation_id
+    """
+_FOREIGN_RESERVATIONS = f"""
+    SELECT r.reservation_id FROM reservations r
+    JOIN ROWS FROM ({_col(1)},
+                    {_col(2)}) AS u(id, partner)
+      ON r.reservation_id = u.id AND r.partner_id <> u.partner
+    """
+
+
 class PgTransactions:
     """`release.Transactions` on a pool: each `begin` takes a connection and a transaction."""
 
@@ -130,12 +159,7 @@ class PgReleaseStore:
 
     async def stored_results(self, keys: Sequence[EventKey]) -> dict[EventKey, StoredResults]:
         rows = await self._conn.fetch(
-            f"""
-            SELECT i.partner_id, i.event_id, i.cart_id, i.results, i.result_headers FROM inbox i
-            JOIN ROWS FROM ({_col(1)},
-                            {_col(2)}) AS u(p, e)
-              ON i.partner_id = u.p AND i.event_id = u.e
-            """,
+            _STORED_RESULTS,
             _column([k[0] for k in keys]),
             _column([k[1] for k in keys]),
         )
@@ -156,19 +180,7 @@ class PgReleaseStore:
         # Each branch reads its rows whole; a row named by both (an item and its cart) comes
         # twice and is kept once (joining the ids back to the table read each row twice).
         rows = await self._conn.fetch(
-            f"""
-            SELECT DISTINCT ON (r.reservation_id) *
-              FROM (SELECT {_R_COLUMNS} FROM reservations r
-                      JOIN ROWS FROM ({_col(1)},
-                                      {_col(2)}) AS u(id, partner)
-                        ON r.reservation_id = u.id AND r.partner_id = u.partner
-                    UNION ALL
-                    SELECT {_R_COLUMNS} FROM reservations r
-                      JOIN ROWS FROM ({_col(3)},
-                                      {_col(4)}) AS u(partner, cart)
-                        ON r.partner_id = u.partner AND r.cart_id = u.cart) AS r
-             ORDER BY r.reservation_id
-            """,
+            _FIND_RESERVATIONS,
             _column([e[0] for e in explicit]),
             _column([e[1] for e in explicit]),
             _column([c[0] for c in carts]),
@@ -178,12 +190,7 @@ class PgReleaseStore:
 
     async def foreign_reservations(self, explicit: Sequence[tuple[str, str]]) -> set[str]:
         rows = await self._conn.fetch(
-            f"""
-            SELECT r.reservation_id FROM reservations r
-            JOIN ROWS FROM ({_col(1)},
-                            {_col(2)}) AS u(id, partner)
-              ON r.reservation_id = u.id AND r.partner_id <> u.partner
-            """,
+            _FOREIGN_RESERVATIONS,
             _column([e[0] for e in explicit]),
             _column([e[1] for e in explicit]),
         )
