@@ -1,0 +1,192 @@
+"""Instructions per item of the whole worker process in a steady backlog.
+
+    python -m bench.worker_driver [--records 3000] [--batch 500] [--callgrind]
+
+Where `bench.callgrind_driver` counts the worker's own Python outside the Kafka clients,
+this counts all of the worker process: `run_worker` as `release-worker run` starts it
+(two lanes, the consumer's fetch loop, the publisher, the supervised tasks, metrics and
+logging) on an embedded PostgreSQL and an embedded broker (or the `--database-url` and
+`--bootstrap` given). The steady scenario (3-item carts) is seeded and all its records
+produced before the worker starts: a backlog. The first `--warm-up` records' items are
+not measured; measuring starts at the batch report that passes them and stops at the
+one that reaches every item (the results of the last batches may still be settling).
+
+It prints the CPU of this process and of PostgreSQL per item over the measured part
+(from /proc: a loaded-machine figure). With `--callgrind` it runs itself again under
+valgrind, instrumentation switched on for the measured part only, and prints
+instructions per item as well. The servers are not under valgrind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+
+from bench.callgrind_driver import _parent, _toggle
+from bench.cpu import cpu_seconds, tree_cpu_seconds
+from bench.run import STEADY
+from bench.workload import (
+    create_topics,
+    make_producer,
+    prepare,
+    produce,
+    topic_settings,
+    vacuum_analyze,
+)
+from worker import logs
+from worker.app import run_worker
+from worker.cli.main import tune_garbage_collector
+from worker.config import Settings
+from worker.migrate import migrate
+from worker.release import BatchReport
+from worker.testing.embedded import embedded_stack
+
+
+async def measure(
+    url: str, bootstrap: str, records: int, warm_up: int, batch: int, callgrind: bool
+) -> dict[str, float]:
+    base = Settings(
+        database_url=url,
+        kafka_bootstrap=bootstrap,
+        batch_max_records=batch,
+        metrics_port=0,
+        session_timeout_ms=6000,  # as the bench: only start-up is shorter
+    )
+    settings = topic_settings(base, "driver")
+    await create_topics(settings)
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+    try:
+        workload = await prepare(pool, STEADY, warm_up + records)
+        await vacuum_analyze(pool)
+        backend = await pool.fetchval("SELECT pg_backend_pid()")
+        postmaster = _parent(backend)  # the server's main process: its tree is PostgreSQL
+        producer = make_producer(bootstrap)
+        await producer.start()
+        try:
+            await produce(producer, settings.input_topic, workload, range(warm_up + records), {})
+        finally:
+            await producer.stop()
+    finally:
+        await pool.close()
+
+    per_cart = STEADY.items_per_cart
+    warm_items, total = warm_up * per_cart, (warm_up + records) * per_cart
+    stop = asyncio.Event()
+    seen = 0
+    start: tuple[float, float] | None = None
+    end: tuple[float, float] | None = None
+    counted = 0
+
+    def on_report(report: BatchReport) -> None:
+        nonlocal seen, start, end, counted
+        seen += sum(report.outcomes.values())
+        if start is None and seen >= warm_items:
+            if callgrind:
+                _toggle(True)
+            start, counted = (cpu_seconds(os.getpid()), tree_cpu_seconds(postmaster)), seen
+            print("measuring", file=sys.stderr, flush=True)  # for a profiler to attach
+        elif start is not None and end is None and seen >= total:
+            end = (cpu_seconds(os.getpid()), tree_cpu_seconds(postmaster))
+            if callgrind:
+                _toggle(False)
+            counted = seen - counted
+            stop.set()
+
+    logs.configure(level="warning")
+    tune_garbage_collector()  # as `release-worker run` does once started
+    code = await run_worker(settings, on_report=on_report, stop=stop, handle_signals=False)
+    if code != 0 or start is None or end is None:
+        raise RuntimeError(f"worker exit {code}, {seen} of {total} items seen")
+    return {
+        "records": records,
+        "items": counted,
+        "worker_cpu_us_per_item": round(1e6 * (end[0] - start[0]) / counted, 1),
+        "postgres_cpu_us_per_item": round(1e6 * (end[1] - start[1]) / counted, 1),
+    }
+
+
+@contextlib.contextmanager
+def _servers(url: str | None, bootstrap: str | None) -> Iterator[tuple[str, str]]:
+    """The servers given, or an embedded stack; migrated."""
+    with contextlib.ExitStack() as stack:
+        if url is None or bootstrap is None:
+            embedded = stack.enter_context(embedded_stack())
+            url, bootstrap = embedded.database_url, embedded.bootstrap
+        done = migrate(url)
+        if done.returncode != 0:
+            raise RuntimeError(f"migration failed: {done.stderr}")
+        yield url, bootstrap
+
+
+def _under_callgrind(url: str, bootstrap: str, args: argparse.Namespace) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="callgrind-out-") as out:
+        output = Path(out) / "callgrind.out"
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={output}",
+            sys.executable,
+            "-m",
+            "bench.worker_driver",
+            "--inner",
+            f"--records={args.records}",
+            f"--warm-up={args.warm_up}",
+            f"--batch={args.batch}",
+            f"--database-url={url}",
+            f"--bootstrap={bootstrap}",
+        ]
+        child = subprocess.run(command, capture_output=True, text=True, check=False)
+        if child.returncode != 0:
+            raise RuntimeError(f"callgrind run failed:\n{child.stderr[-3000:]}")
+        figures: dict[str, float] = json.loads(child.stdout.strip().splitlines()[-1])
+        text = output.read_text()
+        totals = re.search(r"^totals: (\d+)", text, re.MULTILINE)
+        assert totals is not None, "no totals in the callgrind output"
+        if args.keep:
+            args.keep.write_text(text)
+    del figures["worker_cpu_us_per_item"]  # under valgrind: meaningless
+    figures["instructions_per_item"] = round(int(totals[1]) / figures["items"])
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", type=int, default=3000, help="records measured")
+    parser.add_argument("--warm-up", type=int, default=1000, help="records before measuring")
+    parser.add_argument("--batch", type=int, default=500, help="WORKER_BATCH_MAX_RECORDS")
+    parser.add_argument("--callgrind", action="store_true", help="count instructions")
+    parser.add_argument("--keep", type=Path, help="with --callgrind: copy the output file here")
+    parser.add_argument("--database-url", default=os.environ.get("WORKER_DATABASE_URL"))
+    parser.add_argument("--bootstrap", default=os.environ.get("WORKER_KAFKA_BOOTSTRAP"))
+    parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner:
+        figures = asyncio.run(
+            measure(args.database_url, args.bootstrap, args.records, args.warm_up, args.batch, True)
+        )
+        print(json.dumps(figures))
+        return
+    with _servers(args.database_url, args.bootstrap) as (url, bootstrap):
+        if args.callgrind:
+            figures = _under_callgrind(url, bootstrap, args)
+        else:
+            figures = asyncio.run(
+                measure(url, bootstrap, args.records, args.warm_up, args.batch, False)
+            )
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
