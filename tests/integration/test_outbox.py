@@ -10,6 +10,7 @@ outbox gets an outage error, which leaves it untouched.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
 )
+from prometheus_client import REGISTRY
 
 from tests.conftest import Servers
 from worker import store
@@ -148,6 +150,13 @@ class RefusingProducer:
 
     async def flush(self) -> None:
         return None
+
+
+def _latency_samples() -> tuple[float, float]:
+    """The record->result latency histogram's count and sum so far."""
+    count = REGISTRY.get_sample_value("release_worker_record_latency_seconds_count")
+    total = REGISTRY.get_sample_value("release_worker_record_latency_seconds_sum")
+    return count or 0.0, total or 0.0
 
 
 @pytest.fixture
@@ -333,13 +342,20 @@ async def test_a_fresh_result_refused_for_good_is_parked_and_the_watermark_passe
     publisher.watermarks.assign(tp, 0)
     publisher.watermarks.caught_up(tp, 0, 0)
     headers = (("h", b"v"), ("none", None))
+    consumed_ms = int(time.time() * 1000) - 2000  # the input record's timestamp
     messages = [
-        OutboxMessage(topics[0], b"cart", payload, headers)
+        OutboxMessage(topics[0], b"cart", payload, headers, None, consumed_ms)
         for payload in (b"before", refused, b"after")
     ]
+    latencies = _latency_samples()
 
     await publisher.publish_fresh([Publication(tp[0], tp[1], 0, 3, messages)])
     await publisher.flush(10)
+
+    # One latency observed per acknowledged result (not the refused one), about 2 s each.
+    count, total = (now - then for now, then in zip(_latency_samples(), latencies, strict=True))
+    assert count == 2
+    assert 2 * 2.0 <= total < 2 * 60
 
     assert await left(db, topics) == [(refused, "too_large")]
     row = await db.fetchrow("SELECT key, headers FROM outbox WHERE topic = $1", topics[0])
