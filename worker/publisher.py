@@ -265,7 +265,14 @@ class Publisher:
             handover.outage = error
             return handover
         open_batches: dict[tuple[str, int], tuple[RecordBatch, list[int]]] = {}
-        header_lists: dict[int, tuple[list[tuple[str, bytes | None]], int]] = {}
+        # The items of a record follow one another with one headers tuple and one key (so
+        # one partition): its headers are listed and sized, and its batch looked up, once.
+        last_headers: object = None
+        last_tp: tuple[str, int | None] = ("", None)
+        headers: list[tuple[str, bytes | None]] = []
+        headers_size = 0
+        tp = ("", 0)
+        entry: tuple[RecordBatch, list[int]] | None = None
         try:
             for index, (m, partition) in enumerate(zip(messages, partitions, strict=True)):
                 if partition is None:
@@ -276,24 +283,20 @@ class Publisher:
                             raise
                         handover.refused.append((index, error))  # the client's own refusal
                     continue
-                # The items of a record share one headers tuple: listed and sized once.
-                cached = header_lists.get(id(m.headers))
-                if cached is None:
-                    cached = header_lists[id(m.headers)] = (
-                        list(m.headers),
-                        _headers_size(m.headers),
-                    )
-                headers, headers_size = cached
+                if m.headers is not last_headers:
+                    headers, headers_size = list(m.headers), _headers_size(m.headers)
+                    last_headers = m.headers
                 size = len(m.payload or b"") + len(m.key or b"") + headers_size + _FRAMING
                 if size > self._max_message_bytes and (
                     message_bytes(m.key, m.payload, m.headers) > self._max_message_bytes
                 ):
                     handover.refused.append((index, MessageSizeTooLargeError(_TOO_LARGE)))
                     continue
-                tp = (m.topic, partition)
-                entry = open_batches.get(tp)
-                if entry is None:
-                    entry = open_batches[tp] = (self._producer.create_batch(), [])
+                if entry is None or partition != last_tp[1] or m.topic != last_tp[0]:
+                    tp = last_tp = (m.topic, partition)
+                    entry = open_batches.get(tp)
+                    if entry is None:
+                        entry = open_batches[tp] = (self._producer.create_batch(), [])
                 value = m.payload
                 if entry[0].append(timestamp=None, key=m.key, value=value, headers=headers) is None:
                     # Full: it goes now, the message opens the next one (a batch takes its
