@@ -86,11 +86,12 @@ async def measure(
     seen = 0
     start: tuple[float, float] | None = None
     end: tuple[float, float] | None = None
-    counted = 0
+    counted = batches = 0
 
     def on_report(report: BatchReport) -> None:
-        nonlocal seen, start, end, counted
+        nonlocal seen, start, end, counted, batches
         seen += sum(report.outcomes.values())
+        batches += start is not None and end is None
         if start is None and seen >= warm_items:
             if callgrind:
                 _toggle(True)
@@ -111,6 +112,8 @@ async def measure(
     return {
         "records": records,
         "items": counted,
+        # Transactions measured: each has a fixed cost, so fewer, fuller batches cost less.
+        "batches": batches,
         "worker_cpu_us_per_item": round(1e6 * (end[0] - start[0]) / counted, 1),
         "postgres_cpu_us_per_item": round(1e6 * (end[1] - start[1]) / counted, 1),
     }
