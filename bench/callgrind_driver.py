@@ -1,12 +1,14 @@
 """Instructions per item of the worker's own Python outside the Kafka clients.
 
-    python -m bench.callgrind_driver [--records 1500] [--batch 500] [--callgrind]
+    python -m bench.callgrind_driver [--records 1500] [--batch 500] [--loop asyncio|uvloop]
+                                     [--callgrind]
 
 Seeds the steady scenario (3-item carts) on an embedded PostgreSQL (or on
 WORKER_DATABASE_URL), makes the records as the consumer hands them over (`RawRecord`s
 spread over 12 partitions) and runs them through `BatchProcessor.process`: parse and
 validate, authorise, plan and render, `apply_batch` over asyncpg, the batch's metrics.
-One batch is a warm-up; then `records` records are measured, in batches of `batch`.
+One batch is a warm-up; then `records` records are measured, in batches of `batch`, on
+the event loop `--loop` names (asyncio's, or uvloop's as `release-worker run` may use).
 
 It prints the CPU of this process and of PostgreSQL (the server's process tree) per item
 over the measured part (from /proc: a loaded-machine figure). With `--callgrind` it runs
@@ -27,8 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any
+
+import uvloop
 
 from bench.cpu import cpu_seconds, tree_cpu_seconds
 from bench.run import STEADY
@@ -139,6 +144,7 @@ def _under_callgrind(url: str, args: argparse.Namespace) -> dict[str, float]:
             "--inner",
             f"--records={args.records}",
             f"--batch={args.batch}",
+            f"--loop={args.loop}",
             f"--database-url={url}",
         ]
         child = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -159,20 +165,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=1500, help="records measured")
     parser.add_argument("--batch", type=int, default=500, help="records per batch (and warm-up)")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--callgrind", action="store_true", help="count instructions")
     parser.add_argument("--keep", type=Path, help="with --callgrind: copy the output file here")
     parser.add_argument("--database-url", default=os.environ.get("WORKER_DATABASE_URL"))
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:  # under callgrind, started by the outer run
-        print(json.dumps(asyncio.run(measure(args.database_url, args.records, args.batch, True))))
+        inner = measure(args.database_url, args.records, args.batch, True)
+        print(json.dumps(_run(inner, args.loop)))
         return
     with _database(args.database_url) as url:
         if args.callgrind:
             figures = _under_callgrind(url, args)
         else:
-            figures = asyncio.run(measure(url, args.records, args.batch, False))
-    print(json.dumps(figures))
+            figures = _run(measure(url, args.records, args.batch, False), args.loop)
+    print(json.dumps({"loop": args.loop, **figures}))
+
+
+def _run(measuring: Coroutine[Any, Any, dict[str, float]], loop: str) -> dict[str, float]:
+    factory = uvloop.new_event_loop if loop == "uvloop" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(measuring)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Interleaved open-loop runs at a fixed rate, with the worker's time split by stage.
 
     python -m bench.latency_ab --rate 918 --reps 3 --seconds 15 base pipe lanes4:WORKER_LANES=4
+    python -m bench.latency_ab --backlog 20000 --reps 3 base lanes4:WORKER_LANES=4
 
 Each variant is `name[:WORKER_X=v,...]`; a name starting with `pipe` runs `kafka_pipe`,
 any other the worker as `python -m bench.stages run` (bench/stages.py) with those
@@ -10,7 +11,10 @@ checks), on one embedded stack (or the WORKER_* servers). One JSON line per run 
 printed and appended to `<out>/latency-ab-<stamp>.jsonl`: latency figures, CPU µs per
 item by process group, the load average at its start, and for the worker the stage
 breakdown (`bench.stages.breakdown`). Latency on a shared machine is noisy: compare
-medians of repeated, interleaved runs, and say what the load was.
+medians of repeated, interleaved runs, and say what the load was. With `--backlog N`
+instead of `--rate`, each run is the bench's backlog mode: N records in the topic before
+the system starts (its latency is mostly time spent waiting in the backlog; the CPU per
+item is the figure to compare).
 """
 
 from __future__ import annotations
@@ -47,7 +51,14 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
     return name, fields
 
 
-async def run(rate: float, reps: int, seconds: float, specs: list[str], out: Path) -> None:
+async def run(
+    rate: float | None,
+    reps: int,
+    seconds: float,
+    specs: list[str],
+    out: Path,
+    backlog: int | None = None,
+) -> None:
     variants = [parse_variant(s) for s in specs]
     stamp = time.strftime("%Y%m%dT%H%M%S")
     log = out / f"latency-ab-{stamp}.jsonl"
@@ -57,7 +68,11 @@ async def run(rate: float, reps: int, seconds: float, specs: list[str], out: Pat
         pool = await asyncpg.create_pool(given.database_url, min_size=2, max_size=12)
         try:
             plan = replace(FULL, open_loop_s=seconds)
-            records = int(rate * (seconds + plan.warmup_s)) + 50
+            if backlog is not None:
+                records, rate = backlog, None
+            else:
+                assert rate is not None, "a rate or a backlog"
+                records = int(rate * (seconds + plan.warmup_s)) + 50
             scenario = STEADY.sized(records)
             with Progress(disable=True) as progress:
                 bench = Bench(given, pool, plan, out, progress, pids)
@@ -79,7 +94,9 @@ async def run(rate: float, reps: int, seconds: float, specs: list[str], out: Pat
                             "correct": m.correct,
                         }
                         if not pipe:
-                            row["stages"] = _collect(stamps, seconds)
+                            stages = _collect(stamps, seconds)  # removes the stamps too
+                            if rate is not None:  # a backlog's stages are not comparable
+                                row["stages"] = stages
                         print(json.dumps(row), flush=True)
                         _append(log, row)
         finally:
@@ -103,14 +120,16 @@ def _collect(stamps: Path, seconds: float) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rate", type=float, required=True, help="records/s offered")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--rate", type=float, help="records/s offered")
+    mode.add_argument("--backlog", type=int, help="records in the topic before the start")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=15.0, help="measured, after warm-up")
     parser.add_argument("--out", type=Path, default=Path("bench/results/latency-ab"))
     parser.add_argument("variants", nargs="+", help="name[:WORKER_X=v,...]; pipe = kafka_pipe")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    asyncio.run(run(args.rate, args.reps, args.seconds, args.variants, args.out))
+    asyncio.run(run(args.rate, args.reps, args.seconds, args.variants, args.out, args.backlog))
 
 
 if __name__ == "__main__":
