@@ -1,6 +1,6 @@
 """CPU of the worker's Kafka producer side per result: `Publisher.publish_fresh` + `flush`.
 
-    python -m bench.publish_cpu [--calls 10] [--callgrind]
+    python -m bench.publish_cpu [--calls 10] [--loop asyncio|uvloop] [--callgrind]
 
 Starts an embedded Tansu broker, a producer as the worker makes it (`app.make_producer`)
 and a `Publisher`, and hands it what one lane batch commits: 6 input partitions of 84
@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
+import uvloop
 
 from worker.app import make_producer
 from worker.config import Settings
@@ -130,8 +131,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--callgrind", action="store_true")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
-    asyncio.run(measure(args.calls, args.callgrind))
+    factory = uvloop.new_event_loop if args.loop == "uvloop" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(measure(args.calls, args.callgrind))
 
 
 if __name__ == "__main__":
