@@ -208,6 +208,11 @@ class Settings(BaseSettings):
         "releasing nothing twice), or 400 missing_body / 503 database_unavailable if the body "
         "or the lookup took it all.",
     )
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop",
+        description="Event loop of `release-worker run` and `demo`: `uvloop` (libuv's, less "
+        "CPU per item when batches are small) or `asyncio` (the standard library's).",
+    )
     log_format: Literal["json", "console"] = Field(
         "json", description="`json`: one JSON object per line (production); `console`: readable."
     )

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import sys
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -63,13 +64,25 @@ def run() -> None:
     tracing.configure_from_environment()  # off unless OTEL_* variables ask for it
     tune_garbage_collector()
     try:
-        code = asyncio.run(run_worker(settings))
+        with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
+            code = runner.run(run_worker(settings))
     except SchemaNotReady as error:
         typer.echo(f"Refusing to start: {error}", err=True)
         raise typer.Exit(3) from None
     finally:
         tracing.shutdown()
     raise typer.Exit(code)
+
+
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """WORKER_EVENT_LOOP's loop for `asyncio.Runner` (None: asyncio's own). uvloop costs
+    the worker less CPU per item where batches are small and the loop wakes often
+    (docs/benchmark.md: uvloop for the worker)."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
 
 
 def tune_garbage_collector() -> None:
@@ -165,7 +178,8 @@ def demo(
 
     settings = load_settings()
     logs.configure("console", "warning")
-    raise typer.Exit(asyncio.run(run_demo(settings, reservations)))
+    with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
+        raise typer.Exit(runner.run(run_demo(settings, reservations)))
 
 
 @app.command()
