@@ -1,6 +1,6 @@
 """Instructions per item of the worker's own Python outside the Kafka clients.
 
-    python -m bench.callgrind_driver [--records 1500] [--batch 500] [--loop asyncio|uvloop]
+    python -m bench.callgrind_driver [--records 1500] [--batch 500] [--loop uvloop|asyncio]
                                      [--callgrind]
 
 Seeds the steady scenario (3-item carts) on an embedded PostgreSQL (or on
@@ -8,7 +8,8 @@ WORKER_DATABASE_URL), makes the records as the consumer hands them over (`RawRec
 spread over 12 partitions) and runs them through `BatchProcessor.process`: parse and
 validate, authorise, plan and render, `apply_batch` over asyncpg, the batch's metrics.
 One batch is a warm-up; then `records` records are measured, in batches of `batch`, on
-the event loop `--loop` names (asyncio's, or uvloop's as `release-worker run` may use).
+the event loop `--loop` names (uvloop's, which `release-worker run` uses by default, or
+asyncio's: WORKER_EVENT_LOOP).
 
 It prints the CPU of this process and of PostgreSQL (the server's process tree) per item
 over the measured part (from /proc: a loaded-machine figure). With `--callgrind` it runs
@@ -165,7 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=1500, help="records measured")
     parser.add_argument("--batch", type=int, default=500, help="records per batch (and warm-up)")
-    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--callgrind", action="store_true", help="count instructions")
     parser.add_argument("--keep", type=Path, help="with --callgrind: copy the output file here")
     parser.add_argument("--database-url", default=os.environ.get("WORKER_DATABASE_URL"))

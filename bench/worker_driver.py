@@ -1,6 +1,7 @@
 """Instructions per item of the whole worker process in a steady backlog.
 
-    python -m bench.worker_driver [--records 3000] [--batch 500] [--callgrind]
+    python -m bench.worker_driver [--records 3000] [--batch 500] [--loop uvloop|asyncio]
+                                  [--callgrind]
 
 Where `bench.callgrind_driver` counts the worker's own Python outside the Kafka clients,
 this counts all of the worker process: `run_worker` as `release-worker run` starts it
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import asyncpg
 
-from bench.callgrind_driver import _parent, _toggle
+from bench.callgrind_driver import _parent, _run, _toggle
 from bench.cpu import cpu_seconds, tree_cpu_seconds
 from bench.run import STEADY
 from bench.workload import (
@@ -147,6 +148,7 @@ def _under_callgrind(url: str, bootstrap: str, args: argparse.Namespace) -> dict
             f"--records={args.records}",
             f"--warm-up={args.warm_up}",
             f"--batch={args.batch}",
+            f"--loop={args.loop}",
             f"--database-url={url}",
             f"--bootstrap={bootstrap}",
         ]
@@ -169,6 +171,9 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=3000, help="records measured")
     parser.add_argument("--warm-up", type=int, default=1000, help="records before measuring")
     parser.add_argument("--batch", type=int, default=500, help="WORKER_BATCH_MAX_RECORDS")
+    parser.add_argument(
+        "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="WORKER_EVENT_LOOP"
+    )
     parser.add_argument("--callgrind", action="store_true", help="count instructions")
     parser.add_argument("--keep", type=Path, help="with --callgrind: copy the output file here")
     parser.add_argument("--database-url", default=os.environ.get("WORKER_DATABASE_URL"))
@@ -176,19 +181,19 @@ def main() -> None:
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
-        figures = asyncio.run(
-            measure(args.database_url, args.bootstrap, args.records, args.warm_up, args.batch, True)
+        inner = measure(
+            args.database_url, args.bootstrap, args.records, args.warm_up, args.batch, True
         )
+        figures = _run(inner, args.loop)
         print(json.dumps(figures))
         return
     with _servers(args.database_url, args.bootstrap) as (url, bootstrap):
         if args.callgrind:
             figures = _under_callgrind(url, bootstrap, args)
         else:
-            figures = asyncio.run(
-                measure(url, bootstrap, args.records, args.warm_up, args.batch, False)
-            )
-    print(json.dumps(figures))
+            outer = measure(url, bootstrap, args.records, args.warm_up, args.batch, False)
+            figures = _run(outer, args.loop)
+    print(json.dumps({"loop": args.loop, **figures}))
 
 
 if __name__ == "__main__":
