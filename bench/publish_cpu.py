@@ -1,6 +1,6 @@
 """CPU of the worker's Kafka producer side per result: `Publisher.publish_fresh` + `flush`.
 
-    python -m bench.publish_cpu [--calls 10] [--loop asyncio|uvloop] [--callgrind]
+    python -m bench.publish_cpu [--calls 10] [--loop uvloop|asyncio] [--callgrind]
 
 Starts an embedded Tansu broker, a producer as the worker makes it (`app.make_producer`)
 and a `Publisher`, and hands it what one lane batch commits: 6 input partitions of 84
@@ -131,7 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--callgrind", action="store_true")
-    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     args = parser.parse_args()
     factory = uvloop.new_event_loop if args.loop == "uvloop" else None
     with asyncio.Runner(loop_factory=factory) as runner:
