@@ -21,22 +21,16 @@ under load, unlike the CPU times. PostgreSQL is not under valgrind.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
-import re
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import uvloop
-
-from bench.cpu import cpu_seconds, tree_cpu_seconds
+from bench.callgrind import count, run_on, toggle
+from bench.cpu import cpu_seconds, parent_pid, tree_cpu_seconds
 from bench.run import STEADY
 from bench.workload import PARTITIONS, prepare
 from worker import store
@@ -50,17 +44,6 @@ from worker.records import RawRecord
 from worker.testing.embedded import EmbeddedPostgres
 
 TOPIC = "callgrind.in"
-
-
-def _toggle(on: bool) -> None:
-    """Switch callgrind's instrumentation of this process; `callgrind_control` answers once
-    callgrind has read the command (it polls while this process sleeps)."""
-    command = ["callgrind_control", "-i", "on" if on else "off", str(os.getpid())]
-    subprocess.run(command, check=True, capture_output=True, timeout=120)
-
-
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 async def measure(url: str, records: int, batch: int, callgrind: bool) -> dict[str, float]:
@@ -83,10 +66,10 @@ async def measure(url: str, records: int, batch: int, callgrind: bool) -> dict[s
         tune_garbage_collector()  # as `release-worker run` does once started
         await processor.process(raw[:batch])  # warm-up
         # The server's main process, a backend's parent: its tree's CPU is PostgreSQL's.
-        postmaster = _parent(await pool.fetchval("SELECT pg_backend_pid()"))
+        postmaster = parent_pid(await pool.fetchval("SELECT pg_backend_pid()"))
         measured = raw[batch:]
         if callgrind:
-            _toggle(True)
+            toggle(True)
         own, server = cpu_seconds(os.getpid()), tree_cpu_seconds(postmaster)
         started = time.perf_counter()
         items = 0
@@ -96,7 +79,7 @@ async def measure(url: str, records: int, batch: int, callgrind: bool) -> dict[s
         seconds = time.perf_counter() - started
         own, server = cpu_seconds(os.getpid()) - own, tree_cpu_seconds(postmaster) - server
         if callgrind:
-            _toggle(False)
+            toggle(False)
     finally:
         await pool.close()
     expected = records * STEADY.items_per_cart
@@ -130,38 +113,6 @@ def _database(url: str | None) -> Iterator[str]:
                 postgres.stop()
 
 
-def _under_callgrind(url: str, args: argparse.Namespace) -> dict[str, float]:
-    """Run the measurement in a child under callgrind; add its instructions per item."""
-    with tempfile.TemporaryDirectory(prefix="callgrind-out-") as out:
-        output = Path(out) / "callgrind.out"
-        command = [
-            "valgrind",
-            "--tool=callgrind",
-            "--instr-atstart=no",
-            f"--callgrind-out-file={output}",
-            sys.executable,
-            "-m",
-            "bench.callgrind_driver",
-            "--inner",
-            f"--records={args.records}",
-            f"--batch={args.batch}",
-            f"--loop={args.loop}",
-            f"--database-url={url}",
-        ]
-        child = subprocess.run(command, capture_output=True, text=True, check=False)
-        if child.returncode != 0:
-            raise RuntimeError(f"callgrind run failed:\n{child.stderr[-3000:]}")
-        figures: dict[str, float] = json.loads(child.stdout.strip().splitlines()[-1])
-        totals = re.search(r"^totals: (\d+)", output.read_text(), re.MULTILINE)
-        assert totals is not None, "no totals in the callgrind output"
-        if args.keep:
-            args.keep.write_bytes(output.read_bytes())
-    # This process's CPU ran under valgrind: meaningless; PostgreSQL's was not.
-    del figures["worker_cpu_us_per_item"]
-    figures["instructions_per_item"] = round(int(totals[1]) / figures["items"])
-    return figures
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=1500, help="records measured")
@@ -174,20 +125,23 @@ def main() -> None:
     args = parser.parse_args()
     if args.inner:  # under callgrind, started by the outer run
         inner = measure(args.database_url, args.records, args.batch, True)
-        print(json.dumps(_run(inner, args.loop)))
+        print(json.dumps(run_on(inner, args.loop)))
         return
     with _database(args.database_url) as url:
         if args.callgrind:
-            figures = _under_callgrind(url, args)
+            figures = count(
+                "bench.callgrind_driver",
+                [
+                    f"--records={args.records}",
+                    f"--batch={args.batch}",
+                    f"--loop={args.loop}",
+                    f"--database-url={url}",
+                ],
+                args.keep,
+            )
         else:
-            figures = _run(measure(url, args.records, args.batch, False), args.loop)
+            figures = run_on(measure(url, args.records, args.batch, False), args.loop)
     print(json.dumps({"loop": args.loop, **figures}))
-
-
-def _run(measuring: Coroutine[Any, Any, dict[str, float]], loop: str) -> dict[str, float]:
-    factory = uvloop.new_event_loop if loop == "uvloop" else None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(measuring)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,11 @@ class PostgresKinds:
         return {f"postgres {kind}": round(seconds, 2) for kind, seconds in split.items()}
 
 
+def parent_pid(pid: int) -> int:
+    """The process's parent (a PostgreSQL backend's: the postmaster)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def cpu_seconds(pid: int, reaped: bool = False) -> float:
     """User + system CPU time the process has used so far (with `reaped`, also that of its
     children that have exited and been waited for); 0 if it is gone."""

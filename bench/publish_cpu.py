@@ -20,10 +20,7 @@ under load.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
-import os
-import subprocess
 import tempfile
 import time
 import uuid
@@ -31,8 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
-import uvloop
 
+from bench.callgrind import run_on, toggle
 from worker.app import make_producer
 from worker.config import Settings
 from worker.contract import Outcome, Trigger
@@ -83,11 +80,6 @@ def lane_batch(call: int, topic: str) -> list[Publication]:
     return publications
 
 
-def _toggle(on: bool) -> None:
-    command = ["callgrind_control", "-i", "on" if on else "off", str(os.getpid())]
-    subprocess.run(command, check=True, capture_output=True, timeout=120)
-
-
 async def measure(calls: int, callgrind: bool) -> None:
     broker = EmbeddedBroker(Path(tempfile.mkdtemp(prefix="publish-cpu-")))
     broker.start()
@@ -110,14 +102,14 @@ async def measure(calls: int, callgrind: bool) -> None:
             await publisher.publish_fresh(publications)
             await publisher.flush(30)
         if callgrind:
-            _toggle(True)
+            toggle(True)
         cpu = time.process_time()
         for publications in batches[WARM_UP:]:
             await publisher.publish_fresh(publications)
             await publisher.flush(30)
         cpu = time.process_time() - cpu
         if callgrind:
-            _toggle(False)
+            toggle(False)
         results = calls * PARTITIONS * RECORDS * ITEMS
         if publisher.published != (WARM_UP + calls) * PARTITIONS * RECORDS * ITEMS:
             raise SystemExit(f"only {publisher.published} results were acknowledged")
@@ -133,9 +125,7 @@ def main() -> None:
     parser.add_argument("--callgrind", action="store_true")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     args = parser.parse_args()
-    factory = uvloop.new_event_loop if args.loop == "uvloop" else None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(measure(args.calls, args.callgrind))
+    run_on(measure(args.calls, args.callgrind), args.loop)
 
 
 if __name__ == "__main__":

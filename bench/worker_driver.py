@@ -25,17 +25,14 @@ import asyncio
 import contextlib
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 
-from bench.callgrind_driver import _parent, _run, _toggle
-from bench.cpu import cpu_seconds, tree_cpu_seconds
+from bench.callgrind import count, run_on, toggle
+from bench.cpu import cpu_seconds, parent_pid, tree_cpu_seconds
 from bench.run import STEADY
 from bench.workload import (
     create_topics,
@@ -71,7 +68,7 @@ async def measure(
         workload = await prepare(pool, STEADY, warm_up + records)
         await vacuum_analyze(pool)
         backend = await pool.fetchval("SELECT pg_backend_pid()")
-        postmaster = _parent(backend)  # the server's main process: its tree is PostgreSQL
+        postmaster = parent_pid(backend)  # the server's main process: its tree is PostgreSQL
         producer = make_producer(bootstrap)
         await producer.start()
         try:
@@ -95,13 +92,13 @@ async def measure(
         batches += start is not None and end is None
         if start is None and seen >= warm_items:
             if callgrind:
-                _toggle(True)
+                toggle(True)
             start, counted = (cpu_seconds(os.getpid()), tree_cpu_seconds(postmaster)), seen
             print("measuring", file=sys.stderr, flush=True)  # for a profiler to attach
         elif start is not None and end is None and seen >= total:
             end = (cpu_seconds(os.getpid()), tree_cpu_seconds(postmaster))
             if callgrind:
-                _toggle(False)
+                toggle(False)
             counted = seen - counted
             stop.set()
 
@@ -133,39 +130,6 @@ def _servers(url: str | None, bootstrap: str | None) -> Iterator[tuple[str, str]
         yield url, bootstrap
 
 
-def _under_callgrind(url: str, bootstrap: str, args: argparse.Namespace) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(prefix="callgrind-out-") as out:
-        output = Path(out) / "callgrind.out"
-        command = [
-            "valgrind",
-            "--tool=callgrind",
-            "--instr-atstart=no",
-            f"--callgrind-out-file={output}",
-            sys.executable,
-            "-m",
-            "bench.worker_driver",
-            "--inner",
-            f"--records={args.records}",
-            f"--warm-up={args.warm_up}",
-            f"--batch={args.batch}",
-            f"--loop={args.loop}",
-            f"--database-url={url}",
-            f"--bootstrap={bootstrap}",
-        ]
-        child = subprocess.run(command, capture_output=True, text=True, check=False)
-        if child.returncode != 0:
-            raise RuntimeError(f"callgrind run failed:\n{child.stderr[-3000:]}")
-        figures: dict[str, float] = json.loads(child.stdout.strip().splitlines()[-1])
-        text = output.read_text()
-        totals = re.search(r"^totals: (\d+)", text, re.MULTILINE)
-        assert totals is not None, "no totals in the callgrind output"
-        if args.keep:
-            args.keep.write_text(text)
-    del figures["worker_cpu_us_per_item"]  # under valgrind: meaningless
-    figures["instructions_per_item"] = round(int(totals[1]) / figures["items"])
-    return figures
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=3000, help="records measured")
@@ -184,15 +148,26 @@ def main() -> None:
         inner = measure(
             args.database_url, args.bootstrap, args.records, args.warm_up, args.batch, True
         )
-        figures = _run(inner, args.loop)
+        figures = run_on(inner, args.loop)
         print(json.dumps(figures))
         return
     with _servers(args.database_url, args.bootstrap) as (url, bootstrap):
         if args.callgrind:
-            figures = _under_callgrind(url, bootstrap, args)
+            figures = count(
+                "bench.worker_driver",
+                [
+                    f"--records={args.records}",
+                    f"--warm-up={args.warm_up}",
+                    f"--batch={args.batch}",
+                    f"--loop={args.loop}",
+                    f"--database-url={url}",
+                    f"--bootstrap={bootstrap}",
+                ],
+                args.keep,
+            )
         else:
             outer = measure(url, bootstrap, args.records, args.warm_up, args.batch, False)
-            figures = _run(outer, args.loop)
+            figures = run_on(outer, args.loop)
     print(json.dumps({"loop": args.loop, **figures}))
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from bench.cpu import PostgresKinds
+from bench.cpu import PostgresKinds, parent_pid
 from tests.conftest import Servers
 
 pytestmark = pytest.mark.integration
@@ -20,10 +20,6 @@ def _exists(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
 
 
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
 async def test_a_backends_cpu_counts_as_backends_and_after_it_exits_as_exited(
     servers: Servers,
 ) -> None:
@@ -33,7 +29,7 @@ async def test_a_backends_cpu_counts_as_backends_and_after_it_exits_as_exited(
         pid = staying.get_server_pid()
         if not _exists(pid):
             pytest.skip("the database server runs on another machine")
-        postmaster = _parent(pid)
+        postmaster = parent_pid(pid)
         kinds = PostgresKinds(lambda: [postmaster])
         kinds.start()
         await staying.fetchval(_WORK)
