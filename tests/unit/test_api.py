@@ -451,3 +451,32 @@ async def test_an_unexpected_error_is_a_500_in_the_pages_error_schema() -> None:
     body = response.json()
     assert body["errors"][0]["code"] == "internal_error"
     assert set(body) == {"description", "errors"}
+
+
+async def test_the_release_answers_the_same_with_and_without_starlettes_stack(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`POST /v1/cart/release` skips Starlette's stack unless tracing is on (then FastAPI's
+    telemetry needs it): both ways send the same status, headers and body, a bug's 500 too."""
+
+    async def answers(app: Any) -> list[tuple[int, list[tuple[str, str]], bytes]]:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            responses = [
+                await client.post("/v1/cart/release", content=_BODY, headers=_HEADERS),
+                await client.post("/v1/cart/release?x=1", content=_BODY, headers=_HEADERS),
+                await client.get("/v1/cart/release"),
+            ]
+        return [(r.status_code, r.headers.multi_items(), r.content) for r in responses]
+
+    fast = [
+        await answers(create_app(service, lambda: True, lambda: True))
+        for service in (_Teapot(), _Broken())
+    ]
+    monkeypatch.setattr("worker.tracing._active", object())
+    full = [
+        await answers(create_app(service, lambda: True, lambda: True))
+        for service in (_Teapot(), _Broken())
+    ]
+    assert fast == full
+    assert [status for status, _, _ in fast[0] + fast[1]] == [422, 422, 405, 500, 500, 405]

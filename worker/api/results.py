@@ -55,6 +55,9 @@ class ResultsReader:
     async def run(self) -> None:
         """Offer every result to the waiters, until cancelled."""
         waiters = self._waiters
+        # The counters' children, looked up once (`labels()` takes a lock each call).
+        read_matched = metrics.RESULTS_READ.labels(matched="yes")
+        read_ignored = metrics.RESULTS_READ.labels(matched="no")
         while True:
             try:
                 batch = await self._consumer.getmany(timeout_ms=500, max_records=FETCH_MAX_RECORDS)
@@ -66,5 +69,5 @@ class ResultsReader:
             for records in batch.values():
                 for record in records:
                     waiters.offer(record.headers, record.value)
-            metrics.RESULTS_READ.labels(matched="yes").inc(waiters.matched - matched)
-            metrics.RESULTS_READ.labels(matched="no").inc(waiters.ignored - ignored)
+            read_matched.inc(waiters.matched - matched)
+            read_ignored.inc(waiters.ignored - ignored)
