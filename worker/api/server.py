@@ -21,6 +21,7 @@ import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from worker import store
+from worker.api import metrics
 from worker.api.http import create_app
 from worker.api.results import ResultsReader
 from worker.api.service import MAX_WAITERS, ReleaseService
@@ -103,6 +104,8 @@ async def running_api(settings: Settings) -> AsyncIterator[RunningApi]:
         resources.push_async_callback(close_bounded, consumer.stop)
         await consumer.start()
         waiters = Waiters(MAX_WAITERS)
+        # Read when /metrics is scraped, not set twice a request.
+        metrics.WAITERS.set_function(lambda: len(waiters))
         reader = ResultsReader(consumer, settings.results_topic, waiters)
         await reader.position_at_end()
 

@@ -160,7 +160,19 @@ class ReleaseService:
 
     async def _check(self, request: Request, held: _Held, deadline: float) -> HttpAnswer | _Checked:
         """The request as the record to produce, or the answer that refuses it."""
-        accept = request.headers.get("accept")
+        # One pass over the raw headers (ASGI names are lower case): the first `accept` and
+        # `idempotency-key`, as `request.headers.get` finds them, and those forwarded.
+        accept = key = None
+        forwarded = []
+        for raw_name, value in request.scope["headers"]:
+            name = raw_name.decode("latin-1")
+            lower = name.lower()
+            if lower in FORWARDED_HEADERS:
+                forwarded.append((name, value))
+            elif lower == "accept" and accept is None:
+                accept = value.decode("latin-1")
+            elif lower == IDEMPOTENCY_HEADER and key is None:
+                key = value.decode("latin-1")
         if accept is not None and not accepts_json(accept):
             return error(
                 406,
@@ -168,11 +180,7 @@ class ReleaseService:
                 "Accept must allow application/json (or be left out).",
                 accept[:200],
             )
-        headers = tuple(
-            (name.decode("latin-1"), value)
-            for name, value in request.headers.raw
-            if name.decode("latin-1").lower() in FORWARDED_HEADERS
-        )
+        headers = tuple(forwarded)
         position = RawRecord(self._topic, 0, 0, None, None, headers)
         try:
             # Bounded in time: a client trickling its body holds no connection and no bytes
@@ -195,7 +203,6 @@ class ReleaseService:
             return rejected(verdict)
         # Without an eventId, parse_record names the event by the record's position.
         body_event_id = None if verdict.event_id == record.position else verdict.event_id
-        key = request.headers.get(IDEMPOTENCY_HEADER)
         if key is not None:
             try:
                 key = _EVENT_ID.validate_python(key)
@@ -237,7 +244,6 @@ class ReleaseService:
         queued = False
         try:
             with self._waiters.waiting(checked.wait_key, expected) as future:
-                metrics.WAITERS.set(len(self._waiters))
                 async with asyncio.timeout_at(deadline):
                     value, checked.value = checked.value, b""
                     await self._producer.send_and_wait(
@@ -277,8 +283,6 @@ class ReleaseService:
                 "same Idempotency-Key (the value): a retry releases nothing twice.",
                 checked.event_id,
             )
-        finally:
-            metrics.WAITERS.set(len(self._waiters))
         if isinstance(result, Refused):
             return HttpAnswer(result.status, result.body)
         return HttpAnswer(200, released_body(checked.cart_id, checked.items, result))
