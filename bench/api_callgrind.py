@@ -21,19 +21,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
-import subprocess
-import sys
-import tempfile
+import json
 import time
-from pathlib import Path
 
 import orjson
 import uvicorn
-import uvloop
 from starlette.requests import Request
 
+from bench.callgrind import count, run_on, toggle
 from worker.api.http import create_app
 from worker.api.service import HttpAnswer, ReleaseService
 from worker.api.waiters import Waiters
@@ -83,15 +78,7 @@ class _Fixed:
         return HttpAnswer(422, {"description": "d", "errors": [{"code": "c", "message": "m"}]})
 
 
-def _instrument(on: bool) -> None:
-    if os.environ.get("BENCH_API_CALLGRIND"):
-        switch = "on" if on else "off"
-        subprocess.run(
-            ["callgrind_control", "-i", switch, str(os.getpid())], check=True, capture_output=True
-        )
-
-
-async def measure(requests: int, fixed: bool) -> float:
+async def measure(requests: int, fixed: bool, callgrind: bool = False) -> float:
     """CPU µs per request of this process over the measured requests."""
     waiters = Waiters(10_000)
     service = ReleaseService(
@@ -136,12 +123,14 @@ async def measure(requests: int, fixed: bool) -> float:
 
     for n in range(WARMUP):
         await one(n)
-    _instrument(True)
+    if callgrind:
+        toggle(True)
     started = time.process_time()
     for n in range(WARMUP, WARMUP + requests):
         await one(n)
     cpu_s = time.process_time() - started
-    _instrument(False)
+    if callgrind:
+        toggle(False)
     writer.close()
     server.should_exit = True
     await serving
@@ -153,30 +142,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--fixed", action="store_true", help="a fixed answer, no service")
     parser.add_argument("--callgrind", action="store_true", help="count instructions")
+    parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if not args.callgrind:
-        print(f"{uvloop.run(measure(args.requests, args.fixed)):.0f} µs CPU a request")
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "callgrind.out"
-        command = [sys.executable, "-m", "bench.api_callgrind", "--requests", str(args.requests)]
-        run = subprocess.run(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                "--instr-atstart=no",
-                f"--callgrind-out-file={out}",
-                *command,
-                *(["--fixed"] if args.fixed else []),
-            ],
-            env={**os.environ, "BENCH_API_CALLGRIND": "1"},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        found = re.search(r"Collected : (\d+)", run.stderr)
-        assert found, run.stderr[-2000:]
-        print(f"{int(found.group(1)) / args.requests:,.0f} instructions a request")
+    if args.inner:  # the child under valgrind (bench.callgrind.count)
+        cpu_us = run_on(measure(args.requests, args.fixed, callgrind=True), "uvloop")
+        print(json.dumps({"items": args.requests, "worker_cpu_us_per_item": cpu_us}))
+    elif args.callgrind:
+        options = ["--requests", str(args.requests), *(["--fixed"] if args.fixed else [])]
+        figures = count("bench.api_callgrind", options)
+        print(f"{figures['instructions_per_item']:,.0f} instructions a request")
+    else:
+        cpu_us = run_on(measure(args.requests, args.fixed), "uvloop")
+        print(f"{cpu_us:.0f} µs CPU a request")
 
 
 if __name__ == "__main__":
