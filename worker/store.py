@@ -206,26 +206,8 @@ class PgReleaseStore:
         return [(r[0], r[1], r[2]) for r in rows]
 
     async def return_stock(self, deltas: Sequence[tuple[str, str, int]]) -> None:
-        # One statement: the CTE locks the rows in (sku, location_id) order (its LockRows
-        # runs above the sort; the UPDATE's own join order is not guaranteed), then the
-        # UPDATE changes only rows already locked. FOR NO KEY UPDATE, the lock an UPDATE of
-        # a non-key column takes anyway: it does not block the checkout's foreign-key checks
-        # (FOR KEY SHARE) on a hot SKU while the transaction runs.
         await self._conn.execute(
-            f"""
-            WITH locked AS (
-                SELECT s.sku, s.location_id, u.qty::bigint AS qty FROM stock s
-                JOIN ROWS FROM ({_col(1)},
-                                {_col(2)},
-                                {_col(3)}) AS u(sku, loc, qty)
-                  ON s.sku = u.sku AND s.location_id = u.loc
-                ORDER BY s.sku, s.location_id
-                FOR NO KEY UPDATE OF s
-            )
-            UPDATE stock s SET reserved = s.reserved - l.qty
-              FROM locked l
-             WHERE s.sku = l.sku AND s.location_id = l.location_id
-            """,
+            _RETURN_STOCK,
             _column([d[0] for d in deltas]),
             _column([d[1] for d in deltas]),
             _column([d[2] for d in deltas]),
@@ -288,16 +270,46 @@ class PgReleaseStore:
         )
 
 
+def _stock_returned(deltas: str) -> str:
+    """The CTEs `locked` and `returned`: stock's `reserved` less `qty` for each row of the
+    FROM item `deltas` (alias `d`: sku, location_id, qty, one row per stock row), for the
+    statement that follows them. `locked` locks the rows in (sku, location_id) order (its
+    LockRows runs above the sort; the UPDATE's own join order is not guaranteed), then
+    `returned` changes only rows already locked; unreferenced, it still runs to completion
+    at the end of the statement. FOR NO KEY UPDATE, the lock an UPDATE of a non-key column
+    takes anyway: it does not block the checkout's foreign-key checks (FOR KEY SHARE) on a
+    hot SKU while the transaction runs."""
+    return f"""locked AS (
+        SELECT s.sku, s.location_id, d.qty::bigint AS qty FROM stock s
+          JOIN {deltas}
+            ON s.sku = d.sku AND s.location_id = d.location_id
+         ORDER BY s.sku, s.location_id
+         FOR NO KEY UPDATE OF s
+    ), returned AS (
+        UPDATE stock s SET reserved = s.reserved - l.qty
+          FROM locked l
+         WHERE s.sku = l.sku AND s.location_id = l.location_id
+    )"""
+
+
+# `return_stock` (expiry): the deltas as given, one statement.
+_GIVEN_DELTAS = f"ROWS FROM ({_col(1)}, {_col(2)}, {_col(3)}) AS d(sku, location_id, qty)"
+_RETURN_STOCK = f"""
+    WITH {_stock_returned(_GIVEN_DELTAS)}
+    SELECT 1
+    """
+_MOVED_DELTAS = (
+    "(SELECT sku, location_id, sum(quantity) AS qty FROM moved GROUP BY sku, location_id) AS d"
+)
 # The claim: conditional on `reserved`, so a row confirmed, expired or released since it
 # was read is left alone (and missing from the answer). The ids come sorted and drive a
 # nested loop over the primary key, so rows are locked in id order; should a plan ever
 # differ and two batches deadlock, PostgreSQL detects it and the batch is retried. Scoped by
 # partner too: the statement itself cannot touch another partner's reservation.
 # The moved rows' quantities go back to stock in the same statement (a round trip less), as
-# `return_stock` does: `locked` aggregates `moved` and sorts before it locks (its LockRows
-# runs above the sort), so every reservation is claimed before the first stock row is
-# locked, and stock rows are locked in (sku, location_id) order: the lock order holds. The
-# unreferenced `returned` runs to completion at the end of the statement. What goes back is
+# `return_stock` does: the deltas aggregate `moved`, and `locked` sorts them before it
+# locks, so every reservation is claimed before the first stock row is locked, and stock
+# rows are locked in (sku, location_id) order: the lock order holds. What goes back is
 # what the claim moved; `apply_batch` checks it against its plan and otherwise raises,
 # which rolls it back with the claim.
 _RELEASE = f"""
@@ -310,18 +322,7 @@ _RELEASE = f"""
          WHERE r.reservation_id = u.id AND r.partner_id = u.partner_id
            AND r.status = 'reserved'
         RETURNING r.sku, r.location_id, r.quantity
-    ), locked AS (
-        SELECT s.sku, s.location_id, m.qty FROM stock s
-          JOIN (SELECT sku, location_id, sum(quantity)::bigint AS qty FROM moved
-                 GROUP BY sku, location_id) AS m
-            ON s.sku = m.sku AND s.location_id = m.location_id
-         ORDER BY s.sku, s.location_id
-         FOR NO KEY UPDATE OF s
-    ), returned AS (
-        UPDATE stock s SET reserved = s.reserved - l.qty
-          FROM locked l
-         WHERE s.sku = l.sku AND s.location_id = l.location_id
-    )
+    ), {_stock_returned(_MOVED_DELTAS)}
     SELECT sku, location_id, quantity FROM moved
     """
 
