@@ -19,7 +19,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import uvloop
+from worker.cli.main import event_loop_factory
 
 T = TypeVar("T")
 
@@ -63,7 +63,7 @@ def count(module: str, arguments: Sequence[str], keep: Path | None = None) -> di
 
 
 def run_on(measuring: Coroutine[Any, Any, T], loop: str) -> T:
-    """Run a measurement on the event loop `loop` names (`uvloop` or `asyncio`)."""
-    factory = uvloop.new_event_loop if loop == "uvloop" else None
-    with asyncio.Runner(loop_factory=factory) as runner:
+    """Run a measurement on the event loop `loop` names (`uvloop` or `asyncio`), as
+    `release-worker run` does with WORKER_EVENT_LOOP."""
+    with asyncio.Runner(loop_factory=event_loop_factory(loop)) as runner:
         return runner.run(measuring)
