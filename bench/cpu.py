@@ -45,7 +45,8 @@ def kind_of(title: str) -> str:
     return "backends"
 
 
-def _title(pid: int) -> str | None:
+def process_title(pid: int) -> str | None:
+    """The process's command line, NULs as spaces (a PostgreSQL child's title); None if gone."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
@@ -53,7 +54,8 @@ def _title(pid: int) -> str | None:
     return raw.replace(b"\0", b" ").decode(errors="replace").strip()
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
+    """The process's children now alive."""
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
@@ -78,8 +80,8 @@ class PostgresKinds:
         reaped = 0.0
         for root in self._postmaster():
             reaped += cpu_seconds(root, reaped=True) - cpu_seconds(root)
-            for pid in [root, *_children(root)]:
-                title = _title(pid)
+            for pid in [root, *child_pids(root)]:
+                title = process_title(pid)
                 if title is not None:
                     alive[pid] = (kind_of(title), cpu_seconds(pid))
         return alive, reaped

@@ -31,7 +31,7 @@ from statistics import median
 
 import asyncpg
 
-from bench.cpu import cpu_seconds
+from bench.cpu import child_pids, cpu_seconds, process_title
 from bench.dblimit import _works
 from bench.workload import Scenario, Workload, prepare
 from worker import store
@@ -41,19 +41,9 @@ from worker.results import Topics
 from worker.testing.embedded import EmbeddedPostgres
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
 def _kind(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            title = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
+    title = process_title(pid)
+    if title is None:
         return "gone"
     if not title.startswith("postgres: "):
         return "postmaster"
@@ -65,7 +55,7 @@ def _kind(pid: int) -> str:
 
 
 def _cpu_by_kind(postmaster: int) -> dict[tuple[int, str], float]:
-    pids = [postmaster, *_children(postmaster)]
+    pids = [postmaster, *child_pids(postmaster)]
     return {(p, _kind(p)): cpu_seconds(p) for p in pids}
 
 
