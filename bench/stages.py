@@ -9,7 +9,14 @@
 
 So its time splits into fetch (ts → fetched), queue (→ began: the lane's previous
 transaction), txn (→ done: its own, holding every record queued when it began) and
-publish (→ published). The stamps, the batches and each transaction's `COMMIT` time are
+publish (→ published). The fetch splits again at the fetch response that brought the
+record: a fifth wrapper, on aiokafka's fetcher (`Fetcher._proc_fetch_request`), stamps
+each partition's response when its request went out (`requested`) and when the worker's
+loop had stored it in the consumer's buffer (`received`). So fetch = to_worker (ts →
+received: the harness's linger, the wait for the worker's next fetch, the fetch in flight
+and the loop's turn to read the answer) + handover (received → fetched: in aiokafka's
+buffer until the fetch loop takes it); `fetch_response_ms` is requested → received,
+averaged over records. The stamps, the batches and each transaction's `COMMIT` time are
 written at exit to `$BENCH_STAGES_OUT-<pid>.json`; `breakdown` reduces them. A
 measurement tool: the wrappers cost a dict entry per record and are not in the worker.
 `bench.latency_ab` drives it in the bench's open loop.
@@ -26,20 +33,25 @@ from typing import Any
 
 import orjson
 
-# Per record: partition, offset, ts, fetched, began, done, published (None: not seen).
+# Per record: partition, offset, ts, fetched, began, done, published, requested, received
+# (None: not seen; rows of 7 fields have no fetch response stamps).
 Row = list[Any]
 STAGES = ("fetch", "queue", "txn", "publish")
 
 
 def install(out: str) -> None:
     """Wrap the worker's hand-over points; write the stamps to `<out>-<pid>.json` at exit."""
+    import aiokafka.consumer.fetcher
     import asyncpg.transaction
 
     from worker import consumer, processor, publisher
     from worker.records import Publication, RawRecord
     from worker.release import BatchReport
 
-    fetched: dict[tuple[int, int], float] = {}
+    # Per record, when its lane got it and the (requested, received) of its fetch response.
+    fetched: dict[tuple[int, int], tuple[float, float | None, float | None]] = {}
+    # Per partition, the (requested, received) of the last fetch response that held records.
+    responses: dict[tuple[str, int], tuple[float, float]] = {}
     published: dict[tuple[int, int], float] = {}
     rows: list[Row] = []
     batches: list[tuple[float, float, int]] = []
@@ -51,8 +63,26 @@ def install(out: str) -> None:
         records = list(records)
         now = time.time() * 1000
         for r in records:
-            fetched.setdefault((r.partition, r.offset), now)
+            # aiokafka holds one response per partition and asks again only once the fetch
+            # loop has taken all of it, and the loop hands over right after `getmany`: the
+            # partition's last response is the one that brought this record.
+            requested, received = responses.get((r.topic, r.partition), (None, None))
+            fetched.setdefault((r.partition, r.offset), (now, requested, received))
         add(self, records)
+
+    fetcher_class = aiokafka.consumer.fetcher.Fetcher
+    proc_fetch = fetcher_class._proc_fetch_request
+
+    async def timed_proc_fetch(self: Any, assignment: Any, node_id: int, request: Any) -> Any:
+        requested = time.time() * 1000
+        before = dict(self._records)
+        try:
+            return await proc_fetch(self, assignment, node_id, request)
+        finally:
+            received = time.time() * 1000
+            for tp, result in self._records.items():
+                if before.get(tp) is not result:
+                    responses[(tp.topic, tp.partition)] = (requested, received)
 
     process = processor.BatchProcessor.process
 
@@ -64,8 +94,9 @@ def install(out: str) -> None:
         done = time.time() * 1000
         batches.append((began, done, len(records)))
         for r in records:
-            seen = fetched.pop((r.partition, r.offset), None)
-            rows.append([r.partition, r.offset, r.timestamp_ms, seen, began, done])
+            seen, requested, received = fetched.pop((r.partition, r.offset), (None, None, None))
+            row = [r.partition, r.offset, r.timestamp_ms, seen, began, done]
+            rows.append([*row, None, requested, received])  # published: filled in at exit
         return report
 
     publish_fresh = publisher.Publisher.publish_fresh
@@ -90,11 +121,12 @@ def install(out: str) -> None:
 
     def dump() -> None:
         for row in rows:
-            row.append(published.get((row[0], row[1])))
+            row[6] = published.get((row[0], row[1]))
         data = {"rows": rows, "batches": batches, "commits": commits}
         Path(f"{out}-{os.getpid()}.json").write_bytes(orjson.dumps(data))
 
     consumer.Lane.add = lane_add  # type: ignore[method-assign]
+    fetcher_class._proc_fetch_request = timed_proc_fetch
     processor.BatchProcessor.process = timed_process  # type: ignore[method-assign]
     publisher.Publisher.publish_fresh = timed_publish_fresh  # type: ignore[method-assign]
     asyncpg.transaction.Transaction.__aexit__ = timed_exit  # type: ignore[method-assign,assignment]
@@ -115,7 +147,19 @@ def _stages(rows: Sequence[Row]) -> dict[str, float]:
         "publish": sum(r[6] - r[5] for r in rows),
     }
     means = {stage: round(total / n, 1) for stage, total in spans.items()}
-    return {"records": n, **means, "total": round(sum(r[6] - r[2] for r in rows) / n, 1)}
+    result: dict[str, float] = {
+        "records": n,
+        **means,
+        "total": round(sum(r[6] - r[2] for r in rows) / n, 1),
+    }
+    # The fetch's split at its response, over the records whose response was stamped.
+    split = [r for r in rows if len(r) > 8 and r[7] is not None and r[8] is not None]
+    if split:
+        m = len(split)
+        result["fetch_to_worker"] = round(sum(r[8] - r[2] for r in split) / m, 1)
+        result["fetch_handover"] = round(sum(r[3] - r[8] for r in split) / m, 1)
+        result["fetch_response_ms"] = round(sum(r[8] - r[7] for r in split) / m, 1)
+    return result
 
 
 def breakdown(data: dict[str, Any], seconds: float) -> dict[str, Any]:

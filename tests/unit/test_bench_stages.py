@@ -54,3 +54,15 @@ def test_variants_name_worker_settings_only() -> None:
     )
     with pytest.raises(SystemExit):
         parse_variant("x:LANES=4")
+
+
+def test_breakdown_splits_the_fetch_at_the_response_that_brought_the_record() -> None:
+    # Sent at 1000, its fetch asked at 995 and answered (parsed by the loop) at 1010, handed
+    # to its lane at 1030: 10 ms to the worker, 20 in aiokafka's buffer, a 15 ms fetch.
+    stamped = [0, 1, 1000, 1030, 1040, 1050, 1060, 995, 1010]
+    unstamped = [0, 2, 1000, 1030, 1040, 1050, 1060, None, None]
+    result = breakdown({"rows": [stamped, unstamped], "batches": []}, seconds=1.0)
+    assert result["all"]["fetch"] == 30.0
+    assert result["all"]["fetch_to_worker"] == 10.0  # over the stamped record only
+    assert result["all"]["fetch_handover"] == 20.0
+    assert result["all"]["fetch_response_ms"] == 15.0
