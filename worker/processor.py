@@ -114,13 +114,15 @@ class BatchProcessor:
             )
             decisions = {id(c): verdict for c, verdict in authorized}
         works: list[Prepared] = []
+        new = tuple.__new__
         for record, item in zip(records, parsed, strict=True):
             if isinstance(item, Rejection):
                 works.append(Rejected(record, item))
             elif isinstance(verdict := decisions[id(item)], Rejection):
                 works.append(Rejected(record, verdict))
             else:
-                works.append(Accepted(record, item, verdict.partner_id))
+                # An `Accepted`, made without its Python-level __new__ (one per record).
+                works.append(new(Accepted, (record, item, verdict.partner_id)))
         return works
 
     async def _apply_isolating(self, works: list[Prepared], deferral: _Deferral) -> BatchReport:

@@ -199,6 +199,11 @@ class BatchReport:
         return sum(rejection.dead_letter for _, rejection in self.rejected)
 
 
+# Makes a named tuple from all its fields without its Python-level __new__ (a frame per
+# call), where one is made per item or record: `_new(Cls, (every field, in order))`.
+_new = tuple.__new__
+
+
 class ItemDecision(NamedTuple):
     """One item's outcome. A tuple, not a frozen dataclass: one is made per item, and a
     frozen dataclass's __init__ sets each field through object.__setattr__."""
@@ -308,7 +313,9 @@ def _decide_item(row: Reservation, status: dict[str, str]) -> ItemDecision:
     rid = row.reservation_id
     if current == "reserved":
         status[rid] = "released"
-        return ItemDecision(row.cart_item_id, rid, Outcome.RELEASED, row.quantity)
+        # Every field given, by `tuple.__new__`: the named tuple's own __new__ is a Python
+        # function, a frame per item.
+        return _new(ItemDecision, (row.cart_item_id, rid, Outcome.RELEASED, row.quantity, False))
     outcome = {
         "released": Outcome.ALREADY_RELEASED,
         "expired": Outcome.EXPIRED,
@@ -531,9 +538,12 @@ def plan_batch(
             headers = result_headers(command.event_id, partner_id, record, len(payloads))
             into = from_inbox.setdefault(_partition(record), []) if fresh_from_inbox else outbox
             into.extend(result_messages(topics.results, command.cart_id, payloads, headers, record))
-        produced[i.key] = StoredResults(command.cart_id, payloads, headers)
+        produced[i.key] = _new(StoredResults, (command.cart_id, payloads, headers))
         inbox.append(
-            InboxEntry(partner_id, command.event_id, command.cart_id, record, payloads, headers)
+            _new(
+                InboxEntry,
+                (partner_id, command.event_id, command.cart_id, record, payloads, headers),
+            )
         )
 
     releases.sort(key=_reservation_id)  # ids are unique: one release per reservation

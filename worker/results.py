@@ -77,7 +77,10 @@ def result_messages(
     consumed `record`'s timestamp starts the record->result latency (none for an expiry)."""
     key = cart_id.encode()
     source_ts_ms = record.timestamp_ms if record is not None else 0
-    return [OutboxMessage(topic, key, p, headers, None, source_ts_ms) for p in payloads]
+    # Made by `tuple.__new__` with every field: the named tuple's own __new__ is a Python
+    # function, a frame per item result.
+    new = tuple.__new__
+    return [new(OutboxMessage, (topic, key, p, headers, None, source_ts_ms)) for p in payloads]
 
 
 class ItemOutcome(Protocol):

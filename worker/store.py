@@ -8,7 +8,7 @@ partition, reservations by reservation_id, stock by (sku, location_id).
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,8 +42,12 @@ _R_COLUMNS = ", ".join("r." + c for c in _RESERVATION_COLUMNS.split(", "))  # al
 PublishedMark = Callable[[TopicPartition], int | None]
 
 
-def _reservation(row: asyncpg.Record) -> Reservation:
-    return Reservation(*row)
+def _reservations(rows: Iterable[Iterable[object]]) -> list[Reservation]:
+    """Rows of `_RESERVATION_COLUMNS` (the fields, in order) as `Reservation`s, each made
+    by `tuple.__new__` straight from the row: one is made per item, and the named tuple's
+    own __new__ is a Python function (a frame per call)."""
+    new = tuple.__new__
+    return [new(Reservation, row) for row in rows]
 
 
 def _column(values: list[str] | list[int]) -> str:
@@ -186,7 +190,7 @@ class PgReleaseStore:
             _column([c[0] for c in carts]),
             _column([c[1] for c in carts]),
         )
-        return [_reservation(r) for r in rows]
+        return _reservations(rows)
 
     async def foreign_reservations(self, explicit: Sequence[tuple[str, str]]) -> set[str]:
         rows = await self._conn.fetch(
@@ -516,7 +520,7 @@ async def expire_due(conn: Conn, limit: int, now: datetime | None = None) -> lis
         limit,
         now,
     )
-    return [_reservation(r) for r in rows]
+    return _reservations(rows)
 
 
 async def check_schema(conn: Db) -> None:

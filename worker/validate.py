@@ -188,13 +188,14 @@ def plain_request(body: object) -> _Request | None:
         if type(raw_items) is not list:
             return None
         items = []
+        new = tuple.__new__
         for item in raw_items:
             if type(item) is not dict or item.keys() != _ITEM_KEYS:
                 return None
             cart_item_id, reservation_id = item["cartItemId"], item["itemReservationId"]
             if not (_plain_id(cart_item_id, 128) and _plain_id(reservation_id, 256)):
                 return None
-            items.append(Item(cart_item_id, reservation_id))
+            items.append(new(Item, (cart_item_id, reservation_id)))  # Item, without a frame
     return _Request(
         event_id,
         cart_id,
