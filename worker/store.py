@@ -8,6 +8,7 @@ partition, reservations by reservation_id, stock by (sku, location_id).
 from __future__ import annotations
 
 import base64
+import binascii
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -370,9 +371,11 @@ _RECORD_INBOX = f"""
     """
 
 
-def encode_headers(headers: Headers) -> bytes:
+def encode_headers(headers: Headers, _b64: Callable[..., bytes] = binascii.b2a_base64) -> bytes:
+    # binascii's base64 without a newline is what `base64.b64encode` returns, without its
+    # Python-level call (one per header of every record).
     return orjson.dumps(
-        [[n, None if v is None else base64.b64encode(v).decode()] for n, v in headers]
+        [[n, None if v is None else _b64(v, newline=False).decode()] for n, v in headers]
     )
 
 

@@ -193,7 +193,15 @@ def plain_request(body: object) -> _Request | None:
             if type(item) is not dict or item.keys() != _ITEM_KEYS:
                 return None
             cart_item_id, reservation_id = item["cartItemId"], item["itemReservationId"]
-            if not (_plain_id(cart_item_id, 128) and _plain_id(reservation_id, 256)):
+            # `_plain_id` of both, written out: two calls an item fewer.
+            if not (
+                type(cart_item_id) is str
+                and 0 < len(cart_item_id) <= 128
+                and "\x00" not in cart_item_id
+                and type(reservation_id) is str
+                and 0 < len(reservation_id) <= 256
+                and "\x00" not in reservation_id
+            ):
                 return None
             items.append(new(Item, (cart_item_id, reservation_id)))  # Item, without a frame
     return _Request(

@@ -1,16 +1,34 @@
-"""The hot paths make some named tuples with `tuple.__new__(Cls, (every field, in order))`
-instead of `Cls(...)` (the named tuple's own __new__ is a Python function, a frame per
-call). Such a tuple is only right while the fields given match the class's: these tests
-hold the two ways to the same values, so adding or reordering a field fails here."""
+"""Spellings of the hot paths agree with the plain ones they replace.
+
+Some named tuples are made by `tuple.__new__(Cls, (every field, in order))` instead of
+`Cls(...)` (the named tuple's own __new__ is a Python function, a frame per call); such a
+tuple is only right while the fields given match the class's, so adding or reordering a
+field fails here. `decide` writes out `_names` and `_decide_item`'s release, and the
+headers are base64-encoded by binascii."""
 
 from __future__ import annotations
 
+import base64
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
 from worker import store
 from worker.contract import Outcome
-from worker.records import OutboxMessage, RawRecord
-from worker.release import Accepted, InboxEntry, ItemDecision, Reservation, StoredResults
+from worker.records import Headers, OutboxMessage, RawRecord
+from worker.release import (
+    Accepted,
+    InboxEntry,
+    ItemDecision,
+    Reservation,
+    StoredResults,
+    _decide_item,
+    _names,
+    decide,
+)
 from worker.results import result_messages
-from worker.validate import Item, plain_request
+from worker.validate import Item, ReleaseCommand, plain_request
 
 
 def test_reservation_columns_are_the_fields_in_order() -> None:
@@ -50,3 +68,54 @@ def test_field_counts_of_the_tuples_made_by_tuple_new() -> None:
     assert ItemDecision("i", "r", Outcome.RELEASED, 1) == tuple.__new__(
         ItemDecision, ("i", "r", Outcome.RELEASED, 1, False)
     )
+
+
+header_values = st.one_of(st.none(), st.binary(max_size=40))
+headers_drawn = st.lists(st.tuples(st.text(max_size=8), header_values), max_size=6).map(tuple)
+
+
+@given(headers_drawn)
+def test_encoded_headers_as_base64_module_encodes_them(headers: Headers) -> None:
+    """`encode_headers` (binascii, no newline) writes what it wrote with `base64.b64encode`:
+    stored result headers are replayed byte for byte (G2)."""
+    before = orjson.dumps(
+        [[n, None if v is None else base64.b64encode(v).decode()] for n, v in headers]
+    )
+    assert store.encode_headers(headers) == before
+    assert store.decode_headers(store.encode_headers(headers)) == headers
+
+
+def test_decide_writes_out_names_and_release_as_before() -> None:
+    """`decide`'s inlined check and release give what `_names` and `_decide_item` give."""
+    mine = Reservation("r1", "p", "c", "i1", "s", "l", 2, "reserved")
+    other_item = Reservation("r2", "p", "c", "other", "s", "l", 1, "reserved")
+    other_cart = Reservation("r3", "p", "c2", "i3", "s", "l", 1, "reserved")
+    theirs = Reservation("r4", "q", "c", "i4", "s", "l", 1, "reserved")
+    settled = Reservation("r5", "p", "c", "i5", "s", "l", 1, "expired")
+    found = {r.reservation_id: r for r in (mine, other_item, other_cart, theirs, settled)}
+    names = [("i1", "r1"), ("i2", "r2"), ("i3", "r3"), ("i4", "r4"), ("i5", "r5"), ("i1", "r1")]
+    record = RawRecord("in", 0, 1, b"k", b"{}")
+    items = tuple(Item(*n) for n in names)
+    command = ReleaseCommand(record, "e", "c", items, "s", "t", b"")
+    status: dict[str, str] = {}
+    decided = decide(command, "p", found, [], {"r9"}, status)
+    expected_status: dict[str, str] = {}
+    expected = []
+    for cart_item_id, rid in names:
+        row = found[rid]
+        if _names(row, "p", "c", cart_item_id):
+            expected.append(_decide_item(row, expected_status))
+        else:
+            foreign = row.partner_id != "p"
+            expected.append(ItemDecision(cart_item_id, rid, Outcome.NOT_FOUND, 0, foreign))
+    assert decided == expected
+    assert status == expected_status == {"r1": "released"}
+    assert [type(d) for d in decided] == [ItemDecision] * len(names)
+    assert [d.outcome for d in decided] == [
+        Outcome.RELEASED,
+        Outcome.NOT_FOUND,
+        Outcome.NOT_FOUND,
+        Outcome.NOT_FOUND,
+        Outcome.EXPIRED,
+        Outcome.ALREADY_RELEASED,
+    ]
