@@ -509,13 +509,14 @@ def plan_batch(
             outbox.extend(rejection_messages(i.record, i.rejection, topics, processed_at))
             continue
         command, partner_id, record = i.command, i.partner_id, i.record
-        if i.key in produced:
+        key = (partner_id, command.event_id)  # `i.key`, without the property's call
+        if key in produced:
             report.replays += 1
-            first, count = produced[i.key], None  # count: a rebuilt replay's item results
+            first, count = produced[key], None  # count: a rebuilt replay's item results
             if first.results is None:  # pruned: the reservations tell what the event did
                 cart_rows = by_cart.get((partner_id, command.cart_id), [])
                 first, count = _rebuilt_replay(i, found, cart_rows, status, processed_at)
-                produced[i.key] = first
+                produced[key] = first
             headers = first.headers or result_headers(command.event_id, partner_id, record, count)
             payloads = first.results or []
             outbox.extend(result_messages(topics.results, first.cart_id, payloads, headers, record))
@@ -549,7 +550,7 @@ def plan_batch(
             headers = result_headers(command.event_id, partner_id, record, len(payloads))
             into = from_inbox.setdefault(_partition(record), []) if fresh_from_inbox else outbox
             into.extend(result_messages(topics.results, command.cart_id, payloads, headers, record))
-        produced[i.key] = _new(StoredResults, (command.cart_id, payloads, headers))
+        produced[key] = _new(StoredResults, (command.cart_id, payloads, headers))
         inbox.append(
             _new(
                 InboxEntry,

@@ -11,11 +11,18 @@ from __future__ import annotations
 import base64
 
 import orjson
-from hypothesis import given
+import pytest
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from worker import store
-from worker.contract import Outcome
+from worker import store, validate
+from worker.contract import (
+    LIMITED_HEADERS,
+    MAX_HEADER_BYTES,
+    MAX_HEADERS_BYTES,
+    Outcome,
+    Rejection,
+)
 from worker.records import Headers, OutboxMessage, RawRecord
 from worker.release import (
     Accepted,
@@ -28,7 +35,12 @@ from worker.release import (
     decide,
 )
 from worker.results import result_messages
-from worker.validate import Item, ReleaseCommand, plain_request
+from worker.validate import (
+    Item,
+    ReleaseCommand,
+    acceptable_header,
+    plain_request,
+)
 
 
 def test_reservation_columns_are_the_fields_in_order() -> None:
@@ -58,13 +70,16 @@ def test_plain_items_as_the_constructor_makes_them() -> None:
 
 def test_field_counts_of_the_tuples_made_by_tuple_new() -> None:
     # The sites: release._decide_item (5), release.plan_batch (3 and 6),
-    # processor._prepare (3), results.result_messages (6), validate.plain_request (2).
+    # processor._prepare (3), results.result_messages (6), validate.plain_request (2 and 4),
+    # validate.parse_record (7).
     assert len(ItemDecision._fields) == 5
     assert len(StoredResults._fields) == 3
     assert len(InboxEntry._fields) == 6
     assert len(Accepted._fields) == 3
     assert len(OutboxMessage._fields) == 6
     assert len(Item._fields) == 2
+    assert len(ReleaseCommand._fields) == 7  # validate.parse_record
+    assert len(validate._Request._fields) == 4  # validate.plain_request
     assert ItemDecision("i", "r", Outcome.RELEASED, 1) == tuple.__new__(
         ItemDecision, ("i", "r", Outcome.RELEASED, 1, False)
     )
@@ -119,3 +134,69 @@ def test_decide_writes_out_names_and_release_as_before() -> None:
         Outcome.EXPIRED,
         Outcome.ALREADY_RELEASED,
     ]
+
+
+def _old_check_headers(record: RawRecord) -> Rejection | None:
+    """`validate._check_headers` as it was, encoding every name to sum the sizes."""
+    for name in LIMITED_HEADERS:
+        value = record.header(name)
+        if value is None or acceptable_header(value):
+            continue
+        if len(value) > MAX_HEADER_BYTES:
+            message = f"Header {name} is {len(value)} bytes; the limit is {MAX_HEADER_BYTES}."
+            return Rejection(400, "header_too_large", message, name)
+        return Rejection(
+            400,
+            "invalid_header",
+            f"Header {name} contains a control character; send printable text only.",
+            name,
+        )
+    total = sum(len(n.encode("utf-8", "surrogatepass")) + len(v or b"") for n, v in record.headers)
+    if total > MAX_HEADERS_BYTES:
+        return Rejection(
+            400,
+            "headers_too_large",
+            f"The record's headers take {total} bytes together (names and values); the limit "
+            f"is {MAX_HEADERS_BYTES}.",
+            total,
+        )
+    return None
+
+
+# Names of 1-4 UTF-8 bytes a character (lone surrogates too), values up to past the limit
+# in few headers, so that totals fall on both sides of MAX_HEADERS_BYTES.
+header_names = st.one_of(
+    st.sampled_from([*LIMITED_HEADERS, "rokt-api-key", "content-type"]),
+    st.text(max_size=12),
+    st.text(alphabet="é€😀\ud800", min_size=500, max_size=1500),
+)
+header_bytes = st.one_of(
+    st.none(),
+    st.binary(max_size=20),
+    st.integers(0, 9000).map(lambda n: b"v" * n),
+    st.sampled_from([b"a\nb", b"x" * 1024, b"x" * 1025]),
+)
+
+
+@given(
+    st.lists(st.tuples(header_names, header_bytes), max_size=5).map(tuple),
+    st.integers(0, 6000),
+)
+@example(((("x" * 4093), b""),), 0)
+@example(((("😀" * 1024), b""),), 0)
+@example(((("😀" * 1025), b""),), 0)
+def test_headers_checked_as_before(headers: Headers, value_size: int) -> None:
+    """The headers' total is skipped only when it cannot pass the limit: every record gets
+    the same answer as with the total always computed, rejections and their texts included."""
+    record = RawRecord("in", 0, 1, b"key", b"v" * value_size, headers)
+    assert validate._check_headers(record) == _old_check_headers(record)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"application/json", b"Application/JSON", b"application/json; charset=utf-8", b"text/plain"],
+)
+def test_json_media_type_fast_path(raw: bytes) -> None:
+    assert validate._is_json_media_type(raw) == (
+        raw.split(b";")[0].strip().lower() == b"application/json"
+    )
