@@ -67,13 +67,18 @@ class RawRecord:
 
     def header(self, name: str) -> bytes | None:
         """First header of that name, matched case-insensitively (`name` is lower case)."""
+        return self.named_headers().get(name)
+
+    def named_headers(self) -> dict[str, bytes | None]:
+        """Lower-cased name -> the first value of that name: `header` for several names with
+        one call (`.get(name)`). Do not change it."""
         by_name = self._by_name
         if by_name is None:
             by_name = {}
             for key, value in self.headers:
                 by_name.setdefault(key.lower(), value)
             self._by_name = by_name
-        return by_name.get(name)
+        return by_name
 
 
 class OutboxMessage(NamedTuple):

@@ -521,7 +521,8 @@ def plan_batch(
             payloads = first.results or []
             outbox.extend(result_messages(topics.results, first.cart_id, payloads, headers, record))
             continue
-        cart_rows = by_cart.get((partner_id, command.cart_id), []) if command.whole_cart else []
+        # `command.whole_cart`, without the property's call
+        cart_rows = by_cart.get((partner_id, command.cart_id), []) if command.items is None else []
         decided = decide(command, partner_id, found, cart_rows, reads.foreign, status)
         if isinstance(decided, Rejection):
             # Recorded like any result: the same eventId again is a replay of this 422,

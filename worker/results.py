@@ -59,10 +59,12 @@ def result_headers(
         own += ((RESULT_COUNT_HEADER, str(count).encode()),)
     if record is None:
         return own
-    copied = tuple(
-        (n, v) for n in COPIED_HEADERS if (v := record.header(n)) and acceptable_header(v)
-    )
-    return own + copied + record.trace_headers
+    named = record.named_headers()
+    for n in COPIED_HEADERS:  # a loop, not a generator: one is made per record
+        v = named.get(n)
+        if v and acceptable_header(v):
+            own += ((n, v),)
+    return own + record.trace_headers
 
 
 def result_messages(
