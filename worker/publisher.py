@@ -30,7 +30,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 
 from worker import metrics, store
 from worker.config import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
-from worker.partitioning import partition_for
+from worker.partitioning import murmur2_many
 from worker.records import OutboxMessage, Publication
 from worker.results import message_bytes
 from worker.retry import BROKER_ERRORS, BROKER_REFUSAL_REASONS, DATABASE_ERRORS, broker_refusal
@@ -516,10 +516,22 @@ class Publisher:
         return future
 
     async def _partitions(self, messages: Sequence[OutboxMessage]) -> list[int | None]:
-        """The producer's own key partitioning (murmur2, `worker/partitioning.py`), computed
-        once per key: the items of a cart share its key (and follow one another)."""
+        """The producer's own key partitioning (`partition_for`, `worker/partitioning.py`),
+        murmur2 computed once per distinct key and for all of them together
+        (`murmur2_many`): the items of a cart share its key (and follow one another)."""
         by_topic: dict[str, list[int]] = {}
-        chosen: dict[tuple[str, bytes], int] = {}
+        keys: dict[bytes, None] = {}  # distinct, in first-seen order
+        last_key: bytes | None = None
+        for m in messages:
+            key = m.key
+            if key is None:
+                continue
+            if m.topic not in by_topic:
+                by_topic[m.topic] = sorted(await self._producer.partitions_for(m.topic))
+            if key is not last_key:
+                keys[key] = None
+                last_key = key
+        hashes = dict(zip(keys, murmur2_many(list(keys)), strict=True))
         partitions: list[int | None] = []
         last: tuple[str, bytes | None, int | None] = ("", None, None)
         for m in messages:
@@ -530,11 +542,8 @@ class Publisher:
             if key is last[1] and m.topic == last[0]:
                 partitions.append(last[2])  # the next item of the same record
                 continue
-            found = chosen.get((m.topic, key))
-            if found is None:
-                if m.topic not in by_topic:
-                    by_topic[m.topic] = sorted(await self._producer.partitions_for(m.topic))
-                found = chosen[(m.topic, key)] = partition_for(key, by_topic[m.topic])
+            ids = by_topic[m.topic]
+            found = ids[(hashes[key] & 0x7FFFFFFF) % len(ids)]  # as `partition_for`
             partitions.append(found)
             last = (m.topic, key, found)
         return partitions
@@ -731,4 +740,7 @@ def _observe_latencies(
 
 def _headers_size(headers: Sequence[tuple[str, bytes | None]]) -> int:
     """At least what a message's headers add to aiokafka's size estimate."""
-    return sum(len(k.encode()) + len(v or b"") + _HEADER_FRAMING for k, v in headers)
+    size = _HEADER_FRAMING * len(headers)
+    for k, v in headers:  # a loop, not a generator: one record's headers at a time
+        size += len(k.encode()) + len(v or b"")
+    return size
