@@ -356,8 +356,9 @@ class BatchPlan:
     """
 
     releases: list[tuple[str, str, str]]  # (reservation_id, partner_id, event_id), by id
-    # (sku, location_id, quantity), sorted: what the claim is to return to stock (checked)
-    stock_deltas: list[tuple[str, str, int]]
+    # (sku, location_id) -> quantity: what the claim is to return to stock (checked against
+    # what it returned; the claim's statement locks and updates stock in its own order)
+    stock_totals: dict[tuple[str, str], int]
     inbox: list[InboxEntry]
     outbox: list[OutboxMessage]  # results, replays, rejections and dead letters
     next_offsets: dict[TopicPartition, int]
@@ -365,6 +366,13 @@ class BatchPlan:
     # With `fresh_from_inbox`: the results of the inbox rows, per partition, in record order
     # (published from memory; not in `outbox`).
     fresh: dict[TopicPartition, list[OutboxMessage]] = field(default_factory=dict)
+
+    @property
+    def stock_deltas(self) -> list[tuple[str, str, int]]:
+        """`stock_totals` as (sku, location_id, quantity), sorted: the stock lock order.
+        Made only when asked (the batch itself needs the totals alone)."""
+        totals = self.stock_totals
+        return [(sku, loc, totals[sku, loc]) for sku, loc in sorted(totals)]
 
 
 async def apply_batch(
@@ -402,7 +410,7 @@ async def apply_batch(
         if len(moved) != len(plan.releases):
             # Confirmed, expired or released elsewhere since it was read: decide again.
             raise TransientError("a reservation left 'reserved' after it was read; retrying")
-        if stock_totals(moved) != {(sku, loc): qty for sku, loc, qty in plan.stock_deltas}:
+        if stock_totals(moved) != plan.stock_totals:
             # The results quote the quantities read: a claim returning others decides again
             # (and what it returned to stock is rolled back with it).
             raise TransientError("a reservation changed after it was read; retrying")
@@ -560,9 +568,13 @@ def plan_batch(
         )
 
     releases.sort(key=_reservation_id)  # ids are unique: one release per reservation
-    released = (found[rid] for rid, _, _ in releases)
-    deltas = stock_deltas((r.sku, r.location_id, r.quantity) for r in released)
-    return BatchPlan(releases, deltas, inbox, outbox, next_offsets, report, from_inbox)
+    # `stock_totals` of the released rows, written out (no generators: one step per item)
+    totals: dict[tuple[str, str], int] = {}
+    for rid, _, _ in releases:
+        row = found[rid]
+        stock = (row.sku, row.location_id)
+        totals[stock] = totals.get(stock, 0) + row.quantity
+    return BatchPlan(releases, totals, inbox, outbox, next_offsets, report, from_inbox)
 
 
 def _rebuilt_replay(

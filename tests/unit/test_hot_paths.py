@@ -9,12 +9,14 @@ headers are base64-encoded by binascii."""
 from __future__ import annotations
 
 import base64
+from datetime import UTC, datetime
 
 import orjson
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from tests.unit.test_release import work
 from worker import store, validate
 from worker.contract import (
     LIMITED_HEADERS,
@@ -26,6 +28,7 @@ from worker.contract import (
 from worker.records import Headers, OutboxMessage, RawRecord
 from worker.release import (
     Accepted,
+    BatchReads,
     InboxEntry,
     ItemDecision,
     Reservation,
@@ -33,14 +36,20 @@ from worker.release import (
     _decide_item,
     _names,
     decide,
+    plan_batch,
+    stock_deltas,
+    stock_totals,
 )
-from worker.results import result_messages
+from worker.results import Topics, result_messages
 from worker.validate import (
     Item,
     ReleaseCommand,
     acceptable_header,
     plain_request,
 )
+
+TOPICS = Topics("results", "dlq")
+NOW = datetime(2026, 12, 3, 17, 0, tzinfo=UTC)
 
 
 def test_reservation_columns_are_the_fields_in_order() -> None:
@@ -200,3 +209,31 @@ def test_json_media_type_fast_path(raw: bytes) -> None:
     assert validate._is_json_media_type(raw) == (
         raw.split(b";")[0].strip().lower() == b"application/json"
     )
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["s1", "s2", "b", "a"]),
+            st.sampled_from(["default", "east"]),
+            st.integers(1, 5),
+            st.sampled_from(["reserved", "reserved", "released", "expired"]),
+        ),
+        max_size=12,
+    )
+)
+def test_the_plans_stock_totals_are_the_released_rows_totals(
+    rows: list[tuple[str, str, int, str]],
+) -> None:
+    """`plan_batch` sums the released rows' stock in a loop of its own and sorts it only when
+    `stock_deltas` is asked for: the same totals, and the same sorted list, as before."""
+    reservations = [
+        Reservation(f"r{n}", "p1", "c1", f"i{n}", sku, loc, qty, status)
+        for n, (sku, loc, qty, status) in enumerate(rows)
+    ]
+    items = [work(0, "c1", None, "e1")]
+    planned = plan_batch(items, BatchReads({}, {}, reservations, set()), TOPICS, NOW)
+    released = [r for r in reservations if r.status == "reserved"]
+    moved = [(r.sku, r.location_id, r.quantity) for r in released]
+    assert planned.stock_totals == stock_totals(moved)
+    assert planned.stock_deltas == stock_deltas(moved)
