@@ -392,7 +392,9 @@ async def apply_batch(
     offset rows (the worker): the rows it writes are then those of [stored next offset,
     new next offset). Replays, rejections and dead letters keep their outbox rows.
     """
-    applied_up_to = await store.lock_offsets(sorted({_partition(i.record) for i in items}))
+    applied_up_to = await store.lock_offsets(
+        sorted({(i.record.topic, i.record.partition) for i in items})
+    )
     fresh = unapplied(items, applied_up_to)
     # Read without locks: any order will do, and a sort costs more than the rest.
     keys = list(dict.fromkeys(i.key for i in fresh if isinstance(i, Accepted)))
@@ -446,7 +448,10 @@ def unapplied(
 ) -> list[Prepared]:
     """The items at or past their partition's stored offset: the others were applied before
     a crash or rebalance."""
-    return [i for i in items if i.record.offset >= applied_up_to.get(_partition(i.record), -1)]
+    # `_partition` written out: a call fewer per record
+    return [
+        i for i in items if (r := i.record).offset >= applied_up_to.get((r.topic, r.partition), -1)
+    ]
 
 
 def reservations_to_read(
@@ -495,8 +500,11 @@ def plan_batch(
     report = BatchReport(records=len(items))
     next_offsets = report.next_offsets
     for i in items:
-        tp = _partition(i.record)
-        next_offsets[tp] = max(next_offsets.get(tp, 0), i.record.next_offset)
+        record = i.record
+        tp = (record.topic, record.partition)  # `_partition`, without the call
+        end = record.next_offset
+        if end > next_offsets.get(tp, 0):
+            next_offsets[tp] = end
     fresh = unapplied(items, reads.applied_up_to)
     report.skipped = len(items) - len(fresh)
 
@@ -557,7 +565,8 @@ def plan_batch(
                 command.event_id, Trigger.RELEASE_REQUEST, command.cart_id, decided, processed_at
             )
             headers = result_headers(command.event_id, partner_id, record, len(payloads))
-            into = from_inbox.setdefault(_partition(record), []) if fresh_from_inbox else outbox
+            tp = (record.topic, record.partition)  # `_partition`, without the call
+            into = from_inbox.setdefault(tp, []) if fresh_from_inbox else outbox
             into.extend(result_messages(topics.results, command.cart_id, payloads, headers, record))
         produced[key] = _new(StoredResults, (command.cart_id, payloads, headers))
         inbox.append(
