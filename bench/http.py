@@ -217,13 +217,21 @@ def released_everything(answer: Answer, items: int) -> bool:
     return False
 
 
+# The 503s after which nothing was applied (docs/api.md): the api's load shedding, and a
+# key lookup that did not finish within WORKER_API_TIMEOUT_S (an overloaded api's answer
+# when its requests queue behind one another). `broker_unavailable` is not among them:
+# its record may still have been written.
+_NOTHING_DONE = frozenset({"too_many_requests", "database_unavailable"})
+
+
 def shed(answer: Answer) -> bool:
-    """A 503 the api sheds load with (`too_many_requests`: nothing done, retry later)."""
+    """A 503 that applied nothing (`too_many_requests`, `database_unavailable`): the client
+    is told to retry later."""
     if answer.status != 503:
         return False
     with contextlib.suppress(ValueError, KeyError, TypeError):
         errors = orjson.loads(answer.body)["errors"]
-        return any(e["code"] == "too_many_requests" for e in errors)
+        return any(e["code"] in _NOTHING_DONE for e in errors)
     return False
 
 

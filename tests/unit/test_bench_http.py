@@ -131,11 +131,16 @@ def test_only_a_200_releasing_every_item_counts_as_released() -> None:
     assert not released_everything(answer(200, b"not json"), 0)
 
 
-def test_only_a_503_too_many_requests_counts_as_shed_load() -> None:
+def test_only_a_503_that_did_nothing_counts_as_shed_load() -> None:
+    """too_many_requests, and database_unavailable (the key lookup did not finish within the
+    api's deadline: what an overloaded api answers, docs/api.md), applied nothing; a
+    broker_unavailable's record may still have been written."""
+
     def answer(status: int, code: bytes) -> Answer:
         return Answer(0.0, 0.1, status, b'{"description":"d","errors":[{"code":"%s"}]}' % code)
 
     assert shed(answer(503, b"too_many_requests"))
+    assert shed(answer(503, b"database_unavailable"))
     assert not shed(answer(503, b"broker_unavailable"))
     assert not shed(answer(429, b"too_many_requests"))
     assert not shed(Answer(0.0, 0.1, 503, b"not json"))
