@@ -37,6 +37,7 @@ from bench.report import (
     latency_figures,
     percentile,
     postgres_kinds_lines,
+    python_speed_ms,
     scale_figures,
     sustained,
     sustained_line,
@@ -790,6 +791,7 @@ async def run_bench(
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     started = time.monotonic()
     load_at_start = [round(x, 2) for x in os.getloadavg()]
+    speed_at_start = python_speed_ms()
     async with servers(settings) as (given, server_pids):
         pool = await asyncpg.create_pool(given.database_url, min_size=2, max_size=12)
         try:
@@ -805,8 +807,13 @@ async def run_bench(
         console.print(sustained_line(found))
     for line in postgres_kinds_lines([m.to_json() for m in measurements]):
         console.print(line)
+    console.print(
+        f"This machine's Python speed at the start: sum(range(10**6)) in {speed_at_start} ms "
+        "(lower is faster; compare runs across machines by it)."
+    )
     meta = {
         "loadavg_at_start": load_at_start,
+        "python_speed_ms_at_start": speed_at_start,
         "stamp": stamp,
         "plan": label,
         "duration_s": round(time.monotonic() - started, 1),
