@@ -107,4 +107,9 @@ def murmur2_many(keys: Sequence[bytes], m: int = 0x5BD1E995) -> list[int]:
 def partition_for(key: bytes, partitions: Sequence[int]) -> int:
     """The partition the producer's default partitioner gives `key` among `partitions`
     (sorted by id, every partition of the topic)."""
-    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+    return partition_of(murmur2(key), partitions)
+
+
+def partition_of(key_hash: int, partitions: Sequence[int]) -> int:
+    """`partition_for` of the key whose `murmur2` is `key_hash` (from `murmur2_many`)."""
+    return partitions[(key_hash & 0x7FFFFFFF) % len(partitions)]

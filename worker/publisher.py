@@ -30,7 +30,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 
 from worker import metrics, store
 from worker.config import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
-from worker.partitioning import murmur2_many
+from worker.partitioning import murmur2_many, partition_of
 from worker.records import OutboxMessage, Publication
 from worker.results import message_bytes
 from worker.retry import BROKER_ERRORS, BROKER_REFUSAL_REASONS, DATABASE_ERRORS, broker_refusal
@@ -542,8 +542,7 @@ class Publisher:
             if key is last[1] and m.topic == last[0]:
                 partitions.append(last[2])  # the next item of the same record
                 continue
-            ids = by_topic[m.topic]
-            found = ids[(hashes[key] & 0x7FFFFFFF) % len(ids)]  # as `partition_for`
+            found = partition_of(hashes[key], by_topic[m.topic])
             partitions.append(found)
             last = (m.topic, key, found)
         return partitions
