@@ -356,8 +356,11 @@ DATABASE_CODES = {
 }
 # About two draws in three are valid records, the others one break each (drawn from a
 # wide integer range: hypothesis favours the first of few choices, and small integers).
+# The integers it favours most (0, and the bounds) map to a valid record: with
+# `k % 3 == 0` a break, the share of commands with items fell to 0.316 in one run of
+# twelve, near the floor the test asserts.
 CASES = st.integers(min_value=0, max_value=1999).map(
-    lambda k: "valid" if k % 3 else list(BREAKS)[k // 3 % len(BREAKS)]
+    lambda k: list(BREAKS)[k // 3 % len(BREAKS)] if k % 3 == 1 else "valid"
 )
 EXAMPLE_BODY: Body = {"cartId": "c", "items": [{"cartItemId": "i", "itemReservationId": "r"}]}
 EXAMPLE_HEADERS: Headers = {"rokt-session-id": "s", "rokt-tag-id": "t"}
