@@ -63,6 +63,7 @@ async def run_sweeper(pool: asyncpg.Pool, settings: Settings, publisher: Publish
     either way: a pass commits fully or not at all, and its results are in the outbox
     before they are published.
     """
+    summaries = ExpirySummaries()
     while True:
         async for attempt in transient_retrying(settings):
             with attempt:
@@ -71,4 +72,36 @@ async def run_sweeper(pool: asyncpg.Pool, settings: Settings, publisher: Publish
             log.info("reservations_expired", count=len(messages))
             await publisher.publish(messages)
         if len(messages) < settings.expiry_batch_size:
+            async for attempt in transient_retrying(settings):
+                with attempt:
+                    await summaries.refresh(pool)
             await asyncio.sleep(settings.expiry_interval_s)
+
+
+class ExpirySummaries:
+    """Keeps the partial BRIN expiry index tight (migration ..._hot_releases.sql).
+
+    Once a pass has expired everything due, the page ranges holding rows whose
+    `expires_at` passed since the pass before the last one are re-summarised: their
+    rows are now expired, released or confirmed, so those ranges drop out of the due
+    query's reads. Each window overlaps the one before, so a row that a release held
+    during one pass (SKIP LOCKED) and released after it is covered by the next. The
+    first pass of a process covers every row up to now, which reads the table once; the
+    second starts where it ended.
+    """
+
+    def __init__(self) -> None:
+        self._until: list[datetime] = []
+
+    async def refresh(self, pool: asyncpg.Pool) -> int:
+        """Re-summarise the ranges of the current window; return how many (-1: skipped)."""
+        after = self._until[-2] if len(self._until) >= 2 else None
+        async with pool.acquire() as conn:
+            until, ranges = await store.resummarize_expiry(conn, after)
+        if ranges < 0:
+            log.info("expiry_summaries_skipped", reason="reservations maintenance lock busy")
+            return ranges
+        self._until = [*(self._until or [until])[-1:], until]
+        if ranges:
+            log.debug("expiry_summaries_refreshed", ranges=ranges)
+        return ranges

@@ -27,7 +27,7 @@ from worker.release import EventKey, InboxEntry, Reservation, StoredResults, Top
 from worker.retry import closed_connection_is_transient
 
 # The newest migration this code needs; `run` refuses an older schema.
-SCHEMA_VERSION = "20261203113000"
+SCHEMA_VERSION = "20261203200000"
 
 # A connection, from a pool or not; `Db` also admits the pool itself (one-statement calls).
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
@@ -518,24 +518,42 @@ async def expire_due(conn: Conn, limit: int, now: datetime | None = None) -> lis
     """Move up to `limit` overdue reservations to expired; return them (stock not yet returned).
 
     SKIP LOCKED lets several workers sweep at once, and leaves rows a release holds alone.
+    Must run inside a transaction: on PostgreSQL 16 and later the expiry index is a
+    partial BRIN, which the planner does not choose by itself (it counts every row whose
+    `expires_at` passed, released ones included, and would read the whole table), so the
+    sequential scan is switched off for this transaction.
     """
-    rows = await conn.fetch(
-        f"""
-        WITH due AS (
-            SELECT reservation_id FROM reservations
-            WHERE status = 'reserved' AND expires_at <= COALESCE($2, now())
-            ORDER BY reservation_id
-            LIMIT $1
-            FOR UPDATE SKIP LOCKED
-        )
-        UPDATE reservations r SET status = 'expired', released_at = now()
-          FROM due WHERE r.reservation_id = due.reservation_id AND r.status = 'reserved'
-        RETURNING {_R_COLUMNS}
-        """,
-        limit,
-        now,
+    await conn.execute("SET LOCAL enable_seqscan = off")
+    return _reservations(await conn.fetch(EXPIRE_DUE, limit, now))
+
+
+# $1 the most rows, $2 the time they must be due by (NULL: now).
+EXPIRE_DUE = f"""
+    WITH due AS (
+        SELECT reservation_id FROM reservations
+        WHERE status = 'reserved' AND expires_at <= COALESCE($2, now())
+        ORDER BY reservation_id
+        LIMIT $1
+        FOR UPDATE SKIP LOCKED
     )
-    return _reservations(rows)
+    UPDATE reservations r SET status = 'expired', released_at = now()
+      FROM due WHERE r.reservation_id = due.reservation_id AND r.status = 'reserved'
+    RETURNING {_R_COLUMNS}
+"""
+
+
+async def resummarize_expiry(conn: Db, after: datetime | None) -> tuple[datetime, int]:
+    """Re-summarise the expiry index's page ranges holding rows whose `expires_at` is in
+    (`after`, now] (all rows up to now when `after` is None); return the database's now
+    and how many ranges, 0 where the expiry index is a btree (PostgreSQL 15), -1 when
+    the table's maintenance lock was busy (migration ..._hot_releases.sql)."""
+    row = await conn.fetchrow(
+        "SELECT now() AS until, release_worker_resummarize_expiry("
+        "COALESCE($1::timestamptz, '-infinity'), now()) AS ranges",
+        after,
+    )
+    assert row is not None
+    return row["until"], int(row["ranges"])
 
 
 async def check_schema(conn: Db) -> None:
@@ -555,7 +573,8 @@ async def check_schema(conn: Db) -> None:
 
 # What the worker's login must be allowed, as granted to the `release_worker` role by
 # the migrations (..._release_worker_role.sql, ..._inbox_tombstones.sql,
-# ..._outbox_parking.sql, ..._published_watermark.sql): (object, privilege, column or None).
+# ..._outbox_parking.sql, ..._published_watermark.sql, ..._hot_releases.sql): (object,
+# privilege, column or None).
 WORKER_PRIVILEGES: tuple[tuple[str, str, str | None], ...] = (
     ("schema_migrations", "SELECT", None),
     ("partners", "SELECT", None),
@@ -571,6 +590,7 @@ WORKER_PRIVILEGES: tuple[tuple[str, str, str | None], ...] = (
     ("outbox_id_seq", "USAGE", None),
     *(("consumer_offsets", p, None) for p in ("SELECT", "INSERT")),
     *(("consumer_offsets", "UPDATE", c) for c in ("next_offset", "published_offset", "updated_at")),
+    ("release_worker_resummarize_expiry(timestamptz, timestamptz)", "EXECUTE", None),
 )
 
 
@@ -583,6 +603,7 @@ async def missing_privileges(conn: Db) -> tuple[str, bool, list[str]]:
         SELECT obj, priv, col FROM unnest($1::text[], $2::text[], $3::text[]) AS w(obj, priv, col)
         WHERE NOT CASE
             WHEN priv = 'USAGE' THEN has_sequence_privilege(obj, priv)
+            WHEN priv = 'EXECUTE' THEN has_function_privilege(obj, priv)
             WHEN col IS NULL THEN has_table_privilege(obj, priv)
             ELSE has_column_privilege(obj, col, priv)
         END
