@@ -63,7 +63,6 @@ async def run_sweeper(pool: asyncpg.Pool, settings: Settings, publisher: Publish
     either way: a pass commits fully or not at all, and its results are in the outbox
     before they are published.
     """
-    summaries = ExpirySummaries()
     while True:
         async for attempt in transient_retrying(settings):
             with attempt:
@@ -74,34 +73,32 @@ async def run_sweeper(pool: asyncpg.Pool, settings: Settings, publisher: Publish
         if len(messages) < settings.expiry_batch_size:
             async for attempt in transient_retrying(settings):
                 with attempt:
-                    await summaries.refresh(pool)
+                    await refresh_summaries(pool, settings)
             await asyncio.sleep(settings.expiry_interval_s)
 
 
-class ExpirySummaries:
-    """Keeps the partial BRIN expiry index tight (migration ..._hot_releases.sql).
+# Page ranges of the whole table re-summarised by each call, in turn (16 pages each).
+ROLLING_RANGES = 64
 
-    Once a pass has expired everything due, the page ranges holding rows whose
-    `expires_at` passed since the pass before the last one are re-summarised: their
-    rows are now expired, released or confirmed, so those ranges drop out of the due
-    query's reads. Each window overlaps the one before, so a row that a release held
-    during one pass (SKIP LOCKED) and released after it is covered by the next. The
-    first pass of a process covers every row up to now, which reads the table once; the
-    second starts where it ended.
+
+async def refresh_summaries(pool: asyncpg.Pool, settings: Settings) -> int:
+    """Keep the partial BRIN expiry index tight (migration ..._hot_releases.sql).
+
+    Called once a pass has expired everything due: the page ranges holding rows that
+    came due since the last call (by any worker) are re-summarised, their rows being
+    expired, released or confirmed by now, so those ranges drop out of the due query's
+    reads. Each call reaches back at least a minute and three sweep intervals, for a row
+    that a release held during a pass (SKIP LOCKED) and released after it, and goes on
+    with a rolling pass over the whole table (ROLLING_RANGES a call) for rows that left
+    `reserved` long after they came due. Return how many ranges (-1: skipped).
     """
-
-    def __init__(self) -> None:
-        self._until: list[datetime] = []
-
-    async def refresh(self, pool: asyncpg.Pool) -> int:
-        """Re-summarise the ranges of the current window; return how many (-1: skipped)."""
-        after = self._until[-2] if len(self._until) >= 2 else None
-        async with pool.acquire() as conn:
-            until, ranges = await store.resummarize_expiry(conn, after)
-        if ranges < 0:
-            log.info("expiry_summaries_skipped", reason="reservations maintenance lock busy")
-            return ranges
-        self._until = [*(self._until or [until])[-1:], until]
-        if ranges:
-            log.debug("expiry_summaries_refreshed", ranges=ranges)
-        return ranges
+    interval = settings.expiry_interval_s
+    async with pool.acquire() as conn:
+        ranges = await store.resummarize_expiry(
+            conn, max(60.0, 3 * interval), interval / 2, ROLLING_RANGES
+        )
+    if ranges < 0:
+        log.info("expiry_summaries_skipped", reason="reservations maintenance lock busy")
+    elif ranges:
+        log.debug("expiry_summaries_refreshed", ranges=ranges)
+    return ranges

@@ -542,18 +542,19 @@ EXPIRE_DUE = f"""
 """
 
 
-async def resummarize_expiry(conn: Db, after: datetime | None) -> tuple[datetime, int]:
-    """Re-summarise the expiry index's page ranges holding rows whose `expires_at` is in
-    (`after`, now] (all rows up to now when `after` is None); return the database's now
-    and how many ranges, 0 where the expiry index is a btree (PostgreSQL 15), -1 when
-    the table's maintenance lock was busy (migration ..._hot_releases.sql)."""
-    row = await conn.fetchrow(
-        "SELECT now() AS until, release_worker_resummarize_expiry("
-        "COALESCE($1::timestamptz, '-infinity'), now()) AS ranges",
-        after,
+async def resummarize_expiry(conn: Db, overlap_s: float, every_s: float, rolling: int) -> int:
+    """Re-summarise the expiry index's page ranges whose rows came due since the last call
+    (reaching back `overlap_s`), then `rolling` more of the whole table in turn, unless a
+    call ended less than `every_s` ago. Return how many ranges: 0 where the expiry index
+    is a btree (PostgreSQL 15), -1 when its lock was busy (..._hot_releases.sql)."""
+    ranges = await conn.fetchval(
+        "SELECT release_worker_resummarize_expiry("
+        "make_interval(secs => $1), make_interval(secs => $2), $3)",
+        overlap_s,
+        every_s,
+        rolling,
     )
-    assert row is not None
-    return row["until"], int(row["ranges"])
+    return int(ranges)
 
 
 async def check_schema(conn: Db) -> None:
@@ -590,7 +591,7 @@ WORKER_PRIVILEGES: tuple[tuple[str, str, str | None], ...] = (
     ("outbox_id_seq", "USAGE", None),
     *(("consumer_offsets", p, None) for p in ("SELECT", "INSERT")),
     *(("consumer_offsets", "UPDATE", c) for c in ("next_offset", "published_offset", "updated_at")),
-    ("release_worker_resummarize_expiry(timestamptz, timestamptz)", "EXECUTE", None),
+    ("release_worker_resummarize_expiry(interval, interval, integer)", "EXECUTE", None),
 )
 
 
