@@ -156,6 +156,13 @@ async def test_the_worker_role_has_exactly_the_grants_it_needs(db: asyncpg.Pool)
     )
     granted = {(r[0], r[1], None) for r in tables} | {(r[0], r[1], r[2]) for r in columns}
     assert granted == EXPECTED_GRANTS
+    # One function, run as the table's owner: it re-summarises the expiry index
+    # (migrations/20261203200000_hot_releases.sql) and does nothing else.
+    routines = await db.fetch(
+        "SELECT routine_name, privilege_type FROM information_schema.role_routine_grants "
+        "WHERE grantee = 'release_worker'"
+    )
+    assert {tuple(r) for r in routines} == {("release_worker_resummarize_expiry", "EXECUTE")}
     role = await db.fetchrow(
         "SELECT rolcanlogin, rolsuper, rolcreaterole, rolbypassrls FROM pg_roles "
         "WHERE rolname = 'release_worker'"
