@@ -31,6 +31,7 @@ from pathlib import Path
 
 from bench.callgrind import count, run_on, toggle
 from bench.cpu import cpu_seconds, parent_pid, tree_cpu_seconds
+from bench.run import DRIVER_SCENARIOS as SCENARIOS
 from bench.run import STEADY
 from bench.workload import PARTITIONS, prepare
 from worker import store
@@ -46,13 +47,15 @@ from worker.testing.embedded import EmbeddedPostgres
 TOPIC = "callgrind.in"
 
 
-async def measure(url: str, records: int, batch: int, callgrind: bool) -> dict[str, float]:
+async def measure(
+    url: str, records: int, batch: int, callgrind: bool, scenario: str = STEADY.name
+) -> dict[str, float]:
     settings = Settings(database_url=url, batch_max_records=batch, auth_cache_ttl_s=3600)
     # The worker's own pool (its reset on release, its timeouts), not asyncpg's defaults:
     # the default reset is one more round trip a batch that the worker does not make.
     pool = await create_pool(settings, size=4)
     try:
-        workload = await prepare(pool, STEADY, batch + records)
+        workload = await prepare(pool, SCENARIOS[scenario], batch + records)
         raw = [
             RawRecord(TOPIC, n % PARTITIONS, n // PARTITIONS, e.key, e.value, e.headers)
             for n, e in enumerate(workload.events)
@@ -82,7 +85,7 @@ async def measure(url: str, records: int, batch: int, callgrind: bool) -> dict[s
             toggle(False)
     finally:
         await pool.close()
-    expected = records * STEADY.items_per_cart
+    expected = records * SCENARIOS[scenario].items_per_cart
     if items != expected:
         raise RuntimeError(f"{items} item results, expected {expected}")
     return {
@@ -118,13 +121,14 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=1500, help="records measured")
     parser.add_argument("--batch", type=int, default=500, help="records per batch (and warm-up)")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default=STEADY.name)
     parser.add_argument("--callgrind", action="store_true", help="count instructions")
     parser.add_argument("--keep", type=Path, help="with --callgrind: copy the output file here")
     parser.add_argument("--database-url", default=os.environ.get("WORKER_DATABASE_URL"))
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:  # under callgrind, started by the outer run
-        inner = measure(args.database_url, args.records, args.batch, True)
+        inner = measure(args.database_url, args.records, args.batch, True, args.scenario)
         print(json.dumps(run_on(inner, args.loop)))
         return
     with _database(args.database_url) as url:
@@ -135,13 +139,15 @@ def main() -> None:
                     f"--records={args.records}",
                     f"--batch={args.batch}",
                     f"--loop={args.loop}",
+                    f"--scenario={args.scenario}",
                     f"--database-url={url}",
                 ],
                 args.keep,
             )
         else:
-            figures = run_on(measure(url, args.records, args.batch, False), args.loop)
-    print(json.dumps({"loop": args.loop, **figures}))
+            run = measure(url, args.records, args.batch, False, args.scenario)
+            figures = run_on(run, args.loop)
+    print(json.dumps({"loop": args.loop, "scenario": args.scenario, **figures}))
 
 
 if __name__ == "__main__":

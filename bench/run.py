@@ -67,6 +67,8 @@ STEADY = Scenario("steady", 0, description="3-item carts over 10,000 SKUs")
 HOT = Scenario("hot_stock", 0, skus=10, description="every release hits the same 10 SKUs")
 WHOLE = Scenario("whole_cart", 0, whole_cart=True, description="items absent: whole cart")
 BURST = Scenario("burst", 0, description="all records waiting before the worker starts")
+# The workloads the drivers (callgrind_driver, worker_driver) can seed, by name.
+DRIVER_SCENARIOS = {s.name: s for s in (STEADY, HOT, WHOLE)}
 
 ServerPids = dict[str, Callable[[], list[int]]]
 WORKER = ["worker", "run"]

@@ -33,6 +33,7 @@ import asyncpg
 
 from bench.callgrind import count, run_on, toggle
 from bench.cpu import cpu_seconds, parent_pid, tree_cpu_seconds
+from bench.run import DRIVER_SCENARIOS as SCENARIOS
 from bench.run import STEADY
 from bench.workload import (
     create_topics,
@@ -52,7 +53,13 @@ from worker.testing.embedded import embedded_stack
 
 
 async def measure(
-    url: str, bootstrap: str, records: int, warm_up: int, batch: int, callgrind: bool
+    url: str,
+    bootstrap: str,
+    records: int,
+    warm_up: int,
+    batch: int,
+    callgrind: bool,
+    scenario: str = STEADY.name,
 ) -> dict[str, float]:
     base = Settings(
         database_url=url,
@@ -65,7 +72,7 @@ async def measure(
     await create_topics(settings)
     pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
     try:
-        workload = await prepare(pool, STEADY, warm_up + records)
+        workload = await prepare(pool, SCENARIOS[scenario], warm_up + records)
         await vacuum_analyze(pool)
         backend = await pool.fetchval("SELECT pg_backend_pid()")
         postmaster = parent_pid(backend)  # the server's main process: its tree is PostgreSQL
@@ -78,7 +85,7 @@ async def measure(
     finally:
         await pool.close()
 
-    per_cart = STEADY.items_per_cart
+    per_cart = SCENARIOS[scenario].items_per_cart
     warm_items, total = warm_up * per_cart, (warm_up + records) * per_cart
     stop = asyncio.Event()
     seen = 0
@@ -138,6 +145,7 @@ def main() -> None:
     parser.add_argument(
         "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="WORKER_EVENT_LOOP"
     )
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default=STEADY.name)
     parser.add_argument("--callgrind", action="store_true", help="count instructions")
     parser.add_argument("--keep", type=Path, help="with --callgrind: copy the output file here")
     parser.add_argument("--database-url", default=os.environ.get("WORKER_DATABASE_URL"))
@@ -146,7 +154,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.inner:
         inner = measure(
-            args.database_url, args.bootstrap, args.records, args.warm_up, args.batch, True
+            args.database_url,
+            args.bootstrap,
+            args.records,
+            args.warm_up,
+            args.batch,
+            True,
+            args.scenario,
         )
         figures = run_on(inner, args.loop)
         print(json.dumps(figures))
@@ -160,15 +174,18 @@ def main() -> None:
                     f"--warm-up={args.warm_up}",
                     f"--batch={args.batch}",
                     f"--loop={args.loop}",
+                    f"--scenario={args.scenario}",
                     f"--database-url={url}",
                     f"--bootstrap={bootstrap}",
                 ],
                 args.keep,
             )
         else:
-            outer = measure(url, bootstrap, args.records, args.warm_up, args.batch, False)
+            outer = measure(
+                url, bootstrap, args.records, args.warm_up, args.batch, False, args.scenario
+            )
             figures = run_on(outer, args.loop)
-    print(json.dumps({"loop": args.loop, **figures}))
+    print(json.dumps({"loop": args.loop, "scenario": args.scenario, **figures}))
 
 
 if __name__ == "__main__":
