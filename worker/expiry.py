@@ -98,7 +98,7 @@ async def refresh_summaries(pool: asyncpg.Pool, settings: Settings) -> int:
             conn, max(60.0, 3 * interval), interval / 2, ROLLING_RANGES
         )
     if ranges < 0:
-        log.info("expiry_summaries_skipped", reason="reservations maintenance lock busy")
+        log.info("expiry_summaries_skipped", reason="another sweeper or a VACUUM held the lock")
     elif ranges:
         log.debug("expiry_summaries_refreshed", ranges=ranges)
     return ranges
