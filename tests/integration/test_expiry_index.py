@@ -23,7 +23,7 @@ from worker.migrate import migrate
 from worker.records import RawRecord
 from worker.release import Accepted, apply_batch
 from worker.results import Topics
-from worker.store import EXPIRE_DUE, Conn, PgReleaseStore, resummarize_expiry
+from worker.store import EXPIRE_DUE, Conn, PgReleaseStore, expire_due, resummarize_expiry
 from worker.testing.scenario import abandon_event
 from worker.validate import Limits, ReleaseCommand, parse_record
 
@@ -211,6 +211,12 @@ async def test_the_worker_login_may_resummarise_but_not_call_the_brin_functions_
     conn = await asyncpg.connect(worker_url)
     try:
         assert await resummarize_expiry(conn, 60, 0, 64) == 0  # an empty table
+        # The sweep's statement runs with the sequential scan off (the planner would not
+        # choose the partial BRIN by itself), for its own transaction only.
+        async with conn.transaction():
+            assert await expire_due(conn, 10) == []
+            assert await conn.fetchval("SHOW enable_seqscan") == "off"
+        assert await conn.fetchval("SHOW enable_seqscan") == "on"
         if int(await conn.fetchval("SELECT current_setting('server_version_num')")) >= 160000:
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await conn.execute(
